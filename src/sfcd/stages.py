@@ -1,0 +1,53 @@
+"""The stages behind ``sfcd <stage>``: each takes the composed config and reads/writes the run directory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def corpus(cfg: DictConfig) -> None:
+    """Generate (or read) the corpus, train its tokenizer, write token files and task files."""
+    from sfcd.data.corpus import build_corpus
+
+    run = build_corpus(cfg)
+    print(f"corpus: {run.corpus}")
+
+
+def model(cfg: DictConfig) -> None:
+    """Train the built-in model with checkpoints (builds the corpus first when missing); resumes."""
+    from sfcd.models.train import train_model
+
+    run = train_model(cfg)
+    print(f"model checkpoints: {run.model} (steps {run.model_steps()}); log: {run.train_log}")
+
+
+def eval(cfg: DictConfig) -> None:  # noqa: A001 - the stage's name
+    """Score a checkpoint (step=N; a run's or model.source's) on task files: agreement and induction."""
+    import json
+
+    from sfcd.models.eval_stage import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(cfg), indent=2))
+
+
+def demo(cfg: DictConfig) -> None:
+    """The whole study on the embedded default (so far: corpus and model)."""
+    from sfcd.models.train import train_model
+
+    run = train_model(cfg)
+    print(f"demo run directory: {run.root}")
+    print(f"  model checkpoints: {run.model} (steps {run.model_steps()})")
+    print(f"  training curves:  {run.train_log} and {run.model / 'train_log.png'}")
+
+
+STAGES: dict[str, Callable[[DictConfig], None]] = {
+    "corpus": corpus,
+    "model": model,
+    "eval": eval,
+    "demo": demo,
+}

@@ -1,0 +1,79 @@
+import json
+
+import numpy as np
+import pytest
+
+from sfcd.config import compose
+from sfcd.data.corpus import build_corpus, corpus_tokenizer
+from sfcd.data.tokens import read_tokens
+from sfcd.errors import ConfigError, InputError, OfflineError
+from sfcd.paths import RunDir
+
+
+def test_agreement_corpus_tokens_decode_to_grammar_text(test_run, tokenizer):
+    run = RunDir(test_run.run_dir)
+    train, val = read_tokens(run.tokens("train")), read_tokens(run.tokens("val"))
+    assert len(train) == test_run.corpus.n_tokens and len(val) == test_run.corpus.val_tokens
+    assert train.dtype == np.uint16
+    text = tokenizer.decode(np.asarray(train[:400]))
+    assert text.startswith("<|endoftext|>The ")
+    assert not np.array_equal(np.asarray(train[:200]), np.asarray(val[:200]))  # different seeds
+
+
+def test_text_corpus_from_txt_and_jsonl(tmp_path):
+    txt = tmp_path / "docs.txt"
+    txt.write_text("alpha beta gamma.\nbeta gamma.\n\n\ndelta alpha.\n" * 1000)
+    jl = tmp_path / "docs.jsonl"
+    jl.write_text("".join(json.dumps({"body": f"doc {i} alpha beta"}) + "\n" for i in range(1000)))
+    for path, extra in ((txt, []), (jl, ["corpus.text_field=body"])):
+        cfg = compose(
+            [
+                "corpus=text",
+                f"corpus.path={path}",
+                f"run_dir={tmp_path / path.suffix[1:]}",
+                "corpus.n_tokens=2000",
+                "corpus.val_tokens=300",
+                "corpus.vocab_size=300",
+                *extra,
+            ]
+        )
+        run = build_corpus(cfg)
+        tok = corpus_tokenizer(run)
+        train = read_tokens(run.tokens("train"))
+        assert len(train) == 2000 and len(read_tokens(run.tokens("val"))) == 300
+        assert "alpha" in tok.decode(np.asarray(train[:50]))
+        assert not run.tasks.exists()  # tasks come only with the built-in grammar
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n\n")
+    cfg = compose(["corpus=text", f"corpus.path={empty}", f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(ConfigError, match="corpus is empty"):
+        build_corpus(cfg)
+    assert not RunDir(tmp_path / "r").corpus_meta.exists()
+
+
+def test_bad_jsonl_row_names_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "wrong key"}\n')
+    cfg = compose(["corpus=text", f"corpus.path={bad}", f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(InputError, match="line 2"):
+        build_corpus(cfg)
+
+
+def test_rebuilding_with_other_settings_is_refused(test_run):
+    cfg = compose(["experiment=test", f"run_dir={test_run.run_dir}", "corpus.seed=5"])
+    with pytest.raises(ConfigError, match=r"changed: \['seed'\]"):
+        build_corpus(cfg)
+
+
+def test_hf_dataset_offline_is_a_clear_error(test_run, tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tok = RunDir(test_run.run_dir).tokenizer
+    cfg = compose(
+        ["corpus=hf", "corpus.dataset=some-org/some-dataset", f"corpus.tokenizer={tok}", f"run_dir={tmp_path / 'r'}"]
+    )
+    with pytest.raises(OfflineError, match="needs the network"):
+        build_corpus(cfg)
