@@ -86,6 +86,39 @@ class TrainerConfig:
 
 
 @dataclass
+class SAEConfig:
+    architecture: str = "topk"  # relu | topk | batchtopk | jumprelu
+    sites: list[str] = field(default_factory=lambda: ["all"])  # site names, or "all" (embed + attn/mlp/resid per layer)
+    expansion: int = 8  # d_sae = expansion * d_in (unless d_sae is set)
+    d_sae: int | None = None  # dictionary size
+    k: int = 32  # topk/batchtopk: active latents per token
+    l1_coeff: float = 5.0  # relu: L1 (times decoder norm) coefficient, on inputs scaled to E||x|| = sqrt(d_in)
+    l1_warmup: float = 0.05  # relu: fraction of steps over which the L1 coefficient ramps up
+    l0_coeff: float = 0.05  # jumprelu: L0 coefficient
+    bandwidth: float = 0.05  # jumprelu: straight-through kernel width
+    threshold_init: float = 0.1  # jumprelu: initial threshold
+    aux_coeff: float = 0.03125  # topk/batchtopk: AuxK coefficient (1/32)
+    dead_tokens: int = 100_000  # a latent silent for this many training tokens is dead (AuxK, resampling)
+    resample_every: int = 0  # relu: resample dead features every this many steps (0: never)
+    lr: float = 1e-3  # Adam learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
+    warmup_frac: float = 0.02  # linear lr warmup, fraction of steps
+    decay_frac: float = 0.2  # linear lr decay to 0 over this last fraction of steps
+    grad_clip: float = 1.0  # per-SAE gradient norm clip
+    batch_size: int = 4096  # activations per step
+    n_tokens: int = 1_000_000  # training activations per site (epochs repeat when the cache holds fewer)
+    eval_tokens: int = 32_768  # held-out tokens for evaluation
+    seq_len: int | None = None  # harvest context length (None: the model preset's seq_len)
+    harvest_batch: int = 32  # sequences per harvesting forward pass
+    exclude_special: bool = True  # leave BOS/EOS/padding positions out of training and evaluation
+    cache: bool = False  # keep harvested activations on disk (activations/step<N>/<site>/)
+    activations: str | None = None  # train on a plain activation file (.npy/.safetensors [N, d]) instead of a model
+    seed: int = 0  # initialisation and batch order
+    sweep: dict[str, list[Any]] = field(default_factory=dict)  # grid of hyperparameters trained in one stream
+    checkpoint_every: int = 200  # steps between resumable states
+
+
+@dataclass
 class SfcdConfig:
     name: str = "demo"  # the experiment's name; the default run directory is runs/<name>
     run_dir: str = "runs/${name}"  # where every artifact of the study lives
@@ -96,6 +129,7 @@ class SfcdConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
 
 
 def register() -> None:

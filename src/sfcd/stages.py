@@ -26,6 +26,14 @@ def model(cfg: DictConfig) -> None:
     print(f"model checkpoints: {run.model} (steps {run.model_steps()}); log: {run.train_log}")
 
 
+def sae(cfg: DictConfig) -> None:
+    """Train SAEs on a checkpoint's activations (sae.sites, sae.architecture), evaluate them, write SAELens files."""
+    from sfcd.sae.stage import train_saes
+
+    for folder in train_saes(cfg):
+        print(f"SAE: {folder}")
+
+
 def eval(cfg: DictConfig) -> None:  # noqa: A001 - the stage's name
     """Score a checkpoint (step=N; a run's or model.source's) on task files: agreement and induction."""
     import json
@@ -48,6 +56,7 @@ def demo(cfg: DictConfig) -> None:
 STAGES: dict[str, Callable[[DictConfig], None]] = {
     "corpus": corpus,
     "model": model,
+    "sae": sae,
     "eval": eval,
     "demo": demo,
 }

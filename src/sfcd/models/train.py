@@ -24,11 +24,12 @@ from sfcd.data.grammar import TASKS
 from sfcd.data.tasks import load_task
 from sfcd.data.tokens import read_tokens
 from sfcd.errors import ConfigError, SfcdError
-from sfcd.io import atomic_dir, atomic_path, read_json, read_jsonl, write_json
+from sfcd.io import atomic_dir, read_json, read_jsonl, write_json
 from sfcd.models import evaluate, train_log
 from sfcd.models.presets import neox_config
 from sfcd.models.schedule import checkpoint_steps, lr_factor
 from sfcd.paths import RunDir
+from sfcd.training import make_trainer, save_state
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,7 @@ class CheckpointAndEvaluate(L.Callback):
             acc,
         )
         if step > 0:
-            with atomic_path(self.run.train_state) as tmp:
-                trainer.save_checkpoint(str(tmp), weights_only=False)
+            save_state(trainer, self.run.train_state)
 
 
 def train_settings(cfg: DictConfig) -> dict:
@@ -218,19 +218,8 @@ def train_model(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> R
     hf_config = neox_config(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     module = CausalLM(hf_config, cfg, run.tokens("train"))
     callback = CheckpointAndEvaluate(cfg, run, tokenizer, steps)
-    trainer = L.Trainer(
-        max_steps=t.steps,
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision,
-        gradient_clip_val=t.grad_clip,
-        callbacks=[callback, *(callbacks or [])],
-        logger=L.pytorch.loggers.CSVLogger(str(run.model), name="lightning_logs", version=0),
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        log_every_n_steps=10,
-        num_sanity_val_steps=0,
+    trainer = make_trainer(
+        cfg.trainer, t.steps, run.model, [callback, *(callbacks or [])], gradient_clip_val=t.grad_clip
     )
     resume = run.train_state if run.train_state.exists() else None
     if resume:

@@ -1,0 +1,1 @@
+"""Activations: harvesting from a model, the on-disk cache, plain activation files, the mixing buffer."""

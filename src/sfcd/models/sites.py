@@ -1,0 +1,147 @@
+"""Sites: friendly names for places in a model whose activations sfcd reads or replaces.
+
+``embed``, ``attn.<l>`` (attention output), ``mlp.<l>`` (MLP output), ``resid.<l>`` (the block's output, the
+residual stream after layer l) and ``mlp_act.<l>`` (the MLP's hidden activations). They map to modules of plain
+``transformers`` models (GPT-NeoX/Pythia, GPT-2); reading and replacing go through forward hooks, and one
+forward pass feeds every requested site and stops after the last layer it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from sfcd.errors import ConfigError
+
+KINDS = ("embed", "attn", "mlp", "resid", "mlp_act")
+
+# module path templates per architecture ({l} is the layer)
+_PATHS = {
+    "gpt_neox": {
+        "embed": "gpt_neox.embed_in",
+        "attn": "gpt_neox.layers.{l}.attention",
+        "mlp": "gpt_neox.layers.{l}.mlp",
+        "resid": "gpt_neox.layers.{l}",
+        "mlp_act": "gpt_neox.layers.{l}.mlp.act",
+    },
+    "gpt2": {
+        "embed": "transformer.drop",
+        "attn": "transformer.h.{l}.attn",
+        "mlp": "transformer.h.{l}.mlp",
+        "resid": "transformer.h.{l}",
+        "mlp_act": "transformer.h.{l}.mlp.act",
+    },
+}
+_NAME = re.compile(r"^(embed)$|^(attn|mlp|resid|mlp_act)\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    kind: str
+    layer: int  # -1 for embed
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Position in the forward pass (layer, then attn/mlp_act/mlp before the block output)."""
+        return (self.layer, {"embed": 0, "attn": 1, "mlp_act": 2, "mlp": 3, "resid": 4}[self.kind])
+
+
+def architecture(model) -> str:
+    kind = getattr(model.config, "model_type", "")
+    if kind not in _PATHS:
+        raise ConfigError(f"sfcd knows the sites of {sorted(_PATHS)} models, not {kind!r}")
+    return kind
+
+
+def n_layers(model) -> int:
+    return model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer
+
+
+def valid_sites(model) -> list[str]:
+    n = n_layers(model)
+    return ["embed"] + [f"{k}.{l}" for l in range(n) for k in ("attn", "mlp", "resid", "mlp_act")]
+
+
+def parse_site(name: str, model=None) -> Site:
+    """A :class:`Site` from its name; an unknown name (or layer beyond the model) lists the valid ones."""
+    m = _NAME.match(name.strip())
+    n = n_layers(model) if model is not None else None
+    if not m or (n is not None and m.group(3) is not None and int(m.group(3)) >= n):
+        valid = (
+            ", ".join(valid_sites(model)) if model is not None else "embed, attn.<l>, mlp.<l>, resid.<l>, mlp_act.<l>"
+        )
+        raise ConfigError(f"unknown site {name!r}; valid sites: {valid}")
+    if m.group(1):
+        return Site("embed", "embed", -1)
+    return Site(name.strip(), m.group(2), int(m.group(3)))
+
+
+def site_module(model, site: Site) -> torch.nn.Module:
+    path = _PATHS[architecture(model)][site.kind].format(l=site.layer)
+    return model.get_submodule(path)
+
+
+def site_dim(model, site: Site) -> int:
+    c = model.config
+    if site.kind == "mlp_act":
+        return getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size
+    return c.hidden_size
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_first(output, new: torch.Tensor):
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+class StopForward(Exception):
+    """Raised by a hook after the last needed site, to skip the rest of the forward pass."""
+
+
+@contextlib.contextmanager
+def hooks(model, fns: dict[Site, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
+    """Forward hooks at each site: ``fn(activation)`` may return a replacement for the site's output."""
+    handles = []
+
+    def make(fn):
+        def hook(module, inputs, output):
+            new = fn(_first(output))
+            return None if new is None else _with_first(output, new)
+
+        return hook
+
+    try:
+        for site, fn in fns.items():
+            handles.append(site_module(model, site).register_forward_hook(make(fn)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_with_cache(
+    model, input_ids: torch.Tensor, sites: list[Site], stop_early: bool = True
+) -> dict[str, torch.Tensor]:
+    """Activations at ``sites`` from one forward pass, stopping after the last site when ``stop_early``."""
+    cache: dict[str, torch.Tensor] = {}
+    last = max(sites, key=lambda s: s.order)
+
+    def grab(site: Site):
+        def fn(act: torch.Tensor):
+            cache[site.name] = act.detach()
+            if stop_early and site == last and len(cache) == len(sites):
+                raise StopForward
+            return None
+
+        return fn
+
+    with hooks(model, {s: grab(s) for s in sites}), contextlib.suppress(StopForward):
+        model(input_ids)
+    return cache

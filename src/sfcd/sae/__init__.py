@@ -1,0 +1,1 @@
+"""Sparse autoencoders: architectures on a shared base, files, training and evaluation."""

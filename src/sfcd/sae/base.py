@@ -1,0 +1,125 @@
+"""The SAE base class: parameters in SAELens orientation, input scaling folded at export, hooks for training.
+
+Training works on scaled inputs ``x * scale`` (``scale`` makes E||x|| = sqrt(d_in)); ``encode``/``decode``/
+``forward`` take and return raw activations, and :meth:`SAE.export` folds ``scale`` into the weights so the
+saved SAE computes the same function with ``normalize_activations: "none"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class SAE(nn.Module):
+    """``f = act((x*s - b_dec*apply_b_dec) @ W_enc + b_enc)``, ``x_hat = (f @ W_dec + b_dec) / s``."""
+
+    architecture: ClassVar[str] = ""
+    saelens_architecture: ClassVar[str] = ""
+    apply_b_dec_to_input: ClassVar[bool] = False
+    unit_norm_decoder: ClassVar[bool] = False
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, **hparams: Any):
+        super().__init__()
+        self.d_in, self.d_sae, self.hparams = d_in, d_sae, hparams
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(d_sae, d_in, generator=g)
+        w = w / w.norm(dim=1, keepdim=True) * (1.0 if self.unit_norm_decoder else 0.1)
+        self.W_dec = nn.Parameter(w)
+        self.W_enc = nn.Parameter(w.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+
+    # ----------------------------------------------------------------------------------------- inference
+    def pre_acts(self, x_scaled: torch.Tensor) -> torch.Tensor:
+        if self.apply_b_dec_to_input:
+            x_scaled = x_scaled - self.b_dec
+        return x_scaled @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """Dense feature activations from pre-activations (inference path)."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.pre_acts(x * self.scale))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return (f @ self.W_dec + self.b_dec) / self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # ------------------------------------------------------------------------------------------ training
+    def training_loss(self, x_scaled: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        """Loss terms on a batch of scaled inputs; ``loss`` is optimised. ``progress`` runs 0 -> 1 over training.
+
+        Must also return ``fired``: a bool [d_sae] of the features that fired on this batch.
+        """
+        raise NotImplementedError
+
+    def record_firing(self, fired: torch.Tensor, n_tokens: int) -> None:
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Remove the gradient component parallel to each decoder row (unit-norm decoders)."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+            self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    # ---------------------------------------------------------------------------------------------- export
+    def export_extra(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Architecture-specific cfg keys and tensors for the SAELens layout (beyond the standard four)."""
+        return {}, {}
+
+    @torch.no_grad()
+    def export(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """SAELens cfg keys and tensors with the input scale folded in (``normalize_activations: none``)."""
+        s = self.scale
+        tensors = {
+            "W_enc": (self.W_enc * s).contiguous(),
+            "b_enc": self.b_enc.clone(),
+            "W_dec": (self.W_dec / s).contiguous(),
+            "b_dec": (self.b_dec / s).clone(),
+        }
+        extra_cfg, extra_tensors = self.export_extra()
+        cfg = {
+            "architecture": self.saelens_architecture or self.architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            **extra_cfg,
+        }
+        return cfg, {**tensors, **{k: v.clone() for k, v in extra_tensors.items()}}
+
+
+def decoder_norm_weighted_l1(f: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    return (f * W_dec.norm(dim=1)).sum(-1).mean()
+
+
+def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over dimensions, averaged over the batch."""
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+def linear_warmup(progress: float, warmup: float) -> float:
+    return 1.0 if warmup <= 0 else min(1.0, progress / warmup)
+
+
+def geometric_median(x: torch.Tensor, iters: int = 20) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed distance to the rows of ``x``."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-6)
+        y = (w[:, None] * x).sum(0) / w.sum()
+    return y

@@ -1,0 +1,67 @@
+"""BatchTopK SAE (Bussmann et al. 2024): keep the k * batch largest pre-activations across the batch; at
+inference a threshold (running mean of the smallest kept activation) makes it a JumpReLU, and it is exported
+as ``jumprelu``.
+
+Candidates are each row's top ``candidate_mult * k`` latents (a row rarely holds more of the batch's top
+k*B); the batch-level selection then runs over those candidates only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sfcd.sae.base import mse
+from sfcd.sae.sparse_ops import dense_from_sparse, gather_pre, sparse_decode
+from sfcd.sae.topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    architecture = "batchtopk"
+    saelens_architecture = "jumprelu"
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, **hparams):
+        super().__init__(d_in, d_sae, seed, **hparams)
+        self.register_buffer("threshold", torch.tensor(0.0))
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre * (pre > self.threshold)
+
+    def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        xc = x - self.b_dec
+        with torch.no_grad():
+            pre = xc @ self.W_enc + self.b_enc
+            m = min(self.d_sae, int(self.hparams.get("candidate_mult", 4)) * self.k)
+            cand_vals, idx = pre.topk(m, dim=-1)
+            n_keep = self.k * x.shape[0]
+            flat = cand_vals.flatten()
+            kth = flat.topk(n_keep).values[-1]
+            keep = (cand_vals >= kth) & (cand_vals > 0)
+        sparse = self.hparams.get("sparse", True)
+        if sparse:
+            vals = torch.relu(gather_pre(xc, self.W_enc, self.b_enc, idx, pre)) * keep
+            x_hat = sparse_decode(idx, vals, self.W_dec) + self.b_dec
+        else:
+            pre_g = xc @ self.W_enc + self.b_enc
+            vals = torch.relu(pre_g.gather(1, idx)) * keep
+            x_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec + self.b_dec
+        with torch.no_grad():
+            if keep.any():
+                smallest = cand_vals[keep].min()
+                momentum = self.hparams.get("threshold_momentum", 0.99)
+                self.threshold.copy_(
+                    smallest if self.threshold == 0 else momentum * self.threshold + (1 - momentum) * smallest
+                )
+        rec = mse(x_hat, x)
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        fired[idx[vals > 0]] = True
+        aux = self.aux_loss(x, xc, x_hat, pre if sparse else pre_g, sparse)
+        return {
+            "loss": rec + self.hparams.get("aux_coeff", 1 / 32) * aux,
+            "mse": rec,
+            "aux": aux,
+            "l0": (vals > 0).float().sum(-1).mean(),
+            "fired": fired,
+        }
+
+    def export_extra(self):
+        return {}, {"threshold": torch.full((self.d_sae,), float(self.threshold))}

@@ -1,0 +1,100 @@
+"""SAE evaluation (SAELens / SAEBench "core" metrics): reconstruction, sparsity, density, and the model's loss
+with the SAE spliced in at its site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sfcd.io import atomic_path
+from sfcd.models.sites import Site, hooks
+from sfcd.sae.base import SAE
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SAE, acts: np.ndarray, batch: int = 8192) -> tuple[dict[str, float], torch.Tensor]:
+    """L0, L1, FVE, MSE, cosine, l2_ratio over ``acts`` [N, d]; also returns per-feature firing counts."""
+    sums = {"l0": 0.0, "l1": 0.0, "sq_err": 0.0, "cos": 0.0, "l2_ratio": 0.0}
+    fired = torch.zeros(sae.d_sae, dtype=torch.long)
+    n = len(acts)
+    x_all = torch.from_numpy(np.asarray(acts, dtype=np.float32))
+    mean = x_all.mean(0)
+    total_var = (x_all - mean).pow(2).sum().item()
+    for b in range(0, n, batch):
+        x = x_all[b : b + batch]
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+        active = f > 0
+        fired += active.sum(0)
+        sums["l0"] += active.sum().item()
+        sums["l1"] += f.abs().sum().item()
+        sums["sq_err"] += (x_hat - x).pow(2).sum().item()
+        sums["cos"] += F.cosine_similarity(x_hat, x, dim=-1).sum().item()
+        sums["l2_ratio"] += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-8)).sum().item()
+    m = {
+        "l0": sums["l0"] / n,
+        "l1": sums["l1"] / n,
+        "fve": 1.0 - sums["sq_err"] / max(total_var, 1e-12),
+        "mse": sums["sq_err"] / (n * sae.d_in),
+        "cosine": sums["cos"] / n,
+        "l2_ratio": sums["l2_ratio"] / n,
+    }
+    return m, fired
+
+
+def density_metrics(fired: torch.Tensor, n_tokens: int) -> tuple[dict[str, float], torch.Tensor]:
+    density = fired.double() / n_tokens
+    return {
+        "dead_fraction": (density == 0).double().mean().item(),
+        "below_1e-5": (density < 1e-5).double().mean().item(),
+        "below_1e-6": (density < 1e-6).double().mean().item(),
+        "eval_tokens": n_tokens,
+    }, density
+
+
+@torch.no_grad()
+def spliced_losses(model, site: Site, sae: SAE, windows: np.ndarray, batch: int = 16) -> dict[str, float]:
+    """CE loss clean, with the SAE's reconstruction spliced in, and with the site zero-ablated; KL to clean."""
+    ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    kl = {"sae": 0.0, "zero": 0.0}
+    n_tok = 0
+    for b in range(0, len(windows), batch):
+        x = torch.from_numpy(windows[b : b + batch])
+        targets = x[:, 1:].flatten()
+        clean = model(x).logits[:, :-1].flatten(0, 1).float()
+        logp_clean = F.log_softmax(clean, -1)
+        ce["clean"] += F.cross_entropy(clean, targets, reduction="sum").item()
+        for name, fn in (("sae", lambda a: sae(a.float()).to(a.dtype)), ("zero", torch.zeros_like)):
+            with hooks(model, {site: fn}):
+                logits = model(x).logits[:, :-1].flatten(0, 1).float()
+            ce[name] += F.cross_entropy(logits, targets, reduction="sum").item()
+            kl[name] += F.kl_div(F.log_softmax(logits, -1), logp_clean, log_target=True, reduction="sum").item()
+        n_tok += len(targets)
+    out = {f"ce_{k}": v / n_tok for k, v in ce.items()} | {f"kl_{k}": v / n_tok for k, v in kl.items()}
+    denom = out["ce_zero"] - out["ce_clean"]
+    out["ce_loss_score"] = (out["ce_zero"] - out["ce_sae"]) / denom if abs(denom) > 1e-9 else float("nan")
+    out["kl_score"] = (out["kl_zero"] - out["kl_sae"]) / out["kl_zero"] if out["kl_zero"] > 1e-12 else float("nan")
+    return out
+
+
+def density_histogram(density: torch.Tensor, png: Path, title: str) -> Path:
+    """Histogram of log10 feature density (dead features drawn at -10)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logd = torch.log10(density + 1e-10).numpy()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(logd, bins=60, color="C0")
+    ax.set_xlabel("log10 feature density (dead at -10)")
+    ax.set_ylabel("features")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return png

@@ -1,0 +1,256 @@
+"""SAE files: written in the SAELens (v6) layout; read from SAELens, dictionary_learning and sparsify layouts.
+
+Whatever the source, :func:`load_sae` returns one of sfcd's SAE classes computing exactly that library's
+encode/decode. Weight files are safetensors; dictionary_learning's ``ae.pt`` is read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sfcd.errors import InputError, MissingArtifactError
+from sfcd.io import atomic_dir, save_safetensors
+from sfcd.sae.base import SAE
+from sfcd.sae.jumprelu import JumpReLUSAE
+from sfcd.sae.relu import ReLUSAE
+from sfcd.sae.topk import TopKSAE
+
+SAELENS_VERSION = "6.0.0"
+SAELENS_REQUIRED = ("d_in", "d_sae", "architecture")
+
+#: sfcd site -> the TransformerLens hook name SAELens users know
+_HOOK_NAMES = {
+    "embed": "hook_embed",
+    "attn": "blocks.{l}.hook_attn_out",
+    "mlp": "blocks.{l}.hook_mlp_out",
+    "resid": "blocks.{l}.hook_resid_post",
+    "mlp_act": "blocks.{l}.mlp.hook_post",
+}
+
+
+def hook_name(site: str) -> str:
+    kind, _, layer = site.partition(".")
+    return _HOOK_NAMES.get(kind, site).format(l=layer)
+
+
+def save_sae(
+    sae: SAE, folder: str | Path, metadata: dict[str, Any] | None = None, density: torch.Tensor | None = None
+) -> Path:
+    """Write ``cfg.json``, ``sae_weights.safetensors`` and (given ``density``) ``sparsity.safetensors``, all at
+    once (a temp folder renamed into place)."""
+    cfg_extra, tensors = sae.export()
+    meta = dict(metadata or {})
+    site = meta.get("sfcd_site", "")
+    cfg = {
+        **cfg_extra,
+        "dtype": "float32",
+        "device": "cpu",
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION,
+            "hook_name": hook_name(site) if site else meta.get("hook_name", ""),
+            "hook_head_index": None,
+            "prepend_bos": meta.pop("prepend_bos", True),
+            "exclude_special_tokens": meta.pop("exclude_special_tokens", True),
+            "sfcd_architecture": sae.architecture,
+            "sfcd_hparams": {k: v for k, v in sae.hparams.items() if isinstance(v, (int, float, str, bool))},
+            **meta,
+        },
+    }
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        save_safetensors(tmp / "sae_weights.safetensors", {k: v.float() for k, v in tensors.items()})
+        if density is not None:
+            save_safetensors(tmp / "sparsity.safetensors", {"sparsity": torch.log10(density.float() + 1e-10)})
+    return folder
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise MissingArtifactError(f"weight file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise InputError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+            "it may be corrupt or truncated: retrain or re-download it"
+        ) from None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise MissingArtifactError(f"{path} does not exist")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path} holds a {type(obj).__name__}; expected a JSON object")
+    return obj
+
+
+def _expect_keys(tensors: dict, expected: set[str], path: Path, what: str) -> None:
+    if set(tensors) != expected:
+        raise InputError(
+            f"{path} holds tensors {sorted(tensors)}; a {what} SAE has exactly {sorted(expected)} "
+            "(is this a weight file of another kind?)"
+        )
+
+
+def _build(cls: type[SAE], W_enc, b_enc, W_dec, b_dec, apply_b_dec: bool, path: Path, **hparams) -> SAE:
+    d_in, d_sae = W_enc.shape
+    shapes = {
+        "W_enc": (W_enc.shape, (d_in, d_sae)),
+        "b_enc": (b_enc.shape, (d_sae,)),
+        "W_dec": (W_dec.shape, (d_sae, d_in)),
+        "b_dec": (b_dec.shape, (d_in,)),
+    }
+    for name, (got, want) in shapes.items():
+        if tuple(got) != want:
+            raise InputError(f"{path}: {name} has shape {tuple(got)}; expected {want}")
+    sae = cls(d_in, d_sae, **hparams)
+    sae.apply_b_dec_to_input = apply_b_dec  # the file's choice overrides the class default
+    with torch.no_grad():
+        for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+            getattr(sae, name).copy_(t.float())
+    return sae.eval()
+
+
+def _set_threshold(sae: JumpReLUSAE, threshold: torch.Tensor) -> JumpReLUSAE:
+    with torch.no_grad():
+        sae.log_threshold.copy_(threshold.float().clamp_min(1e-30).log())
+    return sae
+
+
+def load_saelens(folder: Path) -> SAE:
+    cfg = _read_json(folder / "cfg.json")
+    missing = [k for k in SAELENS_REQUIRED if k not in cfg]
+    if missing:
+        raise InputError(
+            f"{folder / 'cfg.json'} lacks keys {missing}; an SAELens cfg.json needs {list(SAELENS_REQUIRED)}"
+        )
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise InputError(
+            f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; "
+            "fold the scaling into the weights and write 'none'"
+        )
+    t = _load_safetensors(folder / "sae_weights.safetensors")
+    arch, path = cfg["architecture"], folder / "sae_weights.safetensors"
+    base = {"W_enc", "b_enc", "W_dec", "b_dec"}
+    apply_b_dec = bool(cfg.get("apply_b_dec_to_input", arch == "topk"))
+    if arch == "standard":
+        _expect_keys(t, base, path, "standard")
+        sae = _build(ReLUSAE, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], apply_b_dec, path, l1_coeff=0.0)
+    elif arch == "topk":
+        _expect_keys(t, base, path, "topk")
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            raise InputError(f"{folder}: rescale_acts_by_decoder_norm=true is not supported by sfcd")
+        if "k" not in cfg:
+            raise InputError(f"{folder / 'cfg.json'} lacks key 'k', which a topk SAE needs")
+        sae = _build(TopKSAE, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], apply_b_dec, path, k=int(cfg["k"]))
+    elif arch == "jumprelu":
+        _expect_keys(t, base | {"threshold"}, path, "jumprelu")
+        sae = _build(JumpReLUSAE, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], apply_b_dec, path, l0_coeff=0.0)
+        _set_threshold(sae, t["threshold"])
+    else:
+        raise InputError(f"{folder}: SAE architecture {arch!r} is not supported; sfcd reads standard, topk, jumprelu")
+    sae.metadata = cfg.get("metadata", {})
+    return sae
+
+
+def load_dictionary_learning(folder: Path) -> SAE:
+    """dictionary_learning's ``ae.pt`` + ``config.json`` (AutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK)."""
+    config = _read_json(folder / "config.json")
+    trainer = config.get("trainer", {})
+    cls_name = trainer.get("dict_class")
+    if not cls_name:
+        raise InputError(f"{folder / 'config.json'} lacks trainer.dict_class; expected a dictionary_learning config")
+    try:
+        state = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(
+            f"{folder / 'ae.pt'} could not be read as a weights-only torch file "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    path = folder / "ae.pt"
+    if cls_name == "AutoEncoder":
+        _expect_keys(state, {"bias", "encoder.weight", "encoder.bias", "decoder.weight"}, path, "AutoEncoder")
+        return _build(
+            ReLUSAE,
+            state["encoder.weight"].t(),
+            state["encoder.bias"],
+            state["decoder.weight"].t(),
+            state["bias"],
+            True,
+            path,
+            l1_coeff=0.0,
+        )
+    if cls_name == "JumpReluAutoEncoder":
+        keys = {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+        _expect_keys(state, keys, path, "JumpReluAutoEncoder")
+        sae = _build(
+            JumpReLUSAE, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"], False, path, l0_coeff=0.0
+        )
+        return _set_threshold(sae, state["threshold"])
+    if cls_name == "AutoEncoderTopK":
+        k = int(state["k"]) if "k" in state else trainer.get("k")
+        keys = {k2 for k2 in state if k2 not in ("k", "threshold")}
+        _expect_keys(
+            {k2: None for k2 in keys},
+            {"encoder.weight", "encoder.bias", "decoder.weight", "b_dec"},
+            path,
+            "AutoEncoderTopK",
+        )
+        return _build(
+            TopKSAE,
+            state["encoder.weight"].t(),
+            state["encoder.bias"],
+            state["decoder.weight"].t(),
+            state["b_dec"],
+            True,
+            path,
+            k=int(k),
+        )
+    raise InputError(
+        f"{folder}: dictionary_learning class {cls_name!r} is not supported; "
+        "sfcd reads AutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK"
+    )
+
+
+def load_sparsify(folder: Path) -> SAE:
+    """EleutherAI sparsify: ``cfg.json`` (with ``k``) + ``sae.safetensors`` (``encoder.*``, ``W_dec``, ``b_dec``)."""
+    cfg = _read_json(folder / "cfg.json")
+    path = folder / "sae.safetensors"
+    t = _load_safetensors(path)
+    _expect_keys(t, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, path, "sparsify")
+    if "k" not in cfg:
+        raise InputError(f"{folder / 'cfg.json'} lacks key 'k', which a sparsify SAE needs")
+    return _build(
+        TopKSAE, t["encoder.weight"].t(), t["encoder.bias"], t["W_dec"], t["b_dec"], True, path, k=int(cfg["k"])
+    )
+
+
+def load_sae(path: str | Path) -> SAE:
+    """An SAE from a folder in the SAELens, dictionary_learning or sparsify layout (detected from its files)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise MissingArtifactError(f"SAE folder {folder} does not exist")
+    if (folder / "sae_weights.safetensors").exists():
+        return load_saelens(folder)
+    if (folder / "ae.pt").exists():
+        return load_dictionary_learning(folder)
+    if (folder / "sae.safetensors").exists():
+        return load_sparsify(folder)
+    raise InputError(
+        f"{folder} holds no SAE: expected sae_weights.safetensors + cfg.json (SAELens), "
+        "ae.pt + config.json (dictionary_learning) or sae.safetensors + cfg.json (sparsify)"
+    )

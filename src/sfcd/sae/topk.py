@@ -1,0 +1,72 @@
+"""TopK SAE (Gao et al. 2024): keep the k largest pre-activations; unit-norm decoder; AuxK on dead latents;
+``b_dec`` initialised to the geometric median of a batch. The decoder and the backward pass use only the k
+active latents (:mod:`sfcd.sae.sparse_ops`); ``sparse=False`` runs the dense reference computation."""
+
+from __future__ import annotations
+
+import torch
+
+from sfcd.sae.base import SAE, mse
+from sfcd.sae.sparse_ops import dense_from_sparse, gather_pre, sparse_decode
+
+
+class TopKSAE(SAE):
+    architecture = "topk"
+    apply_b_dec_to_input = True
+    unit_norm_decoder = True
+
+    @property
+    def k(self) -> int:
+        return int(self.hparams["k"])
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        vals, idx = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+
+    def select(self, pre: torch.Tensor) -> torch.Tensor:
+        """Indices [B, k] of the kept latents."""
+        return pre.topk(self.k, dim=-1).indices
+
+    def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        xc = x - self.b_dec if self.apply_b_dec_to_input else x
+        sparse = self.hparams.get("sparse", True)
+        if sparse:
+            with torch.no_grad():
+                pre = xc @ self.W_enc + self.b_enc
+            idx = self.select(pre)
+            vals = torch.relu(gather_pre(xc, self.W_enc, self.b_enc, idx, pre))
+            x_hat = sparse_decode(idx, vals, self.W_dec) + self.b_dec
+        else:
+            pre = xc @ self.W_enc + self.b_enc
+            idx = self.select(pre.detach())
+            vals = torch.relu(pre.gather(1, idx))
+            x_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec + self.b_dec
+        rec = mse(x_hat, x)
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        fired[idx[vals > 0]] = True
+        out = {"mse": rec, "l0": (vals > 0).float().sum(-1).mean(), "fired": fired}
+        aux = self.aux_loss(x, xc, x_hat, pre, sparse)
+        out["aux"] = aux
+        out["loss"] = rec + self.hparams.get("aux_coeff", 1 / 32) * aux
+        return out
+
+    def aux_loss(self, x, xc, x_hat, pre, sparse: bool) -> torch.Tensor:
+        """AuxK: the top ``k_aux`` dead latents reconstruct the residual ``x - x_hat``."""
+        dead = self.tokens_since_fired > self.hparams.get("dead_tokens", 10_000_000)
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return torch.zeros((), device=x.device)
+        k_aux = min(int(self.hparams.get("k_aux") or self.d_in // 2), n_dead)
+        masked = pre.detach().masked_fill(~dead, float("-inf"))
+        idx = masked.topk(k_aux, dim=-1).indices
+        if sparse:
+            vals = torch.relu(gather_pre(xc, self.W_enc, self.b_enc, idx, pre.detach()))
+            e_hat = sparse_decode(idx, vals, self.W_dec)
+        else:
+            vals = torch.relu(pre.gather(1, idx))
+            e_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec
+        e = (x - x_hat).detach()
+        return (e_hat - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-8)
+
+    def export_extra(self):
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}, {}

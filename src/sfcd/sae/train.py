@@ -1,0 +1,240 @@
+"""The ``sae`` stage: train one or many SAEs from one activation stream with Lightning, then evaluate and
+write each in the SAELens layout.
+
+Many SAEs (every site, and/or a hyperparameter grid ``sae.sweep``) train side by side on the same batches;
+each has its own parameter group, gradient clip and seed-determined initialisation, so an SAE trained with
+others is the SAE trained alone. The training state is saved every ``sae.checkpoint_every`` steps and a rerun
+resumes from it; batches are a function of the step (:class:`sfcd.sae.data.StepBatches`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from sfcd.errors import ConfigError, SfcdError
+from sfcd.io import read_json, write_json
+from sfcd.sae.base import SAE, geometric_median
+from sfcd.sae.data import StepBatches
+from sfcd.sae.registry import sae_class
+from sfcd.training import SaveEvery, make_trainer
+
+log = logging.getLogger(__name__)
+
+#: config keys that are hyperparameters of an SAE (passed to its class), by architecture
+HPARAMS = {
+    "relu": ("l1_coeff", "l1_warmup", "resample_every", "dead_tokens"),
+    "topk": ("k", "aux_coeff", "dead_tokens"),
+    "batchtopk": ("k", "aux_coeff", "dead_tokens"),
+    "jumprelu": ("l0_coeff", "bandwidth", "threshold_init"),
+}
+SWEEPABLE = {"architecture", "expansion", "d_sae", "lr", "seed", *{k for ks in HPARAMS.values() for k in ks}}
+
+
+@dataclass
+class SAESpec:
+    """One SAE to train: where its output goes, which site it reads, its shape and hyperparameters."""
+
+    name: str
+    site: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    lr: float
+    seed: int
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> SAE:
+        return sae_class(self.architecture)(self.d_in, self.d_sae, seed=self.seed, **self.hparams)
+
+
+def make_specs(sae_cfg: DictConfig, site_dims: dict[str, int]) -> list[SAESpec]:
+    """Sites x the sweep grid. The output name is the site, plus ``@key=value,...`` for swept values."""
+    sweep = OmegaConf.to_container(sae_cfg.sweep, resolve=True) or {}
+    unknown = set(sweep) - SWEEPABLE
+    if unknown:
+        raise ConfigError(f"sae.sweep keys {sorted(unknown)} cannot be swept; sweepable: {sorted(SWEEPABLE)}")
+    keys = sorted(sweep)
+    grid = list(itertools.product(*(sweep[k] if isinstance(sweep[k], list) else [sweep[k]] for k in keys)))
+    specs = []
+    for site, d_in in site_dims.items():
+        for values in grid:
+            c = {**OmegaConf.to_container(sae_cfg, resolve=True), **dict(zip(keys, values, strict=True))}
+            sae_class(c["architecture"])  # clear error for an unknown architecture
+            d_sae = int(c["d_sae"] or c["expansion"] * d_in)
+            suffix = ",".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+            hp = {k: c[k] for k in HPARAMS[c["architecture"]]}
+            specs.append(
+                SAESpec(
+                    f"{site}@{suffix}" if suffix else site,
+                    site,
+                    c["architecture"],
+                    d_in,
+                    d_sae,
+                    float(c["lr"]),
+                    int(c["seed"]),
+                    hp,
+                )
+            )
+    return specs
+
+
+def lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float) -> float:
+    warmup, decay_start = max(1, int(warmup_frac * total)), int((1 - decay_frac) * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= decay_start and decay_frac > 0:
+        return max(0.0, (total - step) / max(1, total - decay_start))
+    return 1.0
+
+
+class SAEModule(L.LightningModule):
+    """Several SAEs trained side by side (manual optimization: a clip and decoder projection per SAE)."""
+
+    def __init__(
+        self, specs: list[SAESpec], sae_cfg: DictConfig, total_steps: int, arrays: dict[str, np.ndarray] | None = None
+    ):
+        super().__init__()
+        self.specs, self.cfg, self.total_steps, self.arrays = specs, sae_cfg, total_steps, arrays
+        self.saes = nn.ModuleList(s.build() for s in specs)
+        self.automatic_optimization = False
+        self._g = torch.Generator().manual_seed(sae_cfg.seed)
+
+    @torch.no_grad()
+    def initialise(self, arrays: dict[str, np.ndarray]) -> None:
+        """Input scale (E||x|| = sqrt(d_in)) and, for top-k SAEs, b_dec at the geometric median of a batch."""
+        for spec, sae in zip(self.specs, self.saes, strict=True):
+            sample = torch.from_numpy(
+                np.asarray(arrays[spec.site][: min(len(arrays[spec.site]), 8192)], dtype=np.float32)
+            )
+            norm = sample.norm(dim=1).mean().item()
+            if not math.isfinite(norm) or norm <= 0:
+                raise SfcdError(
+                    f"activations at {spec.site} have mean norm {norm}; cannot scale them (all zero, NaN or inf?)"
+                )
+            sae.scale.fill_(math.sqrt(spec.d_in) / norm)
+            if sae.apply_b_dec_to_input:
+                sae.b_dec.copy_(geometric_median(sample[:4096] * sae.scale))
+
+    def configure_optimizers(self):
+        groups = [
+            {"params": list(sae.parameters()), "lr": spec.lr} for spec, sae in zip(self.specs, self.saes, strict=True)
+        ]
+        opt = torch.optim.Adam(groups, betas=tuple(self.cfg.betas))
+        c = self.cfg
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, self.total_steps, c.warmup_frac, c.decay_frac)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.trainer
+        ds = StepBatches(
+            self.arrays, self.cfg.batch_size, self.cfg.seed, start=t.global_step, rank=t.global_rank, world=t.world_size
+        )
+        return DataLoader(ds, batch_size=None, num_workers=0)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        step = self.global_step
+        progress = step / max(1, self.total_steps)
+        opt.zero_grad(set_to_none=True)
+        resample = []
+        for i, (spec, sae) in enumerate(zip(self.specs, self.saes, strict=True)):
+            x = batch[spec.site]
+            if not torch.isfinite(x).all():
+                raise SfcdError(
+                    f"NaN or inf in the activations of site {spec.site} at training step {step}; "
+                    "stopped, the last good training state is kept (check the model or the file)"
+                )
+            out = sae.training_loss(x * sae.scale, progress)
+            if not torch.isfinite(out["loss"]):
+                raise SfcdError(
+                    f"SAE {spec.name} diverged (loss {out['loss'].item()}) at training step {step}; "
+                    "stopped, the last good training state is kept: lower sae.lr"
+                )
+            self.manual_backward(out["loss"])
+            sae.record_firing(out["fired"], len(x))
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
+            sae.before_step()
+            every = spec.hparams.get("resample_every", 0)
+            if every and (step + 1) % every == 0 and "per_token_mse" in out:
+                resample.append((sae, x * sae.scale, out["per_token_mse"]))
+            self.log(f"{spec.name}/mse", out["mse"].detach(), prog_bar=i == 0)
+            self.log(f"{spec.name}/l0", out["l0"].detach(), prog_bar=i == 0)
+        opt.step()
+        sched.step()
+        for sae in self.saes:
+            sae.after_step()
+        for sae, x, per_token in resample:
+            self._resample(opt, sae, x, per_token)
+
+    @torch.no_grad()
+    def _resample(self, opt, sae: SAE, x: torch.Tensor, per_token: torch.Tensor) -> None:
+        dead = sae.tokens_since_fired > sae.hparams.get("dead_tokens", 100_000)
+        if not dead.any():
+            return
+        log.info("resampling %d dead features", int(dead.sum()))
+        sae.resample(dead, x, per_token, self._g)
+        for p, rows in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+            state = opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][rows] = 0.0
+
+
+def train_module(
+    module: SAEModule,
+    trainer_cfg: DictConfig,
+    state_dir: Path,
+    arrays: dict[str, np.ndarray],
+    callbacks: list | None = None,
+) -> SAEModule:
+    """Fit (or resume) ``module`` on ``arrays`` for ``module.total_steps`` steps."""
+    state = state_dir / "last.ckpt"
+    if not state.exists():
+        module.initialise(arrays)
+    module.arrays = arrays
+    trainer = make_trainer(
+        trainer_cfg, module.total_steps, state_dir, [SaveEvery(state, module.cfg.checkpoint_every), *(callbacks or [])]
+    )
+    if state.exists():
+        log.info("resuming SAE training from %s", state)
+    trainer.fit(module, ckpt_path=str(state) if state.exists() else None, weights_only=True)
+    if trainer.global_step < module.total_steps:
+        raise SfcdError(
+            f"SAE training stopped at step {trainer.global_step} of {module.total_steps}; "
+            "run the same command again to resume"
+        )
+    return module
+
+
+def settings_of(specs: list[SAESpec], sae_cfg: DictConfig, total: int) -> dict:
+    return {
+        "specs": [s.__dict__ for s in specs],
+        "total_steps": total,
+        "sae": OmegaConf.to_container(sae_cfg, resolve=True),
+    }
+
+
+def prepare_state_dir(state_dir: Path, settings: dict) -> None:
+    """Keep a resumable state only if it was made with the same settings."""
+    path = state_dir / "settings.json"
+    if path.exists() and read_json(path) != settings:
+        log.info("the SAE settings changed; starting the training afresh")
+        shutil.rmtree(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
