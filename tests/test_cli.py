@@ -66,3 +66,10 @@ def test_eval_stage_scores_a_checkpoint(test_run):
     out = json.loads(p.stdout[p.stdout.index("{") :])
     assert out["step"] == 24 and out["simple"]["pairs"] > 0
     assert 0 <= out["simple"]["accuracy"] <= 1 and "induction_score" in out
+
+
+def test_sae_stage_bad_architecture_and_site(test_run):
+    assert_one_line_error(
+        sfcd("sae", f"run_dir={test_run.run_dir}", "sae.architecture=gated"), "unknown SAE architecture"
+    )
+    assert_one_line_error(sfcd("sae", f"run_dir={test_run.run_dir}", "sae.sites=[resid.5]"), "unknown site", "resid.1")

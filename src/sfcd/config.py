@@ -94,9 +94,9 @@ class SAEConfig:
     k: int = 32  # topk/batchtopk: active latents per token
     l1_coeff: float = 5.0  # relu: L1 (times decoder norm) coefficient, on inputs scaled to E||x|| = sqrt(d_in)
     l1_warmup: float = 0.05  # relu: fraction of steps over which the L1 coefficient ramps up
-    l0_coeff: float = 0.05  # jumprelu: L0 coefficient
+    l0_coeff: float = 1.0  # jumprelu: L0 coefficient, on inputs scaled to E||x|| = sqrt(d_in)
     bandwidth: float = 0.05  # jumprelu: straight-through kernel width
-    threshold_init: float = 0.1  # jumprelu: initial threshold
+    threshold_init: float = 0.5  # jumprelu: initial threshold (scaled units)
     aux_coeff: float = 0.03125  # topk/batchtopk: AuxK coefficient (1/32)
     dead_tokens: int = 100_000  # a latent silent for this many training tokens is dead (AuxK, resampling)
     resample_every: int = 0  # relu: resample dead features every this many steps (0: never)

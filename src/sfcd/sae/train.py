@@ -116,9 +116,8 @@ class SAEModule(L.LightningModule):
     def initialise(self, arrays: dict[str, np.ndarray]) -> None:
         """Input scale (E||x|| = sqrt(d_in)) and, for top-k SAEs, b_dec at the geometric median of a batch."""
         for spec, sae in zip(self.specs, self.saes, strict=True):
-            sample = torch.from_numpy(
-                np.asarray(arrays[spec.site][: min(len(arrays[spec.site]), 8192)], dtype=np.float32)
-            )
+            sample = torch.from_numpy(np.asarray(arrays[spec.site][:8192], dtype=np.float32))
+            sample = sample[torch.isfinite(sample).all(1)]  # a bad row is reported at its training step
             norm = sample.norm(dim=1).mean().item()
             if not math.isfinite(norm) or norm <= 0:
                 raise SfcdError(

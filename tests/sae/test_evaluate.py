@@ -1,0 +1,57 @@
+import numpy as np
+import torch
+
+from sfcd.models.loading import load_model
+from sfcd.models.sites import parse_site
+from sfcd.sae.evaluate import density_metrics, reconstruction_metrics, spliced_losses
+from sfcd.sae.relu import ReLUSAE
+
+
+def val_windows(test_run) -> np.ndarray:
+    from sfcd.activations.harvest import token_windows
+    from sfcd.data.tokens import read_tokens
+    from sfcd.paths import RunDir
+
+    return token_windows(read_tokens(RunDir(test_run.run_dir).tokens("val")), 32, 8)
+
+
+def perfect_sae(d: int) -> ReLUSAE:
+    """x = relu(x) - relu(-x): a ReLU SAE with d_sae = 2d that reconstructs exactly."""
+    sae = ReLUSAE(d, 2 * d, l1_coeff=0.0)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_perfect_reconstruction_scores_one(test_run):
+    model = load_model(test_run.run_dir)
+    site = parse_site("resid.0", model)
+    sae = perfect_sae(32)
+    rng = np.random.default_rng(0)
+    windows = val_windows(test_run)
+    m = spliced_losses(model, site, sae, windows)
+    assert abs(m["ce_sae"] - m["ce_clean"]) < 1e-4 and m["kl_sae"] < 1e-6
+    assert abs(m["ce_loss_score"] - 1) < 1e-3 and abs(m["kl_score"] - 1) < 1e-3
+    assert m["ce_zero"] > m["ce_clean"]
+    acts = rng.normal(size=(500, 32)).astype(np.float32)
+    r, fired = reconstruction_metrics(sae, acts)
+    assert abs(r["fve"] - 1) < 1e-6 and abs(r["cosine"] - 1) < 1e-6 and abs(r["l2_ratio"] - 1) < 1e-6
+    assert abs(r["l0"] - 32) < 1e-6  # each dimension fires one of its two features
+    d, density = density_metrics(fired, 500)
+    assert d["dead_fraction"] == 0 and torch.allclose(density.sum(), torch.tensor(32.0, dtype=torch.float64))
+
+
+def test_a_bad_sae_scores_below_one(test_run):
+    model = load_model(test_run.run_dir)
+    sae = perfect_sae(32)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.3)  # shrinks the reconstruction
+    windows = val_windows(test_run)
+    m = spliced_losses(model, parse_site("resid.0", model), sae, windows)
+    assert m["ce_sae"] > m["ce_clean"] and m["ce_loss_score"] < 0.99 and m["kl_sae"] > 1e-4
+    r, _ = reconstruction_metrics(sae, np.random.default_rng(0).normal(size=(200, 32)).astype(np.float32))
+    assert abs(r["l2_ratio"] - 0.3) < 1e-5 and r["fve"] < 0.6

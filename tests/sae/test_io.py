@@ -1,0 +1,152 @@
+"""SAE files: the SAELens layout round trip, and reading dictionary_learning and sparsify directories."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sfcd.errors import InputError, MissingArtifactError
+from sfcd.sae.io import load_sae, save_sae
+from sfcd.sae.registry import ARCHITECTURES
+
+
+def trained_like(arch: str, d_in=12, d_sae=40, seed=0):
+    """An SAE with random (non-initial) parameters and a non-trivial input scale."""
+    sae = ARCHITECTURES[arch](d_in, d_sae, seed=seed, k=5, l1_coeff=1.0, l0_coeff=1.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+        sae.scale.fill_(2.5)
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.05)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_saelens_round_trip_folds_the_scale(arch, tmp_path):
+    sae = trained_like(arch)
+    x = torch.randn(50, 12) * 3
+    save_sae(sae, tmp_path / "s", {"sfcd_site": "resid.1"}, density=torch.rand(40))
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    assert cfg["normalize_activations"] == "none" and cfg["metadata"]["sae_lens_version"] >= "6.0.0"
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
+    loaded = load_sae(tmp_path / "s")
+    assert float(loaded.scale) == 1.0
+    with torch.no_grad():
+        # batchtopk is exported as a JumpReLU: its inference threshold replaces the batch top-k
+        expected_f = sae.activation(sae.pre_acts(x * sae.scale)) if arch == "batchtopk" else sae.encode(x)
+        torch.testing.assert_close(loaded.encode(x), expected_f, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loaded.decode(expected_f), sae.decode(expected_f), atol=1e-5, rtol=1e-5)
+
+
+def test_files_load_in_saelens_unchanged(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    x = torch.randn(20, 12) * 3
+    for arch in ("relu", "topk", "jumprelu", "batchtopk"):
+        sae = trained_like(arch)
+        save_sae(sae, tmp_path / arch, {"sfcd_site": "mlp.0"})
+        theirs = sae_lens.SAE.load_from_disk(str(tmp_path / arch), device="cpu")
+        ours = load_sae(tmp_path / arch)
+        with torch.no_grad():
+            torch.testing.assert_close(theirs.encode(x), ours.encode(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours(x), atol=1e-5, rtol=1e-5)
+
+
+def test_dictionary_learning_autoencoder_formula(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    d, m = 10, 30
+    state = {
+        "bias": torch.randn(d, generator=g),
+        "encoder.weight": torch.randn(m, d, generator=g),
+        "encoder.bias": torch.randn(m, generator=g),
+        "decoder.weight": torch.randn(d, m, generator=g),
+    }
+    torch.save(state, tmp_path / "ae.pt")
+    (tmp_path / "config.json").write_text(
+        json.dumps({"trainer": {"dict_class": "AutoEncoder", "activation_dim": d, "dict_size": m}, "buffer": {}})
+    )
+    sae = load_sae(tmp_path)
+    x = torch.randn(7, d, generator=g)
+    f = torch.relu((x - state["bias"]) @ state["encoder.weight"].t() + state["encoder.bias"])
+    x_hat = f @ state["decoder.weight"].t() + state["bias"]
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), f)
+        torch.testing.assert_close(sae(x), x_hat)
+
+
+def test_dictionary_learning_topk_and_sparsify_formula(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    d, m, k = 8, 24, 3
+    enc_w, enc_b = torch.randn(m, d, generator=g), torch.randn(m, generator=g)
+    W_dec, b_dec = torch.randn(m, d, generator=g), torch.randn(d, generator=g)
+    x = torch.randn(9, d, generator=g)
+    pre = torch.relu((x - b_dec) @ enc_w.t() + enc_b)
+    vals, idx = pre.topk(k, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, idx, vals)
+    # sparsify
+    sp = tmp_path / "sparsify" / "layers.3"
+    sp.mkdir(parents=True)
+    save_file(
+        {"encoder.weight": enc_w, "encoder.bias": enc_b, "W_dec": W_dec, "b_dec": b_dec}, str(sp / "sae.safetensors")
+    )
+    (sp / "cfg.json").write_text(json.dumps({"k": k, "expansion_factor": 3}))
+    # dictionary_learning AutoEncoderTopK
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    torch.save(
+        {
+            "encoder.weight": enc_w,
+            "encoder.bias": enc_b,
+            "decoder.weight": W_dec.t().contiguous(),
+            "b_dec": b_dec,
+            "k": torch.tensor(k),
+        },
+        dl / "ae.pt",
+    )
+    (dl / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderTopK", "k": k}}))
+    for folder in (sp, dl):
+        sae = load_sae(folder)
+        with torch.no_grad():
+            torch.testing.assert_close(sae.encode(x), f)
+            torch.testing.assert_close(sae(x), f @ W_dec + b_dec)
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    sae = trained_like("topk")
+    save_sae(sae, tmp_path / "ok", {"sfcd_site": "resid.0"})
+    # corrupt weights
+    bad = tmp_path / "corrupt"
+    save_sae(sae, bad, {})
+    (bad / "sae_weights.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(InputError, match="not a readable safetensors"):
+        load_sae(bad)
+    # foreign tensors (a sparsify file renamed into the SAELens layout)
+    foreign = tmp_path / "foreign"
+    save_sae(sae, foreign, {})
+    save_file({"encoder.weight": torch.zeros(3, 2)}, str(foreign / "sae_weights.safetensors"))
+    with pytest.raises(InputError, match="another kind"):
+        load_sae(foreign)
+    # cfg.json missing keys
+    nokeys = tmp_path / "nokeys"
+    save_sae(sae, nokeys, {})
+    cfg = json.loads((nokeys / "cfg.json").read_text())
+    del cfg["d_sae"]
+    (nokeys / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"lacks keys \['d_sae'\]"):
+        load_sae(nokeys)
+    # a folder with no SAE, and none at all
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no SAE"):
+        load_sae(tmp_path / "empty")
+    with pytest.raises(MissingArtifactError):
+        load_sae(tmp_path / "nope")
+    # a pickle that is not weights-only is refused
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"fn": print}, evil / "ae.pt")
+    (evil / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
+    with pytest.raises(InputError, match="weights-only"):
+        load_sae(evil)

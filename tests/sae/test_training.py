@@ -1,0 +1,171 @@
+"""SAE training: many SAEs in one stream equal each trained alone; resume; NaN handling; the stage."""
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from sfcd.config import compose
+from sfcd.errors import ConfigError, InputError, SfcdError
+from sfcd.sae.data import StepBatches
+from sfcd.sae.io import load_sae
+from sfcd.sae.train import SAEModule, make_specs, train_module
+
+from .synthetic import make_data
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    a, _ = make_data(n=8192, d=32, seed=0)
+    b, _ = make_data(n=8192, d=32, seed=1)
+    return {"x": a, "y": b}
+
+
+def fit(overrides, site_dims, arrays, tmp_path, callbacks=None):
+    cfg = compose(
+        ["sae.batch_size=256", "sae.d_sae=64", "sae.k=4", "sae.n_tokens=8192", "sae.checkpoint_every=5", *overrides]
+    )
+    steps = cfg.sae.n_tokens // cfg.sae.batch_size
+    module = SAEModule(make_specs(cfg.sae, site_dims), cfg.sae, steps)
+    return train_module(module, cfg.trainer, tmp_path, {k: arrays[k] for k in site_dims}, callbacks)
+
+
+def params(sae):
+    return {k: v.detach().clone() for k, v in sae.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_many_saes_in_one_stream_equal_each_alone(arch, arrays, tmp_path):
+    many = fit([f"sae.architecture={arch}", "+sae.sweep.lr=[0.001,0.003]"], {"x": 32, "y": 32}, arrays, tmp_path / "m")
+    names = [s.name for s in many.specs]
+    assert names == ["x@lr=0.001", "x@lr=0.003", "y@lr=0.001", "y@lr=0.003"]
+    alone = fit([f"sae.architecture={arch}", "sae.lr=0.003"], {"y": 32}, arrays, tmp_path / "a")
+    assert_same(params(many.saes[3]), params(alone.saes[0]))
+    assert not torch.allclose(many.saes[2].W_dec, alone.saes[0].W_dec)  # a different lr is a different SAE
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise Crash
+
+
+def test_resume_continues_the_same_run(arrays, tmp_path):
+    ref = fit(["sae.architecture=topk"], {"x": 32}, arrays, tmp_path / "ref")
+    with pytest.raises(Crash):
+        fit(["sae.architecture=topk"], {"x": 32}, arrays, tmp_path / "r", [CrashAt(12)])
+    assert (tmp_path / "r" / "last.ckpt").exists()
+    resumed = fit(["sae.architecture=topk"], {"x": 32}, arrays, tmp_path / "r")
+    assert_same(params(resumed.saes[0]), params(ref.saes[0]))
+
+
+def test_nan_stops_naming_step_and_site_and_keeps_the_last_state(arrays, tmp_path):
+    bad = {"x": arrays["x"].copy()}
+    rows = StepBatches(bad, 256, seed=0).rows(7)
+    bad["x"][rows[0]] = np.nan
+    with pytest.raises(SfcdError, match=r"site x at training step 7.*last good training state is kept"):
+        fit(["sae.architecture=relu"], {"x": 32}, bad, tmp_path)
+    state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_unknown_architecture_and_sweep_key():
+    with pytest.raises(ConfigError, match="unknown SAE architecture 'gated'"):
+        make_specs(compose(["sae.architecture=gated"]).sae, {"x": 4})
+    with pytest.raises(ConfigError, match="cannot be swept"):
+        make_specs(compose(["+sae.sweep.batch_size=[1,2]"]).sae, {"x": 4})
+
+
+def test_sae_stage_on_a_checkpoint(test_run):
+    from sfcd.paths import RunDir
+    from sfcd.sae.stage import train_saes
+
+    cfg = compose(["experiment=test", f"run_dir={test_run.run_dir}", "sae.sites=[resid.0,mlp.1]", "sae.cache=true"])
+    folders = train_saes(cfg)
+    run = RunDir(test_run.run_dir)
+    assert [f.name for f in folders] == ["resid.0", "mlp.1"]
+    for f in folders:
+        m = json.loads((f / "metrics.json").read_text())
+        for key in (
+            "l0",
+            "fve",
+            "mse",
+            "cosine",
+            "l2_ratio",
+            "ce_loss_score",
+            "kl_score",
+            "ce_clean",
+            "ce_sae",
+            "ce_zero",
+            "dead_fraction",
+            "below_1e-5",
+            "below_1e-6",
+        ):
+            assert key in m and np.isfinite(m[key]), key
+        assert m["l0"] <= 8 + 1e-6 and m["ce_zero"] > m["ce_clean"]
+        assert (f / "sparsity.safetensors").exists() and (f / "density.png").stat().st_size > 1000
+        assert load_sae(f).d_sae == 4 * 32
+    manifest = json.loads((run.root / "activations" / "step24" / "resid.0" / "manifest.json").read_text())
+    assert manifest["count"] == 8192 and manifest["d"] == 32 and manifest["step"] == 24
+    assert not (run.root / "saes" / "step24" / ".train").exists()
+    before = (folders[0] / "sae_weights.safetensors").stat().st_mtime_ns
+    train_saes(cfg)  # complete: skipped
+    assert (folders[0] / "sae_weights.safetensors").stat().st_mtime_ns == before
+
+
+def test_sae_stage_errors(test_run, tmp_path):
+    from sfcd.models.loading import load_model
+    from sfcd.models.sites import parse_site
+    from sfcd.sae.stage import check_sae_fits, train_saes
+
+    with pytest.raises(ConfigError, match="unknown site 'resid.9'"):
+        train_saes(compose(["experiment=test", f"run_dir={test_run.run_dir}", "sae.sites=[resid.9]"]))
+    model = load_model(test_run.run_dir)
+    sae = load_sae(tmp_path_sae(test_run))
+    with pytest.raises(InputError, match="site mlp_act.0 of this model is 64-dimensional"):
+        check_sae_fits(sae, model, parse_site("mlp_act.0", model))
+    np.save(tmp_path / "acts.npy", np.ones((10, 4, 2), dtype=np.float32))
+    with pytest.raises(InputError, match="rank 3"):
+        train_saes(compose(["experiment=test", f"run_dir={tmp_path}", f"sae.activations={tmp_path / 'acts.npy'}"]))
+
+
+def tmp_path_sae(test_run):
+    from sfcd.paths import RunDir
+
+    return RunDir(test_run.run_dir).root / "saes" / "step24" / "resid.0"
+
+
+def test_sae_from_a_plain_activation_file(tmp_path):
+    from sfcd.sae.stage import train_saes
+
+    acts, _ = make_data(n=6000, d=16, n_dirs=24, seed=2)
+    np.save(tmp_path / "acts.npy", acts)
+    cfg = compose(
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"sae.activations={tmp_path / 'acts.npy'}",
+            "sae.batch_size=500",
+            "sae.expansion=2",
+            "sae.k=3",
+        ]
+    )
+    (folder,) = train_saes(cfg)
+    m = json.loads((folder / "metrics.json").read_text())
+    assert folder.parent.name == "file-acts" and m["d_in"] == 16 and m["d_sae"] == 32
+    assert "ce_loss_score" not in m and 0 < m["fve"] <= 1
