@@ -34,6 +34,19 @@ def sae(cfg: DictConfig) -> None:
         print(f"SAE: {folder}")
 
 
+def reference(cfg: DictConfig) -> None:
+    """The one-layer reference (use experiment=one_layer_reference): 1l model, its SAEs, a comparison table."""
+    from sfcd.models.train import train_model
+    from sfcd.sae.reference import write_comparison
+    from sfcd.sae.stage import train_saes
+
+    train_model(cfg)  # skipped when complete
+    folders = train_saes(cfg)
+    md = write_comparison(folders, folders[0].parent)
+    print(md.read_text())
+    print(f"comparison: {md}")
+
+
 def eval(cfg: DictConfig) -> None:  # noqa: A001 - the stage's name
     """Score a checkpoint (step=N; a run's or model.source's) on task files: agreement and induction."""
     import json

@@ -32,7 +32,7 @@ def test_saelens_round_trip_folds_the_scale(arch, tmp_path):
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
     assert cfg["normalize_activations"] == "none" and cfg["metadata"]["sae_lens_version"] >= "6.0.0"
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
-    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
+    assert cfg["architecture"] == (sae.saelens_architecture or arch) in ("standard", "topk", "jumprelu")
     loaded = load_sae(tmp_path / "s")
     assert float(loaded.scale) == 1.0
     with torch.no_grad():

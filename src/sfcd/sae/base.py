@@ -20,6 +20,7 @@ class SAE(nn.Module):
     saelens_architecture: ClassVar[str] = ""
     apply_b_dec_to_input: ClassVar[bool] = False
     unit_norm_decoder: ClassVar[bool] = False
+    normalize_input: ClassVar[bool] = True  # train on x scaled to E||x|| = sqrt(d_in)
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, **hparams: Any):
         super().__init__()
@@ -101,10 +102,6 @@ class SAE(nn.Module):
             **extra_cfg,
         }
         return cfg, {**tensors, **{k: v.clone() for k, v in extra_tensors.items()}}
-
-
-def decoder_norm_weighted_l1(f: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    return (f * W_dec.norm(dim=1)).sum(-1).mean()
 
 
 def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,12 @@ from sfcd.errors import ConfigError
 from sfcd.sae.base import SAE
 from sfcd.sae.batchtopk import BatchTopKSAE
 from sfcd.sae.jumprelu import JumpReLUSAE
-from sfcd.sae.relu import ReLUSAE
+from sfcd.sae.relu import ReferenceReLUSAE, ReLUSAE
 from sfcd.sae.topk import TopKSAE
 
-ARCHITECTURES: dict[str, type[SAE]] = {c.architecture: c for c in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE)}
+ARCHITECTURES: dict[str, type[SAE]] = {
+    c.architecture: c for c in (ReLUSAE, ReferenceReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE)
+}
 
 
 def sae_class(name: str) -> type[SAE]:

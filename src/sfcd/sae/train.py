@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 #: config keys that are hyperparameters of an SAE (passed to its class), by architecture
 HPARAMS = {
     "relu": ("l1_coeff", "l1_warmup", "resample_every", "dead_tokens"),
+    "relu_reference": ("l1_coeff", "resample_every", "dead_tokens"),
     "topk": ("k", "aux_coeff", "dead_tokens"),
     "batchtopk": ("k", "aux_coeff", "dead_tokens"),
     "jumprelu": ("l0_coeff", "bandwidth", "threshold_init"),
@@ -123,7 +124,8 @@ class SAEModule(L.LightningModule):
                 raise SfcdError(
                     f"activations at {spec.site} have mean norm {norm}; cannot scale them (all zero, NaN or inf?)"
                 )
-            sae.scale.fill_(math.sqrt(spec.d_in) / norm)
+            if sae.normalize_input:
+                sae.scale.fill_(math.sqrt(spec.d_in) / norm)
             if sae.apply_b_dec_to_input:
                 sae.b_dec.copy_(geometric_median(sample[:4096] * sae.scale))
 
