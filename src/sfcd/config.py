@@ -119,6 +119,21 @@ class SAEConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    saes: list[str] = field(default_factory=lambda: ["all"])  # SAE names under saes/step<N>/, or "all"
+    n_tokens: int = 65_536  # held-out tokens streamed through each SAE
+    top_k: int = 10  # top activating contexts per feature
+    quantile_contexts: int = 5  # contexts from lower quantiles per feature
+    sample: int = 40  # random firings kept per feature (the pool the quantile contexts come from)
+    window_left: int = 12  # tokens shown before the activating token
+    window_right: int = 4  # tokens shown after it
+    logit_k: int = 10  # promoted / suppressed tokens listed
+    batch: int = 16  # sequences per forward pass
+    ultra_low: float = 1.0e-4  # density below which a live feature belongs to the ultra-low-density group
+    token_feature: float = 0.9  # share of firings on one token that marks a token feature
+
+
+@dataclass
 class SfcdConfig:
     name: str = "demo"  # the experiment's name; the default run directory is runs/<name>
     run_dir: str = "runs/${name}"  # where every artifact of the study lives
@@ -130,6 +145,7 @@ class SfcdConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
 
 def register() -> None:

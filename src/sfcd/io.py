@@ -13,6 +13,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp makes 0600)
+_DIR_MODE = 0o777 & ~_umask()  # what mkdir would give a new folder (mkdtemp makes 0700)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it is renamed onto ``path``, on error removed."""
@@ -23,6 +33,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -36,9 +47,10 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     return Path(path)
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON (indented unless ``indent=None``), atomically."""
+    separators = None if indent is not None else (",", ":")
+    return write_text(path, json.dumps(obj, indent=indent, separators=separators) + "\n")
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -80,6 +92,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
         if path.exists():

@@ -34,6 +34,14 @@ def sae(cfg: DictConfig) -> None:
         print(f"SAE: {folder}")
 
 
+def features(cfg: DictConfig) -> None:
+    """Feature statistics, top contexts, logit effects and an offline dashboard for a checkpoint's SAEs."""
+    from sfcd.features.stage import build_features
+
+    for folder in build_features(cfg):
+        print(f"features: {folder / 'index.html'}")
+
+
 def reference(cfg: DictConfig) -> None:
     """The one-layer reference (use experiment=one_layer_reference): 1l model, its SAEs, a comparison table."""
     from sfcd.models.train import train_model
@@ -57,19 +65,24 @@ def eval(cfg: DictConfig) -> None:  # noqa: A001 - the stage's name
 
 
 def demo(cfg: DictConfig) -> None:
-    """The whole study on the embedded default (so far: corpus and model)."""
+    """The whole study on the embedded default (so far: corpus, model, SAEs at the last checkpoint)."""
     from sfcd.models.train import train_model
+    from sfcd.sae.stage import train_saes
 
     run = train_model(cfg)
+    folders = train_saes(cfg)
     print(f"demo run directory: {run.root}")
     print(f"  model checkpoints: {run.model} (steps {run.model_steps()})")
     print(f"  training curves:  {run.train_log} and {run.model / 'train_log.png'}")
+    print(f"  SAEs:             {folders[0].parent} ({', '.join(f.name for f in folders)}; metrics.json in each)")
 
 
 STAGES: dict[str, Callable[[DictConfig], None]] = {
     "corpus": corpus,
     "model": model,
     "sae": sae,
+    "features": features,
+    "reference": reference,
     "eval": eval,
     "demo": demo,
 }

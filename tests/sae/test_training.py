@@ -92,12 +92,12 @@ def test_unknown_architecture_and_sweep_key():
         make_specs(compose(["+sae.sweep.batch_size=[1,2]"]).sae, {"x": 4})
 
 
-def test_sae_stage_on_a_checkpoint(test_run):
+def test_sae_stage_on_a_checkpoint(test_run, test_saes):
     from sfcd.paths import RunDir
     from sfcd.sae.stage import train_saes
 
     cfg = compose(["experiment=test", f"run_dir={test_run.run_dir}", "sae.sites=[resid.0,mlp.1]", "sae.cache=true"])
-    folders = train_saes(cfg)
+    folders = test_saes
     run = RunDir(test_run.run_dir)
     assert [f.name for f in folders] == ["resid.0", "mlp.1"]
     for f in folders:
@@ -129,7 +129,7 @@ def test_sae_stage_on_a_checkpoint(test_run):
     assert (folders[0] / "sae_weights.safetensors").stat().st_mtime_ns == before
 
 
-def test_sae_stage_errors(test_run, tmp_path):
+def test_sae_stage_errors(test_run, test_saes, tmp_path):
     from sfcd.models.loading import load_model
     from sfcd.models.sites import parse_site
     from sfcd.sae.stage import check_sae_fits, train_saes
@@ -137,18 +137,12 @@ def test_sae_stage_errors(test_run, tmp_path):
     with pytest.raises(ConfigError, match="unknown site 'resid.9'"):
         train_saes(compose(["experiment=test", f"run_dir={test_run.run_dir}", "sae.sites=[resid.9]"]))
     model = load_model(test_run.run_dir)
-    sae = load_sae(tmp_path_sae(test_run))
+    sae = load_sae(test_saes[0])
     with pytest.raises(InputError, match="site mlp_act.0 of this model is 64-dimensional"):
         check_sae_fits(sae, model, parse_site("mlp_act.0", model))
     np.save(tmp_path / "acts.npy", np.ones((10, 4, 2), dtype=np.float32))
     with pytest.raises(InputError, match="rank 3"):
         train_saes(compose(["experiment=test", f"run_dir={tmp_path}", f"sae.activations={tmp_path / 'acts.npy'}"]))
-
-
-def tmp_path_sae(test_run):
-    from sfcd.paths import RunDir
-
-    return RunDir(test_run.run_dir).root / "saes" / "step24" / "resid.0"
 
 
 def test_sae_from_a_plain_activation_file(tmp_path):

@@ -13,6 +13,8 @@ from sfcd.paths import RunDir
 
 log = logging.getLogger(__name__)
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -85,4 +87,11 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], step: int | None = None
     """The tokenizer that belongs with :func:`load_model`'s model."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, resolve(name_or_path, step), "tokenizer")
+    source = resolve(name_or_path, step)
+    if source.is_local and not any((Path(source.path) / f).exists() for f in TOKENIZER_FILES):
+        # AutoTokenizer would quietly build an empty tokenizer from config.json alone
+        raise MissingArtifactError(
+            f"no tokenizer in {source.path}: none of {list(TOKENIZER_FILES)} is there; "
+            "save the tokenizer beside the model (tokenizer.save_pretrained)"
+        )
+    return _from_pretrained(AutoTokenizer, source, "tokenizer")

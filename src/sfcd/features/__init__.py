@@ -1,0 +1,1 @@
+"""Feature investigation: statistics, top activating contexts, logit effects, dashboards."""

@@ -1,0 +1,115 @@
+"""Feature statistics against brute force, the features stage and its files, the notebook API, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sfcd.activations.harvest import token_windows
+from sfcd.config import compose
+from sfcd.data.tokens import read_tokens
+from sfcd.errors import MissingArtifactError
+from sfcd.features import api
+from sfcd.features.collect import HIST_BINS, collect, feature_acts
+from sfcd.features.stage import build_features
+from sfcd.models.loading import load_model
+from sfcd.models.sites import parse_site
+from sfcd.paths import RunDir
+from sfcd.sae.io import load_sae
+
+
+def test_streaming_statistics_equal_brute_force(test_run, test_saes):
+    run = RunDir(test_run.run_dir)
+    model, sae = load_model(run.root), load_sae(test_saes[1])  # mlp.1
+    site = parse_site("mlp.1", model)
+    windows = token_windows(read_tokens(run.tokens("val")), 32, 40)
+    stats = collect(model, site, sae, windows, top_k=4, sample=8, batch=7)  # batches that do not divide evenly
+    acts = feature_acts(model, site, sae, torch.from_numpy(windows)).flatten(0, 1)
+    assert stats.n_tokens == acts.shape[0]
+    assert torch.equal(stats.counts, (acts > 0).sum(0))
+    torch.testing.assert_close(stats.maxs, acts.max(0).values)
+    torch.testing.assert_close(stats.mean_act, acts.sum(0) / (acts > 0).sum(0).clamp_min(1), rtol=1e-4, atol=1e-5)
+    top = acts.topk(4, dim=0)
+    torch.testing.assert_close(stats.top_vals, top.values.t())
+    firing = stats.top_vals > 0  # the stored positions hold those values (ties may pick other equal positions)
+    cols = torch.arange(sae.d_sae)[:, None].expand_as(stats.top_pos)
+    torch.testing.assert_close(acts[stats.top_pos[firing], cols[firing]], stats.top_vals[firing])
+    assert torch.equal(stats.hist.sum(1), stats.counts) and stats.hist.shape[1] == HIST_BINS
+    # the sample holds real firings of its feature, no more than the feature has
+    for f in range(0, sae.d_sae, 17):
+        ok = stats.sample_pos[f] >= 0
+        assert int(ok.sum()) == min(8, int(stats.counts[f]))
+        torch.testing.assert_close(stats.sample_vals[f][ok], acts[stats.sample_pos[f][ok], f])
+
+
+def test_features_stage_writes_stats_dashboard_and_api(test_features, test_run):
+    folders = test_features
+    assert [f.name for f in folders] == ["mlp.1", "resid.0"]
+    data = json.loads((folders[1] / "features.json").read_text())
+    feats = data["features"]
+    assert len(feats) == 128 and data["summary"]["site"] == "resid.0"
+    live = [f for f in feats if "dead" not in f["flags"]]
+    assert live and all(f["density"] > 0 for f in live)
+    assert all(f["density"] == 0 and not f["top"] for f in feats if "dead" in f["flags"])
+    f = max(live, key=lambda r: r["max"])
+    top = f["top"][0]
+    assert top["acts"][top["at"]] == pytest.approx(f["max"], rel=1e-4)  # the window's marked token is the max
+    assert len(f["top"]) <= 5 and len(f["samples"]) <= 3 and len(f["logits_pos"]) == 10
+    assert [v for _, v in f["logits_pos"]] == sorted((v for _, v in f["logits_pos"]), reverse=True)
+    rec = api.feature(test_run.run_dir, 24, "resid.0", f["id"])
+    assert rec["top"][0]["tokens"][rec["top"][0]["at"]] == data["tokens"][str(top["ids"][top["at"]])]
+    assert api.summary(test_run.run_dir, 24, "resid.0")["d_sae"] == 128
+    with pytest.raises(MissingArtifactError, match="out of range"):
+        api.feature(test_run.run_dir, 24, "resid.0", 999)
+    html = (folders[1] / "index.html").read_text()
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
+
+
+def test_token_feature_and_cluster_flags():
+    from omegaconf import OmegaConf
+
+    from sfcd.features.collect import FeatureStats
+    from sfcd.features.stage import cluster_summary, feature_records
+    from sfcd.sae.topk import TopKSAE
+
+    F, windows = 3, np.array([[5, 5, 7, 5, 5, 9]])
+    stats = FeatureStats(
+        6,
+        torch.tensor([5, 0, 1]),
+        torch.ones(3),
+        torch.ones(3),
+        torch.zeros(3, HIST_BINS, dtype=torch.long),
+        torch.zeros(3, 1),
+        torch.full((3, 1), -1),
+        torch.ones(3, 5),
+        torch.tensor([[0, 1, 3, 4, 5], [-1] * 5, [2, -1, -1, -1, -1]]),
+    )
+    fc = OmegaConf.create({"ultra_low": 0.1, "token_feature": 0.8, "top_k": 1, "quantile_contexts": 0})
+    logits = [torch.zeros(F, 1, dtype=torch.long)] * 2 + [torch.zeros(F, 1)] * 2
+    logits = (logits[0], logits[2], logits[1], logits[3])
+    recs, _ = feature_records(stats, {}, logits, lambda i: f"t{i}", windows, fc)
+    assert recs[0]["flags"] == ["token: t5"]  # 4 of 5 sampled firings on token 5
+    assert recs[1]["flags"] == ["dead"] and recs[2]["flags"] == []
+    sae = TopKSAE(4, 20, k=2)
+    with torch.no_grad():  # 12 of 20 features share one encoder direction and fire rarely
+        sae.W_enc[:, :12] = torch.tensor([1.0, 0.1, 0, 0])[:, None] + 0.05 * torch.randn(4, 12)
+    density = torch.cat([torch.full((12,), 1e-5), torch.full((8,), 0.1)])
+    s = cluster_summary(sae, density, 1e-4)
+    assert s["cluster"] and s["ultra_low"] == 12 and s["ultra_low_cos_to_mean"] > 0.9
+
+
+def test_features_errors(test_run, test_saes, tmp_path):
+    import shutil
+
+    # a checkpoint with no SAEs
+    with pytest.raises(MissingArtifactError, match="no trained SAEs"):
+        build_features(compose(["experiment=test", f"run_dir={test_run.run_dir}", "step=8"]))
+    # a missing tokenizer
+    run = RunDir(test_run.run_dir)
+    copy = tmp_path / "copy"
+    shutil.copytree(run.root, copy, ignore=shutil.ignore_patterns("activations", "last.ckpt"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (copy / "model" / "step24" / name).unlink()
+    with pytest.raises(MissingArtifactError, match="no tokenizer in"):
+        build_features(compose(["experiment=test", f"run_dir={copy}"]))
