@@ -134,6 +134,27 @@ class FeaturesConfig:
 
 
 @dataclass
+class CircuitConfig:
+    task: str = "nounpp"  # a task name of the run (corpus/tasks/<task>_<split>.jsonl) or a JSON-lines file
+    split: str = "train"  # the run's split the circuit is found on (evaluation uses the other split when present)
+    method: str = "ig"  # node effects: attrib | ig | exact
+    steps: int = 10  # integrated-gradients steps
+    aggregation: str = "sum"  # sum (over positions, mean over examples) | none (per position)
+    node_threshold: float = 0.1  # |effect| above which a node is in the circuit
+    edge_threshold: float = 0.01  # |weight| above which an edge is drawn
+    n_examples: int = 100  # pairs used
+    batch_size: int = 32  # pairs per batch
+    sites: list[str] = field(default_factory=lambda: ["all"])  # dictionary sites ("all": embed + attn/mlp/resid)
+    dictionary: str = "sae"  # sae | neurons (identity dictionaries: the neuron baseline)
+    error_nodes: bool = True  # false: circuits without error nodes (they are always ablated)
+    edges: bool = True  # compute edges between circuit nodes
+    reference_edges: bool = False  # compute edges with one backward per (example, position, node), to check
+    ablation: str = "mean"  # mean (over the patch batch) | zero | resample
+    sweep_points: int = 15  # node thresholds in logspace(-4, 0) for the faithfulness curve
+    baselines: bool = True  # also sweep neurons and no-error-node circuits for the curve
+
+
+@dataclass
 class SfcdConfig:
     name: str = "demo"  # the experiment's name; the default run directory is runs/<name>
     run_dir: str = "runs/${name}"  # where every artifact of the study lives
@@ -146,6 +167,7 @@ class SfcdConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    circuit: CircuitConfig = field(default_factory=CircuitConfig)
 
 
 def register() -> None:

@@ -42,6 +42,14 @@ def features(cfg: DictConfig) -> None:
         print(f"features: {folder / 'index.html'}")
 
 
+def circuit(cfg: DictConfig) -> None:
+    """A sparse feature circuit for a task at a checkpoint: node/edge effects, faithfulness, pictures."""
+    from sfcd.circuits.stage import find_circuit
+
+    out = find_circuit(cfg)
+    print(f"circuit: {out / 'circuit.json'} (picture {out / 'circuit.svg'}, curve {out / 'faithfulness.png'})")
+
+
 def reference(cfg: DictConfig) -> None:
     """The one-layer reference (use experiment=one_layer_reference): 1l model, its SAEs, a comparison table."""
     from sfcd.models.train import train_model
@@ -65,16 +73,19 @@ def eval(cfg: DictConfig) -> None:  # noqa: A001 - the stage's name
 
 
 def demo(cfg: DictConfig) -> None:
-    """The whole study on the embedded default (so far: corpus, model, SAEs at the last checkpoint)."""
+    """The whole study on the embedded default (so far: corpus, model, SAEs and features at the last step)."""
+    from sfcd.features.stage import build_features
     from sfcd.models.train import train_model
     from sfcd.sae.stage import train_saes
 
     run = train_model(cfg)
-    folders = train_saes(cfg)
+    saes = train_saes(cfg)
+    pages = build_features(cfg)
     print(f"demo run directory: {run.root}")
     print(f"  model checkpoints: {run.model} (steps {run.model_steps()})")
     print(f"  training curves:  {run.train_log} and {run.model / 'train_log.png'}")
-    print(f"  SAEs:             {folders[0].parent} ({', '.join(f.name for f in folders)}; metrics.json in each)")
+    print(f"  SAEs:             {saes[0].parent} ({', '.join(f.name for f in saes)}; metrics.json in each)")
+    print(f"  dashboards:       {pages[0].parent}/<sae>/index.html (open in a browser, no network needed)")
 
 
 STAGES: dict[str, Callable[[DictConfig], None]] = {
@@ -82,6 +93,7 @@ STAGES: dict[str, Callable[[DictConfig], None]] = {
     "model": model,
     "sae": sae,
     "features": features,
+    "circuit": circuit,
     "reference": reference,
     "eval": eval,
     "demo": demo,

@@ -195,6 +195,12 @@ def build_features(cfg: DictConfig) -> list[Path]:
     for sae_dir in saes:
         site_name = read_json(sae_dir / "metrics.json").get("site", sae_dir.name.split("@")[0])
         out = run.root / "features" / f"step{step}" / sae_dir.name
+        if (out / "index.html").exists() and (out / "index.html").stat().st_mtime >= (
+            sae_dir / "metrics.json"
+        ).stat().st_mtime:
+            log.info("features of %s are complete; skipping", sae_dir.name)  # index.html is written last
+            written.append(out)
+            continue
         summary = investigate(
             model,
             tokenizer,

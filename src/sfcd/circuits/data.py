@@ -1,0 +1,65 @@
+"""Task pairs as tensors: batches of equal-length clean/patch prefixes with their answer ids."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from sfcd.data.tasks import Task
+from sfcd.errors import InputError
+
+
+@dataclass
+class PairBatch:
+    clean: torch.Tensor  # [B, T]
+    patch: torch.Tensor | None  # [B, T], None for nopair tasks
+    clean_answer: torch.Tensor  # [B]
+    patch_answer: torch.Tensor | None  # [B]
+
+    @property
+    def nopair(self) -> bool:
+        return self.patch is None
+
+    def __len__(self) -> int:
+        return self.clean.shape[0]
+
+
+def batches(task: Task, n: int, batch_size: int, same_length: bool = False) -> list[PairBatch]:
+    """Up to ``n`` pairs of ``task`` in batches of one prefix length each (``same_length``: only the most
+    common length, as per-position aggregation needs)."""
+    if not task.pairs:
+        raise InputError(f"{task.summary()}: no usable pairs")
+    nopair = {p.patch_ids is None for p in task.pairs}
+    if len(nopair) > 1:
+        raise InputError(f"task {task.name} mixes pairs with and without patch prefixes; split it into two files")
+    groups: dict[int, list] = defaultdict(list)
+    for p in task.pairs[:n] if not same_length else task.pairs:
+        groups[len(p.clean_ids)].append(p)
+    if same_length:
+        length = max(groups, key=lambda k: len(groups[k]))
+        groups = {length: groups[length][:n]}
+    out = []
+    for _, pairs in sorted(groups.items()):
+        for b in range(0, len(pairs), batch_size):
+            chunk = pairs[b : b + batch_size]
+            has_patch = chunk[0].patch_ids is not None
+            out.append(
+                PairBatch(
+                    torch.tensor([p.clean_ids for p in chunk]),
+                    torch.tensor([p.patch_ids for p in chunk]) if has_patch else None,
+                    torch.tensor([p.clean_answer for p in chunk]),
+                    torch.tensor([p.patch_answer for p in chunk]) if has_patch else None,
+                )
+            )
+    return out
+
+
+def metric(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """m per example: logit[patch answer] - logit[clean answer] (nopair: -logit[answer])."""
+    rows = torch.arange(len(batch))
+    m = -logits[rows, batch.clean_answer]
+    if not batch.nopair:
+        m = m + logits[rows, batch.patch_answer]
+    return m

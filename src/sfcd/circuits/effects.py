@@ -1,0 +1,195 @@
+"""Node effects (indirect effects of features and error nodes on the metric) and edge effects between sites.
+
+Per batch, for every site: the clean and patch values of (f, err), the gradient of the metric at them (at the
+clean input for ``attrib``, averaged over the interpolation path for ``ig``), and the effects
+``grad . (patch - clean)``; ``exact`` patches one node at a time and reruns. Edges follow the reference's
+rules for parallel-attention blocks, with stop-gradients at the intermediate sites.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sfcd.circuits.data import PairBatch, metric
+from sfcd.circuits.splice import Splice, last_logits
+from sfcd.errors import ConfigError
+from sfcd.models.sites import Site
+
+METHODS = ("attrib", "ig", "exact")
+
+
+@dataclass
+class SiteEffects:
+    """One site, one batch: values, deltas, gradients and effects, each [B, T, F] (errors: [B, T, d])."""
+
+    f_clean: torch.Tensor
+    err_clean: torch.Tensor
+    delta_f: torch.Tensor
+    delta_err: torch.Tensor
+    grad_f: torch.Tensor | None
+    grad_err: torch.Tensor | None
+    ie_f: torch.Tensor  # [B, T, F]
+    ie_err: torch.Tensor  # [B, T]
+
+
+def site_values(model, dicts: dict[Site, nn.Module], x: torch.Tensor) -> dict[Site, tuple[torch.Tensor, torch.Tensor]]:
+    """(f, err) at every site on input ``x`` (no gradients)."""
+    sp = Splice(dicts)
+    with torch.no_grad(), sp.applied(model):
+        model(x)
+    return {s: (st.f, st.err) for s, st in sp.states.items()}
+
+
+def _grads_at(model, dicts, batch: PairBatch, sites: list[Site], values: dict, reps: int = 1) -> dict:
+    """Gradients of the summed metric with respect to (f, err) at ``sites``, set to ``values``, as leaves."""
+    sp = Splice(dicts, leaves=set(sites), values=values)
+    x = batch.clean.repeat(reps, 1)
+    rep = PairBatch(
+        x,
+        None if batch.nopair else batch.patch.repeat(reps, 1),
+        batch.clean_answer.repeat(reps),
+        None if batch.nopair else batch.patch_answer.repeat(reps),
+    )
+    with sp.applied(model):
+        m = metric(last_logits(model, x), rep).sum()
+        leaves = [t for s in sites for t in (sp.states[s].f, sp.states[s].err)]
+        grads = torch.autograd.grad(m, leaves)
+    return {s: (grads[2 * i], grads[2 * i + 1]) for i, s in enumerate(sites)}
+
+
+def node_effects(
+    model,
+    dicts: dict[Site, nn.Module],
+    batch: PairBatch,
+    method: str = "ig",
+    steps: int = 10,
+) -> dict[Site, SiteEffects]:
+    """Indirect effects of every feature and error node at every site, for one batch."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown circuit method {method!r}; expected one of {list(METHODS)}")
+    sites = list(dicts)
+    clean = site_values(model, dicts, batch.clean)
+    if batch.nopair:  # zero ablation is the patch
+        patch = {s: (torch.zeros_like(f), torch.zeros_like(e)) for s, (f, e) in clean.items()}
+    else:
+        patch = site_values(model, dicts, batch.patch)
+    out: dict[Site, SiteEffects] = {}
+    deltas = {s: (patch[s][0] - clean[s][0], patch[s][1] - clean[s][1]) for s in sites}
+    if method == "attrib":
+        grads = _grads_at(model, dicts, batch, sites, {s: clean[s] for s in sites})
+    elif method == "ig":
+        grads = {}
+        B = len(batch)
+        alphas = torch.arange(steps, dtype=torch.float32) / steps  # 0, 0.1, ..., 0.9
+        for s in sites:  # each site separately: the others run as in the clean forward
+            a = alphas.repeat_interleave(B).view(-1, 1, 1)
+            fc, ec = clean[s][0].repeat(steps, 1, 1), clean[s][1].repeat(steps, 1, 1)
+            df, de = deltas[s][0].repeat(steps, 1, 1), deltas[s][1].repeat(steps, 1, 1)
+            g = _grads_at(model, {s: dicts[s]}, batch, [s], {s: (fc + a * df, ec + a * de)}, reps=steps)[s]
+            grads[s] = (g[0].view(steps, B, *g[0].shape[1:]).mean(0), g[1].view(steps, B, *g[1].shape[1:]).mean(0))
+    else:
+        grads = {s: (None, None) for s in sites}
+    for s in sites:
+        df, de = deltas[s]
+        if method == "exact":
+            ie_f, ie_err = _exact(model, dicts, batch, s, clean[s], patch[s])
+        else:
+            ie_f, ie_err = grads[s][0] * df, (grads[s][1] * de).sum(-1)
+        out[s] = SiteEffects(clean[s][0], clean[s][1], df, de, grads[s][0], grads[s][1], ie_f, ie_err)
+    return out
+
+
+@torch.no_grad()
+def _exact(model, dicts, batch: PairBatch, s: Site, clean: tuple, patch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch one node (feature j at position t, or the error at t) from clean to patch value and rerun."""
+    fc, ec = clean
+    fp, ep = patch
+    m0 = metric(last_logits(model, batch.clean, Splice({s: dicts[s]}, values={s: clean})), batch)
+    ie_f = torch.zeros_like(fc)
+    ie_err = torch.zeros(fc.shape[:2])
+    T = fc.shape[1]
+    for t in range(T):
+        for j in ((fp[:, t] != fc[:, t]).any(0)).nonzero().flatten().tolist():
+            f = fc.clone()
+            f[:, t, j] = fp[:, t, j]
+            ie_f[:, t, j] = (
+                metric(last_logits(model, batch.clean, Splice({s: dicts[s]}, values={s: (f, ec)})), batch) - m0
+            )
+        e = ec.clone()
+        e[:, t] = ep[:, t]
+        ie_err[:, t] = metric(last_logits(model, batch.clean, Splice({s: dicts[s]}, values={s: (fc, e)})), batch) - m0
+    return ie_f, ie_err
+
+
+# ------------------------------------------------------------------------------------------------------- edges
+def edge_pairs(sites: list[Site]) -> list[tuple[Site, Site, set[Site]]]:
+    """(upstream, downstream, stop) for parallel-attention blocks; resid_{-1} is ``embed``. The stop sites
+    (where gradients are cut, so that paths through them do not count) need no dictionary."""
+    by_name = {s.name: s for s in sites}
+    pairs = []
+    for l in sorted({s.layer for s in sites if s.layer >= 0}):
+        prev = by_name.get("embed") if l == 0 else by_name.get(f"resid.{l - 1}")
+        attn, mlp, resid = (by_name.get(f"{k}.{l}") for k in ("attn", "mlp", "resid"))
+        a, m = Site(f"attn.{l}", "attn", l), Site(f"mlp.{l}", "mlp", l)
+        cand = [(prev, attn, set()), (prev, mlp, {a}), (prev, resid, {a, m}), (attn, resid, {m}), (mlp, resid, set())]
+        pairs += [(u, d, stop) for u, d, stop in cand if u is not None and d is not None]
+    return pairs
+
+
+def edge_effects(
+    model,
+    dicts: dict[Site, nn.Module],
+    batch: PairBatch,
+    up: Site,
+    down: Site,
+    stop: set[Site],
+    eff: dict[Site, SiteEffects],
+    down_nodes: list[int],
+    reference: bool = False,
+) -> torch.Tensor:
+    """Edge weights [len(down_nodes), F_up + 1] (last column: up's error node) summed over this batch's
+    examples and positions. ``down_nodes`` are feature indices of ``down``, with -1 for its error node.
+
+    Fast mode: one backward per downstream node of the summed scalar g_D . D_k (the sum over examples and
+    positions is linear). Reference mode: one backward per (example, position, downstream node).
+    """
+    sp = Splice(
+        {up: dicts[up], down: dicts[down]},
+        leaves={up},
+        values={up: (eff[up].f_clean, eff[up].err_clean)},
+        graph={down},
+        stop=stop,
+    )
+    with sp.applied(model):
+        model(batch.clean)
+        fu, eu = sp.states[up].f, sp.states[up].err
+        fd, ed = sp.states[down].f, sp.states[down].err
+        gd_f, gd_e = eff[down].grad_f, eff[down].grad_err
+        rows = []
+        for k in down_nodes:
+            if reference:
+                w = torch.zeros(fu.shape[-1] + 1)
+                B, T = fd.shape[:2]
+                for b in range(B):
+                    for t in range(T):
+                        scalar = (gd_e[b, t] * ed[b, t]).sum() if k < 0 else gd_f[b, t, k] * fd[b, t, k]
+                        w += _upstream_weights(scalar, fu, eu, eff[up])
+                rows.append(w)
+            else:
+                scalar = (gd_e * ed).sum() if k < 0 else (gd_f[..., k] * fd[..., k]).sum()
+                rows.append(_upstream_weights(scalar, fu, eu, eff[up]))
+    return torch.stack(rows) if rows else torch.zeros(0, fu.shape[-1] + 1)
+
+
+def _upstream_weights(scalar: torch.Tensor, fu: torch.Tensor, eu: torch.Tensor, up: SiteEffects) -> torch.Tensor:
+    if not scalar.requires_grad:
+        return torch.zeros(fu.shape[-1] + 1)
+    gf, ge = torch.autograd.grad(scalar, [fu, eu], retain_graph=True, allow_unused=True)
+    gf = torch.zeros_like(fu) if gf is None else gf
+    ge = torch.zeros_like(eu) if ge is None else ge
+    w_f = (gf * up.delta_f).sum((0, 1))
+    w_e = (ge * up.delta_err).sum()
+    return torch.cat([w_f, w_e.view(1)]).detach()

@@ -1,0 +1,267 @@
+"""The ``circuit`` stage: node effects, the circuit at a threshold, its edges, faithfulness and completeness over
+a sweep of thresholds (features, features without error nodes, neurons), written to
+``circuits/<task>/step<N>/``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sfcd.circuits.data import PairBatch, batches
+from sfcd.circuits.effects import METHODS, edge_effects, edge_pairs, node_effects
+from sfcd.circuits.evaluate import ABLATIONS, Faithfulness
+from sfcd.circuits.picture import draw_circuit, draw_curve
+from sfcd.circuits.splice import Identity
+from sfcd.data.tasks import load_task
+from sfcd.errors import ConfigError, MissingArtifactError
+from sfcd.io import read_json, save_safetensors, write_json
+from sfcd.models.eval_stage import task_path
+from sfcd.models.loading import load_model, load_tokenizer
+from sfcd.models.sites import Site, site_dim
+from sfcd.paths import RunDir
+from sfcd.sae.io import load_sae
+from sfcd.sae.stage import check_sae_fits, expand_sites
+
+log = logging.getLogger(__name__)
+
+
+def check_config(c: DictConfig) -> None:
+    for name in ("node_threshold", "edge_threshold"):
+        v = c[name]
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ConfigError(f"circuit.{name}={v} is out of range; expected a finite number >= 0")
+    if c.method not in METHODS:
+        raise ConfigError(f"unknown circuit.method {c.method!r}; expected one of {list(METHODS)}")
+    if c.aggregation not in ("sum", "none"):
+        raise ConfigError(f"unknown circuit.aggregation {c.aggregation!r}; expected sum or none")
+    if c.ablation not in ABLATIONS:
+        raise ConfigError(f"unknown circuit.ablation {c.ablation!r}; expected one of {list(ABLATIONS)}")
+    if c.dictionary not in ("sae", "neurons"):
+        raise ConfigError(f"unknown circuit.dictionary {c.dictionary!r}; expected sae or neurons")
+    if c.n_examples < 1 or c.batch_size < 1 or c.steps < 1:
+        raise ConfigError("circuit.n_examples, circuit.batch_size and circuit.steps must be >= 1")
+
+
+def load_dictionaries(run: RunDir, step: int, model, sites: list[Site], kind: str) -> dict[Site, torch.nn.Module]:
+    if kind == "neurons":
+        return {s: Identity(site_dim(model, s)) for s in sites}
+    folder = run.root / "saes" / f"step{step}"
+    missing = [s.name for s in sites if not (folder / s.name / "metrics.json").exists()]
+    if missing:
+        raise MissingArtifactError(
+            f"no SAEs for sites {missing} in {folder}; train them with "
+            f"`sfcd sae run_dir={run.root} step={step} sae.sites=[{','.join(missing)}]`"
+        )
+    dicts = {}
+    for s in sites:
+        sae = load_sae(folder / s.name)
+        check_sae_fits(sae, model, s)
+        dicts[s] = sae.eval()
+    return dicts
+
+
+def all_effects(model, dicts, bs: list[PairBatch], c: DictConfig) -> tuple[list[dict], dict, int]:
+    """Per-batch effects, and node effects aggregated: {site: (features [F] or [T, F], error [] or [T])}."""
+    per_batch = [node_effects(model, dicts, b, c.method, c.steps) for b in bs]
+    n = sum(len(b) for b in bs)
+    agg = {}
+    for s in dicts:
+        if c.aggregation == "sum":
+            f = sum(e[s].ie_f.sum((0, 1)) for e in per_batch) / n
+            err = sum(e[s].ie_err.sum() for e in per_batch) / n
+        else:
+            f = sum(e[s].ie_f.sum(0) for e in per_batch) / n
+            err = sum(e[s].ie_err.sum(0) for e in per_batch) / n
+        agg[s] = (f.detach(), err.detach())
+    return per_batch, agg, n
+
+
+def keep_masks(agg: dict, tau: float, error_nodes: bool) -> dict:
+    out = {}
+    for s, (f, err) in agg.items():
+        mask = f.abs() > tau
+        keep_err = bool(error_nodes and (err.abs() > tau).any())
+        out[s] = (mask, keep_err)
+    return out
+
+
+def n_nodes(keep: dict) -> int:
+    return sum(int(m.sum()) + int(e) for m, e in keep.values())
+
+
+def sweep(evaluator: Faithfulness, agg: dict, c: DictConfig, error_nodes: bool) -> list[dict]:
+    top = max([float(f.abs().max()) for f, _ in agg.values()] + [float(e.abs().max()) for _, e in agg.values()] + [1.0])
+    taus = np.logspace(-4, math.log10(top) + 0.01, c.sweep_points)
+    pts = []
+    for tau in taus:
+        keep = keep_masks(agg, float(tau), error_nodes)
+        r = evaluator(keep)
+        pts.append(
+            {
+                "threshold": float(tau),
+                "n_nodes": n_nodes(keep),
+                "faithfulness": r["faithfulness"],
+                "completeness": r["completeness"],
+            }
+        )
+    return pts
+
+
+def _labels(run: RunDir, step: int, site: str) -> dict[int, str]:
+    p = run.root / "features" / f"step{step}" / site / "features.json"
+    if not p.exists():
+        return {}
+    data = read_json(p)
+    tok = data["tokens"]
+    out = {}
+    for f in data["features"]:
+        if f["top"]:
+            c = f["top"][0]
+            out[f["id"]] = tok.get(str(c["ids"][c["at"]]), "")
+    return out
+
+
+def find_circuit(cfg: DictConfig) -> Path:
+    c = cfg.circuit
+    check_config(c)
+    run = RunDir(cfg.run_dir).require()
+    step = run.resolve_step(cfg.step)
+    model, tokenizer = load_model(run.root, step), load_tokenizer(run.root, step)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sites = sorted(expand_sites(list(c.sites), model), key=lambda s: s.order)
+    dicts = load_dictionaries(run, step, model, sites, c.dictionary)
+    path = task_path(run, c.task, c.split)
+    task = load_task(path, tokenizer, Path(c.task).stem)
+    log.info(task.summary())
+    same = c.aggregation == "none"
+    bs = batches(task, c.n_examples, c.batch_size, same)
+    other = run.task_file(c.task, "test" if c.split == "train" else "train")
+    eval_task = load_task(other, tokenizer, task.name) if other.exists() and not Path(c.task).exists() else task
+    eval_bs = batches(eval_task, c.n_examples, c.batch_size, same)
+
+    t0 = time.perf_counter()
+    per_batch, agg, n = all_effects(model, dicts, bs, c)
+    t_nodes = time.perf_counter() - t0
+    labels = {s: _labels(run, step, s.name) for s in sites} if c.dictionary == "sae" else {}
+    keep = keep_masks(agg, c.node_threshold, c.error_nodes)
+    nodes = []
+    for s in sites:
+        f, err = agg[s]
+        mask, keep_err = keep[s]
+        for idx in mask.nonzero().tolist():
+            feat, pos = (idx[0], None) if len(idx) == 1 else (idx[1], idx[0])
+            nid = f"{s.name}/{feat}" + ("" if pos is None else f"@{pos}")
+            nodes.append(
+                {
+                    "id": nid,
+                    "site": s.name,
+                    "feature": feat,
+                    "position": pos,
+                    "effect": float(f[tuple(idx)]),
+                    "label": labels.get(s, {}).get(feat, ""),
+                }
+            )
+        if keep_err:
+            nodes.append(
+                {
+                    "id": f"{s.name}/eps",
+                    "site": s.name,
+                    "feature": None,
+                    "position": None,
+                    "effect": float(err.sum()),
+                    "label": "",
+                }
+            )
+    edges, t_edges = [], 0.0
+    if c.edges:
+        t1 = time.perf_counter()
+        edges = circuit_edges(model, dicts, bs, per_batch, sites, keep, n, c.reference_edges)
+        t_edges = time.perf_counter() - t1
+        last = sites[-1]
+        edges += [{"from": nd["id"], "to": "y", "weight": nd["effect"]} for nd in nodes if nd["site"] == last.name]
+    evaluator = Faithfulness(model, dicts, eval_bs, c.ablation)
+    result = evaluator(keep)
+    curves = {"features": sweep(evaluator, agg, c, c.error_nodes)}
+    if c.baselines and c.dictionary == "sae":
+        curves["features, no error nodes"] = sweep(evaluator, agg, c, False)
+        neurons = load_dictionaries(run, step, model, sites, "neurons")
+        _, nagg, _ = all_effects(model, neurons, bs, c)
+        curves["neurons"] = sweep(Faithfulness(model, neurons, eval_bs, c.ablation), nagg, c, True)
+    needed = {k: min([p["n_nodes"] for p in v if p["faithfulness"] >= 0.8], default=None) for k, v in curves.items()}
+    meta = {
+        "task": task.name,
+        "task_file": str(path),
+        "step": step,
+        "method": c.method,
+        "aggregation": c.aggregation,
+        "node_threshold": c.node_threshold,
+        "edge_threshold": c.edge_threshold,
+        "dictionary": c.dictionary,
+        "error_nodes": c.error_nodes,
+        "ablation": c.ablation,
+        "n_examples": n,
+        "dropped": dict(task.dropped),
+        "F_M": result["F_M"],
+        "F_empty": result["F_empty"],
+        "F_C": result["F_C"],
+        "faithfulness": result["faithfulness"],
+        "completeness": result["completeness"],
+        "nodes_for_faithfulness_0.8": needed,
+        "seconds_node_effects": t_nodes,
+        "seconds_edges": t_edges,
+        "config": OmegaConf.to_container(c, resolve=True),
+    }
+    circuit = {"metadata": meta, "sites": [s.name for s in sites], "nodes": nodes, "edges": edges}
+    out = run.root / "circuits" / task.name / f"step{step}"
+    save_safetensors(
+        out / "node_effects.safetensors",
+        {f"{s.name}.{k}": v for s in sites for k, v in zip(("features", "error"), agg[s], strict=True)},
+    )
+    write_json(out / "faithfulness.json", curves)
+    draw_curve(curves, out / "faithfulness", f"{task.name} @ step {step}")
+    draw_circuit(circuit, out / "circuit", c.edge_threshold)
+    write_json(out / "circuit.json", circuit)  # last: marks the circuit complete
+    log.info(
+        "circuit %s @ step %d: %d nodes, %d edges, faithfulness %.3f, completeness %.3f",
+        task.name,
+        step,
+        len(nodes),
+        len(edges),
+        result["faithfulness"],
+        result["completeness"],
+    )
+    return out
+
+
+def circuit_edges(model, dicts, bs, per_batch, sites, keep, n: int, reference: bool) -> list[dict]:
+    """Edges between the circuit's nodes, summed over examples and positions, averaged over examples."""
+    out = []
+    for up, down, stop in edge_pairs(sites):
+        down_mask, down_err = keep[down]
+        up_mask, up_err = keep[up]
+        down_nodes = [int(i) for i in (down_mask.any(0) if down_mask.ndim == 2 else down_mask).nonzero().flatten()]
+        down_nodes += [-1] if down_err else []
+        up_feats = (up_mask.any(0) if up_mask.ndim == 2 else up_mask).nonzero().flatten().tolist()
+        if not down_nodes or not (up_feats or up_err):
+            continue
+        w = (
+            sum(
+                edge_effects(model, dicts, b, up, down, stop, eff, down_nodes, reference)
+                for b, eff in zip(bs, per_batch, strict=True)
+            )
+            / n
+        )
+        for r, k in enumerate(down_nodes):
+            to = f"{down.name}/{'eps' if k < 0 else k}"
+            for j in up_feats:
+                out.append({"from": f"{up.name}/{j}", "to": to, "weight": float(w[r, j])})
+            if up_err:
+                out.append({"from": f"{up.name}/eps", "to": to, "weight": float(w[r, -1])})
+    return out

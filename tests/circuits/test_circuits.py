@@ -1,0 +1,168 @@
+"""Sparse feature circuits on the test run's micro model and its resid.0 / mlp.1 SAEs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sfcd.circuits.data import batches
+from sfcd.circuits.effects import edge_effects, edge_pairs, node_effects
+from sfcd.circuits.evaluate import faithfulness
+from sfcd.circuits.splice import Identity, Splice, last_logits
+from sfcd.config import compose
+from sfcd.data.tasks import load_task
+from sfcd.errors import ConfigError, InputError, MissingArtifactError
+from sfcd.models.loading import load_model, load_tokenizer
+from sfcd.models.sites import parse_site
+from sfcd.paths import RunDir
+from sfcd.sae.io import load_sae
+
+
+@pytest.fixture(scope="module")
+def setup(test_run, test_saes):
+    run = RunDir(test_run.run_dir)
+    model, tok = load_model(run.root), load_tokenizer(run.root)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dicts = {parse_site(f.name, model): load_sae(f) for f in test_saes}  # resid.0, mlp.1
+    task = load_task(run.task_file("nounpp", "train"), tok)
+    return model, dicts, batches(task, 12, 12)
+
+
+def test_splicing_with_error_nodes_leaves_logits_unchanged(setup):
+    model, dicts, bs = setup
+    all_sites = dict(dicts)
+    all_sites[parse_site("attn.1", model)] = Identity(32)
+    with torch.no_grad():
+        a = last_logits(model, bs[0].clean)
+        b = last_logits(model, bs[0].clean, Splice(all_sites))
+    assert (a - b).abs().max().item() < 1e-5
+
+
+def test_ig_node_effects_correlate_with_exact(setup):
+    model, dicts, bs = setup
+    ig = node_effects(model, dicts, bs[0], "ig", steps=10)
+    ex = node_effects(model, dicts, bs[0], "exact")
+    x = torch.cat([ig[s].ie_f.sum(0).flatten() for s in dicts] + [ig[s].ie_err.sum(0) for s in dicts])
+    y = torch.cat([ex[s].ie_f.sum(0).flatten() for s in dicts] + [ex[s].ie_err.sum(0) for s in dicts])
+    nz = (x != 0) | (y != 0)
+    r = np.corrcoef(x[nz].numpy(), y[nz].numpy())[0, 1]
+    assert nz.sum() > 20 and r >= 0.9, f"Pearson {r:.3f} over {int(nz.sum())} nodes"
+    # attribution patching is the one-step estimate: it correlates too, and is not identical to IG
+    at = node_effects(model, dicts, bs[0], "attrib")
+    z = torch.cat([at[s].ie_f.sum(0).flatten() for s in dicts] + [at[s].ie_err.sum(0) for s in dicts])
+    assert not torch.allclose(z, x)
+
+
+def test_fast_edges_equal_the_reference_mode(setup):
+    model, dicts, bs = setup
+    eff = node_effects(model, dicts, bs[0], "ig")
+    ((up, down, stop),) = [p for p in edge_pairs(list(dicts)) if p[0].name == "resid.0" and p[1].name == "mlp.1"]
+    assert {s.name for s in stop} == {"attn.1"}
+    nodes = [int(i) for i in eff[down].ie_f.sum((0, 1)).abs().topk(4).indices] + [-1]
+    fast = edge_effects(model, dicts, bs[0], up, down, stop, eff, nodes)
+    ref = edge_effects(model, dicts, bs[0], up, down, stop, eff, nodes, reference=True)
+    assert fast.shape == (5, 129) and fast.abs().max() > 1e-3
+    assert (fast - ref).abs().max().item() < 1e-5
+
+
+def test_full_circuit_is_faithful_and_empty_is_not(setup):
+    model, dicts, bs = setup
+    everything = {s: (torch.ones(d.d_sae, dtype=torch.bool), True) for s, d in dicts.items()}
+    nothing = {s: (torch.zeros(d.d_sae, dtype=torch.bool), False) for s, d in dicts.items()}
+    for ablation in ("mean", "zero", "resample"):
+        full = faithfulness(model, dicts, bs, everything, ablation)
+        assert full["faithfulness"] == pytest.approx(1.0) and full["completeness"] == pytest.approx(0.0)
+        empty = faithfulness(model, dicts, bs, nothing, ablation)
+        assert empty["faithfulness"] == pytest.approx(0.0) and empty["completeness"] == pytest.approx(1.0)
+    assert abs(full["F_M"] - full["F_empty"]) > 1e-5  # ablating everything changes the metric
+
+
+def test_circuit_stage_end_to_end(test_run, test_saes):
+    from sfcd.circuits.stage import find_circuit
+
+    cfg = compose(
+        [
+            "experiment=test",
+            f"run_dir={test_run.run_dir}",
+            "circuit.sites=[resid.0,mlp.1]",
+            "circuit.n_examples=16",
+            "circuit.node_threshold=0.01",
+            "circuit.sweep_points=5",
+        ]
+    )
+    out = find_circuit(cfg)
+    c = json.loads((out / "circuit.json").read_text())
+    m = c["metadata"]
+    assert m["task"] == "nounpp" and m["step"] == 24 and m["n_examples"] == 16
+    assert len(c["nodes"]) >= 0 and all(abs(n["effect"]) > 0.01 for n in c["nodes"])
+    assert {"F_M", "F_empty", "faithfulness", "completeness"} <= set(m)
+    ids = {n["id"] for n in c["nodes"]} | {"y"}
+    assert all(e["from"] in ids and e["to"] in ids for e in c["edges"])
+    curves = json.loads((out / "faithfulness.json").read_text())
+    assert set(curves) == {"features", "features, no error nodes", "neurons"}
+    for ext in ("svg", "png"):
+        assert (out / f"circuit.{ext}").stat().st_size > 1000 and (out / f"faithfulness.{ext}").stat().st_size > 1000
+    assert (out / "circuit.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_nopair_task_and_neuron_dictionary(test_run, test_saes, tmp_path):
+    from sfcd.circuits.stage import find_circuit
+    from sfcd.io import write_jsonl
+
+    rows = [
+        {"clean_prefix": "The boy near the car", "clean_answer": " is"},
+        {"clean_prefix": "The boys near the car", "clean_answer": " are"},
+    ] * 4
+    write_jsonl(tmp_path / "nopair.jsonl", rows)
+    cfg = compose(
+        [
+            "experiment=test",
+            f"run_dir={test_run.run_dir}",
+            "circuit.sites=[resid.0,mlp.1]",
+            f"circuit.task={tmp_path / 'nopair.jsonl'}",
+            "circuit.dictionary=neurons",
+            "circuit.edges=false",
+            "circuit.sweep_points=3",
+        ]
+    )
+    c = json.loads((find_circuit(cfg) / "circuit.json").read_text())
+    assert c["metadata"]["dictionary"] == "neurons" and c["metadata"]["n_examples"] == 8
+    assert all(n["feature"] is None or n["feature"] < 32 for n in c["nodes"])  # neurons of a 32-wide stream
+
+
+def test_circuit_errors(test_run, test_saes, tmp_path):
+    from sfcd.circuits.stage import find_circuit
+    from sfcd.io import write_jsonl
+
+    base = ["experiment=test", f"run_dir={test_run.run_dir}"]
+    with pytest.raises(MissingArtifactError, match=r"no SAEs for sites \['embed', 'attn.0'"):
+        find_circuit(compose(base))
+    with pytest.raises(ConfigError, match="node_threshold=-1.0 is out of range"):
+        find_circuit(compose([*base, "circuit.node_threshold=-1"]))
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(
+        bad,
+        [
+            {
+                "clean_prefix": "The boy",
+                "patch_prefix": "The boys near the car",
+                "clean_answer": " is",
+                "patch_answer": " are",
+            },
+            {
+                "clean_prefix": "The boy",
+                "patch_prefix": "The boys",
+                "clean_answer": " xylophone",
+                "patch_answer": " are",
+            },
+        ],
+    )
+    with pytest.raises(
+        InputError, match=r"kept 0 pairs.*1 multi-token answer, 1 unequal prefix lengths.*no usable pairs"
+    ):
+        find_circuit(compose([*base, "circuit.sites=[resid.0]", f"circuit.task={bad}"]))
+    bad.write_text('{"clean_prefix": "The boy", "clean_answer": " is"}\nnot json\n')
+    with pytest.raises(InputError, match="line 2"):
+        find_circuit(compose([*base, "circuit.sites=[resid.0]", f"circuit.task={bad}"]))
