@@ -73,7 +73,8 @@ def eval(cfg: DictConfig) -> None:  # noqa: A001 - the stage's name
 
 
 def demo(cfg: DictConfig) -> None:
-    """The whole study on the embedded default (so far: corpus, model, SAEs and features at the last step)."""
+    """The whole study on the embedded default (so far: corpus, model; SAEs, features, circuits at the last step)."""
+    from sfcd.circuits.stage import find_circuit
     from sfcd.features.stage import build_features
     from sfcd.models.train import train_model
     from sfcd.sae.stage import train_saes
@@ -81,11 +82,16 @@ def demo(cfg: DictConfig) -> None:
     run = train_model(cfg)
     saes = train_saes(cfg)
     pages = build_features(cfg)
+    circuits = []
+    for task in ("simple", "nounpp", "rc", "within_rc"):
+        cfg.circuit.task = task
+        circuits.append(find_circuit(cfg))
     print(f"demo run directory: {run.root}")
     print(f"  model checkpoints: {run.model} (steps {run.model_steps()})")
     print(f"  training curves:  {run.train_log} and {run.model / 'train_log.png'}")
     print(f"  SAEs:             {saes[0].parent} ({', '.join(f.name for f in saes)}; metrics.json in each)")
     print(f"  dashboards:       {pages[0].parent}/<sae>/index.html (open in a browser, no network needed)")
+    print(f"  circuits:         {circuits[0].parent.parent}/<task>/step<N>/circuit.svg, faithfulness.png")
 
 
 STAGES: dict[str, Callable[[DictConfig], None]] = {

@@ -194,7 +194,10 @@ def find_circuit(cfg: DictConfig) -> Path:
         neurons = load_dictionaries(run, step, model, sites, "neurons")
         _, nagg, _ = all_effects(model, neurons, bs, c)
         curves["neurons"] = sweep(Faithfulness(model, neurons, eval_bs, c.ablation), nagg, c, True)
-    needed = {k: min([p["n_nodes"] for p in v if p["faithfulness"] >= 0.8], default=None) for k, v in curves.items()}
+    needed = {
+        k: min([p for p in v if p["faithfulness"] >= 0.8], key=lambda p: p["n_nodes"], default=None)
+        for k, v in curves.items()
+    }  # the smallest swept circuit with faithfulness >= 0.8, and its completeness
     meta = {
         "task": task.name,
         "task_file": str(path),
