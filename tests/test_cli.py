@@ -73,3 +73,23 @@ def test_sae_stage_bad_architecture_and_site(test_run):
         sfcd("sae", f"run_dir={test_run.run_dir}", "sae.architecture=gated"), "unknown SAE architecture"
     )
     assert_one_line_error(sfcd("sae", f"run_dir={test_run.run_dir}", "sae.sites=[resid.5]"), "unknown site", "resid.1")
+
+
+def test_multirun_sweep_goes_through_hydra(tmp_path):
+    """`-m` fans out one job per value (Hydra's launcher), each with its own run directory."""
+    p = sfcd(
+        "corpus",
+        "-m",
+        "experiment=test",
+        "corpus.seed=1,2",
+        f"run_dir={tmp_path}/seed${{corpus.seed}}",
+        "corpus.n_tokens=3000",
+        "corpus.val_tokens=500",
+    )
+    assert p.returncode == 0, p.stderr
+    a = json.loads((tmp_path / "seed1" / "corpus" / "meta.json").read_text())
+    b = json.loads((tmp_path / "seed2" / "corpus" / "meta.json").read_text())
+    assert a["settings"]["seed"] == 1 and b["settings"]["seed"] == 2
+    assert (tmp_path / "seed1" / "corpus" / "train.tokens").read_bytes() != (
+        tmp_path / "seed2" / "corpus" / "train.tokens"
+    ).read_bytes()

@@ -107,6 +107,32 @@ def test_circuit_stage_end_to_end(test_run, test_saes):
     assert (out / "circuit.svg").read_text().lstrip().startswith("<?xml")
 
 
+def test_per_position_aggregation(test_run, test_saes):
+    from safetensors.torch import load_file
+
+    from sfcd.circuits.stage import find_circuit
+
+    cfg = compose(
+        [
+            "experiment=test",
+            f"run_dir={test_run.run_dir}",
+            "circuit.sites=[resid.0,mlp.1]",
+            "circuit.aggregation=none",
+            "circuit.method=attrib",
+            "circuit.n_examples=8",
+            "circuit.baselines=false",
+            "circuit.sweep_points=3",
+            "circuit.task=simple",
+            "circuit.node_threshold=0.001",
+        ]
+    )
+    out = find_circuit(cfg)
+    eff = load_file(str(out / "node_effects.safetensors"))
+    assert eff["resid.0.features"].ndim == 2 and eff["resid.0.error"].ndim == 1  # [positions, features]
+    c = json.loads((out / "circuit.json").read_text())
+    assert all(n["position"] is not None for n in c["nodes"] if n["feature"] is not None)
+
+
 def test_nopair_task_and_neuron_dictionary(test_run, test_saes, tmp_path):
     from sfcd.circuits.stage import find_circuit
     from sfcd.io import write_jsonl

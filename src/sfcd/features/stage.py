@@ -42,7 +42,13 @@ def cluster_summary(sae, density: torch.Tensor, low: float) -> dict:
     """The ultra-low-density group (live features below ``low``) and how much their encoder directions agree."""
     alive = density > 0
     ultra = alive & (density < low)
-    out = {"dead": int((~alive).sum()), "ultra_low": int(ultra.sum()), "d_sae": len(density), "cluster": False}
+    out = {
+        "dead": int((~alive).sum()),
+        "ultra_low": int(ultra.sum()),
+        "d_sae": len(density),
+        "cluster": False,
+        "dead_ids": (~alive).nonzero().flatten().tolist(),
+    }
     if ultra.sum() >= 2:
         dirs = sae.W_enc.detach().t()
         dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-8)

@@ -85,15 +85,6 @@ def cached_or_harvest(
     return arrays
 
 
-def check_finite(arr: np.ndarray, what: str) -> None:
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise InputError(
-            f"{what}: {int(bad.sum())} activation rows hold NaN or inf (first at row "
-            f"{int(np.argmax(bad))}); check the model checkpoint or the activation file"
-        )
-
-
 class StepBatches(IterableDataset):
     """For optimizer steps ``start, start + 1, ...``: ``{site: [batch, d]}`` with the same rows at every site.
 

@@ -1,0 +1,1 @@
+"""Development across training: feature matching, lineage, circuits through training."""
