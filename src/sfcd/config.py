@@ -155,6 +155,15 @@ class CircuitConfig:
 
 
 @dataclass
+class StudyConfig:
+    steps: list[int] = field(default_factory=lambda: [32, 64, 128, 512, 1500])  # checkpoints studied (must exist)
+    tasks: list[str] = field(default_factory=lambda: ["simple", "nounpp", "rc", "within_rc"])  # circuit tasks
+    seed_baseline: bool = True  # a second SAE seed at the last step: the null baseline for shared features
+    features_at: str = "last"  # dashboards at: last | all (steps)
+    shared_threshold: float = 0.7  # decoder cosine at which matched features count as the same
+
+
+@dataclass
 class SfcdConfig:
     name: str = "demo"  # the experiment's name; the default run directory is runs/<name>
     run_dir: str = "runs/${name}"  # where every artifact of the study lives
@@ -168,6 +177,7 @@ class SfcdConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     circuit: CircuitConfig = field(default_factory=CircuitConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 def register() -> None:

@@ -50,6 +50,13 @@ def circuit(cfg: DictConfig) -> None:
     print(f"circuit: {out / 'circuit.json'} (picture {out / 'circuit.svg'}, curve {out / 'faithfulness.png'})")
 
 
+def study(cfg: DictConfig) -> None:
+    """The whole study over study.steps: model, SAEs, features, circuits, development analysis, report.html."""
+    from sfcd.study import run_study
+
+    print(f"report: {run_study(cfg)}")
+
+
 def reference(cfg: DictConfig) -> None:
     """The one-layer reference (use experiment=one_layer_reference): 1l model, its SAEs, a comparison table."""
     from sfcd.models.train import train_model
@@ -73,25 +80,19 @@ def eval(cfg: DictConfig) -> None:  # noqa: A001 - the stage's name
 
 
 def demo(cfg: DictConfig) -> None:
-    """The whole study on the embedded default (so far: corpus, model; SAEs, features, circuits at the last step)."""
-    from sfcd.circuits.stage import find_circuit
-    from sfcd.features.stage import build_features
-    from sfcd.models.train import train_model
-    from sfcd.sae.stage import train_saes
+    """The whole study on the embedded default: corpus, model, SAEs, features, circuits, development, report."""
+    from sfcd.paths import RunDir
+    from sfcd.study import run_study
 
-    run = train_model(cfg)
-    saes = train_saes(cfg)
-    pages = build_features(cfg)
-    circuits = []
-    for task in ("simple", "nounpp", "rc", "within_rc"):
-        cfg.circuit.task = task
-        circuits.append(find_circuit(cfg))
+    page = run_study(cfg)
+    run = RunDir(cfg.run_dir)
     print(f"demo run directory: {run.root}")
-    print(f"  model checkpoints: {run.model} (steps {run.model_steps()})")
-    print(f"  training curves:  {run.train_log} and {run.model / 'train_log.png'}")
-    print(f"  SAEs:             {saes[0].parent} ({', '.join(f.name for f in saes)}; metrics.json in each)")
-    print(f"  dashboards:       {pages[0].parent}/<sae>/index.html (open in a browser, no network needed)")
-    print(f"  circuits:         {circuits[0].parent.parent}/<task>/step<N>/circuit.svg, faithfulness.png")
+    print(f"  model checkpoints: {run.model} (steps {run.model_steps()}); curves {run.model / 'train_log.png'}")
+    print(f"  SAEs:             {run.root / 'saes'}/step<N>/<site>/ (SAELens layout, metrics.json)")
+    print(f"  dashboards:       {run.root / 'features'}/step<N>/<site>/index.html")
+    print(f"  circuits:         {run.root / 'circuits'}/<task>/step<N>/circuit.svg, faithfulness.png")
+    print(f"  development:      {run.root / 'development'}/ (CSV, JSON and PNG)")
+    print(f"report: {page}")
 
 
 STAGES: dict[str, Callable[[DictConfig], None]] = {
@@ -100,6 +101,7 @@ STAGES: dict[str, Callable[[DictConfig], None]] = {
     "sae": sae,
     "features": features,
     "circuit": circuit,
+    "study": study,
     "reference": reference,
     "eval": eval,
     "demo": demo,

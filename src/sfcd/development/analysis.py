@@ -1,0 +1,168 @@
+"""Development across checkpoints: SAE quality, shared features against the seed baseline, lineage, and
+circuits through training (size, node Jaccard through matched features, weighted Jaccard)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from sfcd.development.lineage import lineage
+from sfcd.development.matching import Matching, match_decoders
+from sfcd.errors import InputError, MissingArtifactError
+from sfcd.io import read_json, write_csv, write_json
+from sfcd.paths import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def decoder(folder: Path) -> torch.Tensor:
+    return load_file(str(folder / "sae_weights.safetensors"))["W_dec"]
+
+
+def sae_folder(run: RunDir, step: int, name: str) -> Path:
+    f = run.root / "saes" / f"step{step}" / name
+    if not (f / "metrics.json").exists():
+        raise MissingArtifactError(f"no SAE {name} at step {step} ({f}); run the study's sae stage for that step")
+    return f
+
+
+def site_development(run: RunDir, steps: list[int], site: str, threshold: float, seed_name: str | None) -> dict:
+    """Matchings between adjacent steps at one site, the lineage of the last SAE's features, and the seed
+    baseline (the last step's SAE against a second seed)."""
+    W = [decoder(sae_folder(run, s, site)) for s in steps]
+    widths = {w.shape[0] for w in W}
+    if len(widths) > 1 or len({w.shape[1] for w in W}) > 1:
+        shapes = {s: tuple(w.shape) for s, w in zip(steps, W, strict=True)}
+        raise InputError(f"SAEs at site {site} differ in shape across steps {shapes}; use one width for the study")
+    ms: list[Matching] = [match_decoders(W[k + 1], W[k]) for k in range(len(W) - 1)]
+    changes, first, persisted = lineage(steps, ms, [len(w) for w in W], threshold)
+    vs_final = [match_decoders(W[-1], w).shared_fraction(threshold) for w in W]
+    seed = None
+    if seed_name:
+        seed = match_decoders(W[-1], decoder(sae_folder(run, steps[-1], seed_name))).shared_fraction(threshold)
+    return {
+        "site": site,
+        "steps": steps,
+        "changes": [c.__dict__ for c in changes],
+        "first_step_counts": {int(s): int((first == s).sum()) for s in steps},
+        "persisted_fraction": float(persisted.mean()),
+        "shared_with_final": vs_final,
+        "seed_baseline": seed,
+        "matchings": ms,
+    }
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else float("nan")
+
+
+def weighted_jaccard(a: dict, b: dict) -> float:
+    keys = set(a) | set(b)
+    num = sum(min(abs(a.get(k, 0.0)), abs(b.get(k, 0.0))) for k in keys)
+    den = sum(max(abs(a.get(k, 0.0)), abs(b.get(k, 0.0))) for k in keys)
+    return num / den if den else float("nan")
+
+
+def circuit_nodes(run: RunDir, task: str, step: int) -> dict[str, float]:
+    p = run.root / "circuits" / task / f"step{step}" / "circuit.json"
+    if not p.exists():
+        raise MissingArtifactError(f"no circuit for task {task} at step {step} ({p})")
+    return {n["id"]: n["effect"] for n in read_json(p)["nodes"]}
+
+
+def translate(nodes: dict[str, float], maps: dict[str, np.ndarray]) -> dict[str, float]:
+    """Node ids of one step rewritten in the feature indices of another, through one-to-one matches >= threshold
+    (``maps[site][j]`` = the matched index, or -1). Error nodes keep their ids; unmatched features are dropped."""
+    out = {}
+    for nid, e in nodes.items():
+        site, _, feat = nid.partition("/")
+        if feat == "eps":
+            out[nid] = e
+        elif site in maps and maps[site][int(feat)] >= 0:
+            out[f"{site}/{maps[site][int(feat)]}"] = e
+    return out
+
+
+def circuit_development(
+    run: RunDir, steps: list[int], tasks: list[str], sites: dict[str, dict], threshold: float
+) -> dict:
+    """Per task: circuit size, node Jaccard and weighted Jaccard (adjacent steps and against the last)."""
+    out = {}
+    for task in tasks:
+        nodes = [circuit_nodes(run, task, s) for s in steps]
+        rows = []
+        for k, s in enumerate(steps):
+            row = {"step": s, "n_nodes": len(nodes[k])}
+            meta = read_json(run.root / "circuits" / task / f"step{s}" / "circuit.json")["metadata"]
+            row["faithfulness"] = meta["faithfulness"]
+            row["F_M"] = meta["F_M"]
+            if k > 0:  # map step k's features back to step k-1 through its matching (A = step k, B = step k-1)
+                maps = {
+                    site: np.where(d["matchings"][k - 1].sim >= threshold, d["matchings"][k - 1].match, -1)
+                    for site, d in sites.items()
+                }
+                here = translate(nodes[k], maps)
+                row["jaccard_prev"] = jaccard(set(here), set(nodes[k - 1]))
+                row["weighted_jaccard_prev"] = weighted_jaccard(here, nodes[k - 1])
+            # against the last step: compose the matchings from the last step back to this one
+            maps = {}
+            for site, d in sites.items():
+                idx = np.arange(len(d["matchings"][-1].match)) if d["matchings"] else np.array([])
+                for m in reversed(d["matchings"][k:]):
+                    ok = idx >= 0
+                    nxt = np.full_like(idx, -1)
+                    nxt[ok] = np.where(m.sim[idx[ok]] >= threshold, m.match[idx[ok]], -1)
+                    idx = nxt
+                maps[site] = idx  # last-step feature -> this step's feature
+            last_here = translate(nodes[-1], maps)
+            row["jaccard_final"] = jaccard(set(last_here), set(nodes[k]))
+            row["weighted_jaccard_final"] = weighted_jaccard(last_here, nodes[k])
+            rows.append(row)
+        out[task] = rows
+    return out
+
+
+def analyse(
+    run: RunDir, steps: list[int], site_names: list[str], tasks: list[str], threshold: float, seed_suffix: str | None
+) -> dict:
+    """Everything of the development/ folder; CSV and JSON beside each other."""
+    dev = run.root / "development"
+    sites = {
+        s: site_development(run, steps, s, threshold, f"{s}{seed_suffix}" if seed_suffix else None) for s in site_names
+    }
+    rows = []
+    for s, d in sites.items():
+        for k, step in enumerate(steps):
+            m = read_json(sae_folder(run, step, s) / "metrics.json")
+            ch = d["changes"][k - 1] if k > 0 else {}
+            rows.append(
+                {
+                    "site": s,
+                    "step": step,
+                    "fve": m["fve"],
+                    "l0": m["l0"],
+                    "ce_loss_score": m.get("ce_loss_score"),
+                    "dead_fraction": m["dead_fraction"],
+                    "shared_with_final": d["shared_with_final"][k],
+                    "seed_baseline": d["seed_baseline"],
+                    "births": ch.get("births"),
+                    "deaths": ch.get("deaths"),
+                    "splits": ch.get("splits"),
+                    "merges": ch.get("merges"),
+                    "shared_with_prev": ch.get("shared_fraction"),
+                }
+            )
+    write_csv(dev / "sae_development.csv", rows, list(rows[0]))
+    circuits = circuit_development(run, steps, tasks, sites, threshold) if tasks else {}
+    crow = [{"task": t, **r} for t, rs in circuits.items() for r in rs]
+    if crow:
+        cols = list(dict.fromkeys(k for r in crow for k in r))
+        write_csv(dev / "circuit_development.csv", crow, cols)
+    lineage_json = {s: {k: v for k, v in d.items() if k != "matchings"} for s, d in sites.items()}
+    result = {"steps": steps, "sites": lineage_json, "sae_rows": rows, "circuits": circuits}
+    write_json(dev / "development.json", result)
+    return result

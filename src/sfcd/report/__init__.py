@@ -1,0 +1,1 @@
+"""The study's plots and its one self-contained HTML report."""

@@ -1,0 +1,102 @@
+"""report.html: one self-contained page (plots embedded as data URIs, every text escaped) with tables and
+links to the dashboards and circuit pictures."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from pathlib import Path
+
+from sfcd.io import write_text
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return "" if v is None else str(v)
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _link(path: Path, root: Path, text: str) -> str:
+    return f'<a href="{html.escape(os.path.relpath(path, root))}">{html.escape(text)}</a>'
+
+
+def render(root: Path, title: str, plots: dict[str, Path], dev: dict, links: dict[str, list[Path]]) -> Path:
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font:14px system-ui,sans-serif;max-width:1200px;margin:20px auto}img{max-width:100%}"
+        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ddd;padding:2px 6px}"
+        "</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    sections = [
+        ("Training", "training"),
+        ("SAE quality per checkpoint and site", "fve"),
+        ("", "ce"),
+        ("Shared features with the last checkpoint (against the seed baseline)", "shared"),
+        ("Lineage of the last checkpoint's features", "lineage"),
+        ("Circuits through training", "circuits"),
+    ]
+    for heading, key in sections:
+        if heading:
+            parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if key in plots:
+            parts.append(_img(plots[key], key))
+            parts.append(
+                f"<p>numbers: {_link(plots[key].with_suffix('.csv') if plots[key].with_suffix('.csv').exists() else root / 'development' / 'development.json', root, 'data')}</p>"
+            )
+    parts.append("<h2>SAE metrics</h2>")
+    parts.append(
+        _table(
+            dev["sae_rows"],
+            [
+                "site",
+                "step",
+                "fve",
+                "l0",
+                "ce_loss_score",
+                "dead_fraction",
+                "shared_with_final",
+                "seed_baseline",
+                "births",
+                "deaths",
+                "splits",
+                "merges",
+            ],
+        )
+    )
+    if dev["circuits"]:
+        parts.append("<h2>Circuit metrics</h2>")
+        rows = [{"task": t, **r} for t, rs in dev["circuits"].items() for r in rs]
+        parts.append(
+            _table(
+                rows,
+                [
+                    "task",
+                    "step",
+                    "n_nodes",
+                    "faithfulness",
+                    "F_M",
+                    "jaccard_prev",
+                    "weighted_jaccard_prev",
+                    "jaccard_final",
+                    "weighted_jaccard_final",
+                ],
+            )
+        )
+    for heading, paths in links.items():
+        parts.append(f"<h2>{html.escape(heading)}</h2><ul>")
+        parts += [f"<li>{_link(p, root, str(p.relative_to(root)))}</li>" for p in paths]
+        parts.append("</ul>")
+    parts.append("</body></html>\n")
+    return write_text(root / "report.html", "".join(parts))

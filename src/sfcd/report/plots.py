@@ -1,0 +1,98 @@
+"""The report's plots (PNG files in development/, their numbers in the CSV/JSON beside them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sfcd.io import atomic_path, read_csv
+
+
+def _fig(rows=1, cols=1, size=(6, 3.6)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(rows, cols, figsize=size)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _x(step: int) -> float:
+    return max(step, 0.5)
+
+
+def training_curves(train_log: Path, marks: list[int], path: Path) -> Path:
+    rows = read_csv(train_log)
+    tasks = [k[: -len("_accuracy")] for k in rows[0] if k.endswith("_accuracy")]
+    plt, fig, axes = _fig(1, 3, (15, 3.8))
+    x = [_x(int(r["step"])) for r in rows]
+    axes[0].plot(x, [float(r["heldout_loss"]) for r in rows], "o-", label="held-out loss")
+    axes[0].plot(x, [float(r["train_loss"]) for r in rows], "s-", label="train loss", alpha=0.6)
+    for t in tasks:
+        axes[1].plot(x, [float(r[f"{t}_accuracy"]) for r in rows], "o-", label=t)
+    axes[2].plot(x, [float(r["induction_score"]) for r in rows], "o-", color="C3", label="induction score")
+    for ax in axes:
+        for m in marks:
+            ax.axvline(_x(m), color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("step (dashed: studied checkpoints)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(0, 1.02)
+    return _save(plt, fig, path)
+
+
+def by_site(rows: list[dict], key: str, path: Path, ylabel: str, baseline_key: str | None = None) -> Path:
+    plt, fig, ax = _fig()
+    for i, site in enumerate(dict.fromkeys(r["site"] for r in rows)):
+        rs = [r for r in rows if r["site"] == site and r[key] is not None]
+        ax.plot([_x(r["step"]) for r in rs], [r[key] for r in rs], "o-", color=f"C{i}", label=site)
+        if baseline_key and rs and rs[0][baseline_key] is not None:
+            ax.axhline(rs[0][baseline_key], color=f"C{i}", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel + (" (dotted: seed baseline)" if baseline_key else ""))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def lineage_plot(sites: dict, path: Path) -> Path:
+    """Where the last step's features first appear, per site (stacked by first step)."""
+    plt, fig, ax = _fig(size=(7, 3.6))
+    names = list(sites)
+    steps = sites[names[0]]["steps"]
+    bottom = [0] * len(names)
+    for j, s in enumerate(steps):
+        vals = [sites[n]["first_step_counts"].get(s, sites[n]["first_step_counts"].get(str(s), 0)) for n in names]
+        ax.bar(names, vals, bottom=bottom, label=f"step {s}", color=f"C{j}")
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set_ylabel("last-step features by first appearance")
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def circuits_plot(circuits: dict, path: Path) -> Path:
+    plt, fig, axes = _fig(1, 2, (12, 3.8))
+    for i, (task, rows) in enumerate(circuits.items()):
+        x = [_x(r["step"]) for r in rows]
+        axes[0].plot(x, [r["n_nodes"] for r in rows], "o-", color=f"C{i}", label=task)
+        axes[1].plot(x, [r["jaccard_final"] for r in rows], "o-", color=f"C{i}", label=f"{task}: nodes")
+        axes[1].plot(
+            x, [r["weighted_jaccard_final"] for r in rows], "s--", color=f"C{i}", alpha=0.6, label=f"{task}: weighted"
+        )
+    axes[0].set_ylabel("circuit size (nodes)")
+    axes[1].set_ylabel("Jaccard with the last circuit")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, path)

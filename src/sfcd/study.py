@@ -1,0 +1,90 @@
+"""The ``study`` stage: every stage over the chosen checkpoints, then the development analysis and the report.
+
+Each unit (the model, one checkpoint's SAEs, a dashboard, a circuit) is skipped when its outputs are complete
+and writes them atomically, so a study killed at any moment and started again loses at most the unit in
+progress. To fan independent checkpoints out over processes or a cluster, run the per-checkpoint stages as a
+Hydra sweep first (``sfcd sae -m step=32,64,128 hydra/launcher=joblib``), then ``sfcd study`` to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from sfcd.errors import ConfigError, MissingArtifactError
+from sfcd.paths import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def _at(cfg: DictConfig, **changes) -> DictConfig:
+    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.set_struct(c, True)
+    for key, value in changes.items():
+        OmegaConf.update(c, key, value, merge=False, force_add=True)
+    return c
+
+
+def run_study(cfg: DictConfig) -> Path:
+    from sfcd.circuits.stage import find_circuit
+    from sfcd.development.analysis import analyse
+    from sfcd.features.stage import build_features
+    from sfcd.models.train import train_model
+    from sfcd.report.html import render
+    from sfcd.report.plots import by_site, circuits_plot, lineage_plot, training_curves
+    from sfcd.sae.stage import train_saes
+
+    s = cfg.study
+    tasks = list(s.tasks)
+    if not tasks:
+        raise ConfigError("study.tasks is empty; name at least one task, e.g. study.tasks=[nounpp]")
+    if not list(s.steps):
+        raise ConfigError("study.steps is empty; name the checkpoints to study, e.g. study.steps=[64,128,1500]")
+    run = train_model(cfg) if not cfg.model.source else RunDir(cfg.run_dir)
+    have = run.model_steps()
+    missing = [x for x in s.steps if x not in have]
+    if missing:
+        raise MissingArtifactError(
+            f"study.steps {missing} are not checkpoints of {run.model}; the steps there are {have}"
+        )
+    steps = sorted(s.steps)
+    sites = None
+    for step in steps:
+        # each checkpoint's SAE gets its own initialisation, so that shared features come from the data,
+        # not from a shared init; the seed baseline is a second SAE at the last step (another seed again)
+        folders = train_saes(_at(cfg, step=step, **{"sae.seed": cfg.sae.seed + step}))
+        sites = [f.name for f in folders]
+        if step == steps[-1] and s.seed_baseline:
+            train_saes(_at(cfg, step=step, **{"sae.sweep": {"seed": [cfg.sae.seed + step + 1]}}))
+        if s.features_at == "all" or step == steps[-1]:
+            build_features(_at(cfg, step=step, **{"features.saes": sites}))
+        for task in tasks:
+            if not (run.root / "circuits" / task / f"step{step}" / "circuit.json").exists():
+                find_circuit(_at(cfg, step=step, **{"circuit.task": task, "circuit.baselines": step == steps[-1]}))
+    seed_suffix = f"@seed={cfg.sae.seed + steps[-1] + 1}" if s.seed_baseline else None
+    dev = analyse(run, steps, sites, tasks, s.shared_threshold, seed_suffix)
+    d = run.root / "development"
+    plots = {
+        "training": training_curves(run.train_log, steps, d / "training.png"),
+        "fve": by_site(dev["sae_rows"], "fve", d / "sae_fve.png", "FVE"),
+        "ce": by_site(dev["sae_rows"], "ce_loss_score", d / "sae_ce_score.png", "CE loss score"),
+        "shared": by_site(
+            dev["sae_rows"],
+            "shared_with_final",
+            d / "shared_with_final.png",
+            "shared with the last SAE",
+            "seed_baseline",
+        ),
+        "lineage": lineage_plot(dev["sites"], d / "lineage.png"),
+    }
+    if dev["circuits"]:
+        plots["circuits"] = circuits_plot(dev["circuits"], d / "circuits.png")
+    links = {
+        "Feature dashboards": sorted((run.root / "features").glob("step*/*/index.html")),
+        "Circuit pictures": sorted((run.root / "circuits").glob("*/step*/circuit.svg")),
+    }
+    page = render(run.root, f"sfcd study: {cfg.name}", plots, dev, links)
+    log.info("report: %s", page)
+    return page

@@ -1,0 +1,106 @@
+"""The study: every stage over checkpoints, resumable after kill -9, the development analysis, the report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sfcd.config import compose
+from sfcd.errors import ConfigError, InputError, MissingArtifactError
+from tests.conftest import run_chromium
+
+
+def study(run_dir, *extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sfcd.cli", "study", "experiment=test", f"run_dir={run_dir}", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def artifacts(run_dir) -> dict:
+    dev = json.loads((run_dir / "development" / "development.json").read_text())
+    circuits = {
+        p.parent.name: json.loads(p.read_text())["nodes"] for p in (run_dir / "circuits").glob("*/step*/circuit.json")
+    }
+    saes = {
+        str(p.relative_to(run_dir)): json.loads(p.read_text())["fve"]
+        for p in (run_dir / "saes").glob("*/*/metrics.json")
+    }
+    return {"dev": dev["sae_rows"], "circuits": circuits, "saes": saes}
+
+
+@pytest.fixture(scope="module")
+def reference_study(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("study") / "ref"
+    p = study(run_dir)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    return run_dir
+
+
+def test_study_writes_the_development_and_a_report_that_renders(reference_study, chromium):
+    run = reference_study
+    dev = json.loads((run / "development" / "development.json").read_text())
+    assert dev["steps"] == [8, 16, 24] and len(dev["sites"]) == 7
+    rows = dev["sae_rows"]
+    assert {r["step"] for r in rows} == {8, 16, 24} and all(r["seed_baseline"] is not None for r in rows)
+    assert all(r["shared_with_final"] == 1.0 for r in rows if r["step"] == 24)  # an SAE shares all with itself
+    assert set(dev["circuits"]) == {"nounpp"}
+    for name in ("training", "sae_fve", "shared_with_final", "lineage", "circuits"):
+        assert (run / "development" / f"{name}.png").stat().st_size > 5000
+    dom = run_chromium(chromium, (run / "report.html").as_uri())
+    assert "<h1>sfcd study: test</h1>" in dom and dom.count("data:image/png;base64,") >= 6
+    assert "features/step24/resid.1/index.html" in dom and "circuits/nounpp/step24/circuit.svg" in dom
+
+
+def test_study_killed_mid_stage_resumes_to_the_same_artifacts(reference_study, tmp_path):
+    run_dir = tmp_path / "killed"
+    p = study(run_dir)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((run_dir / "saes").glob("step16/*/metrics.json")):
+        time.sleep(0.5)  # wait until the study is inside its SAE/circuit units
+    time.sleep(1.0)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert not (run_dir / "report.html").exists()
+    p = study(run_dir)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    assert artifacts(run_dir) == artifacts(reference_study)
+
+
+def test_study_errors(tmp_path, test_run):
+    from sfcd.study import run_study
+
+    with pytest.raises(ConfigError, match="study.tasks is empty"):
+        run_study(compose(["experiment=test", f"run_dir={test_run.run_dir}", "study.tasks=[]"]))
+    with pytest.raises(MissingArtifactError, match=r"study.steps \[5\] are not checkpoints.*\[0, 1, 2, 4, 8, 16, 24\]"):
+        run_study(compose(["experiment=test", f"run_dir={test_run.run_dir}", "study.steps=[5,24]"]))
+
+
+def test_saes_of_different_widths_across_steps(tmp_path):
+    import torch
+
+    from sfcd.development.analysis import site_development
+    from sfcd.io import write_json
+    from sfcd.paths import RunDir
+    from sfcd.sae.io import save_sae
+    from sfcd.sae.topk import TopKSAE
+
+    for step, width in ((1, 16), (2, 32)):
+        folder = tmp_path / "saes" / f"step{step}" / "resid.0"
+        save_sae(TopKSAE(8, width, k=2), folder, {})
+        write_json(folder / "metrics.json", {"site": "resid.0"})
+    with pytest.raises(InputError, match="differ in shape across steps"):
+        site_development(RunDir(tmp_path), [1, 2], "resid.0", 0.7, None)
+    with pytest.raises(MissingArtifactError, match="no SAE resid.0 at step 3"):
+        site_development(RunDir(tmp_path), [1, 3], "resid.0", 0.7, None)
+    del torch
