@@ -104,3 +104,24 @@ def test_saes_of_different_widths_across_steps(tmp_path):
     with pytest.raises(MissingArtifactError, match="no SAE resid.0 at step 3"):
         site_development(RunDir(tmp_path), [1, 3], "resid.0", 0.7, None)
     del torch
+
+
+def test_the_hub_code_path_on_a_local_save_pretrained_folder(test_run, tmp_path):
+    """model.source set to a save_pretrained folder: the corpus uses its tokenizer, and the SAE and circuit
+    stages load it through the same from_pretrained call a hub id goes through."""
+    from sfcd.circuits.stage import find_circuit
+    from sfcd.data.corpus import build_corpus
+    from sfcd.paths import RunDir
+    from sfcd.sae.stage import train_saes
+
+    source = RunDir(test_run.run_dir).model_step(24)
+    base = ["experiment=test", f"run_dir={tmp_path / 'hubrun'}", f"model.source={source}"]
+    run = build_corpus(compose(base))
+    assert (run.tokenizer / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
+    with pytest.raises(ConfigError, match="needs step=<N>"):
+        train_saes(compose([*base, "sae.sites=[resid.0]"]))
+    (folder,) = train_saes(compose([*base, "step=24", "sae.sites=[resid.0]"]))
+    meta = json.loads((folder / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == str(source) and folder.parent.name == "step24"
+    out = find_circuit(compose([*base, "step=24", "circuit.sites=[resid.0]", "circuit.baselines=false"]))
+    assert json.loads((out / "circuit.json").read_text())["metadata"]["step"] == 24

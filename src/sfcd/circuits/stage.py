@@ -22,7 +22,7 @@ from sfcd.data.tasks import load_task
 from sfcd.errors import ConfigError, MissingArtifactError
 from sfcd.io import read_json, save_safetensors, write_json
 from sfcd.models.eval_stage import task_path
-from sfcd.models.loading import load_model, load_tokenizer
+from sfcd.models.loading import checkpoint
 from sfcd.models.sites import Site, site_dim
 from sfcd.paths import RunDir
 from sfcd.sae.io import load_sae
@@ -130,9 +130,8 @@ def _labels(run: RunDir, step: int, site: str) -> dict[int, str]:
 def find_circuit(cfg: DictConfig) -> Path:
     c = cfg.circuit
     check_config(c)
-    run = RunDir(cfg.run_dir).require()
-    step = run.resolve_step(cfg.step)
-    model, tokenizer = load_model(run.root, step), load_tokenizer(run.root, step)
+    run = RunDir(cfg.run_dir)
+    model, tokenizer, step = checkpoint(cfg, cfg.step)
     for p in model.parameters():
         p.requires_grad_(False)
     sites = sorted(expand_sites(list(c.sites), model), key=lambda s: s.order)

@@ -23,6 +23,30 @@ def decoder(folder: Path) -> torch.Tensor:
     return load_file(str(folder / "sae_weights.safetensors"))["W_dec"]
 
 
+def live(folder: Path) -> np.ndarray:
+    """Indices of the features that fired on the SAE's evaluation tokens (all, when no density was saved)."""
+    p = folder / "sparsity.safetensors"
+    if not p.exists():
+        return np.arange(decoder(folder).shape[0])
+    return np.nonzero(load_file(str(p))["sparsity"].numpy() > -9.99)[0]  # log10(density + 1e-10) > -10
+
+
+def match_live(fa: Path, fb: Path) -> Matching:
+    """Match the live features of two SAEs; the result is indexed by the SAEs' full feature indices (dead
+    features: no match). Dead features never fired, so their decoder rows say nothing about what was learned."""
+    la, lb = live(fa), live(fb)
+    m = match_decoders(decoder(fa)[la], decoder(fb)[lb])
+    n_a = decoder(fa).shape[0]
+    match, sim = np.full(n_a, -1), np.zeros(n_a)
+    ok = m.match >= 0
+    match[la[ok]] = lb[m.match[ok]]
+    sim[la] = m.sim
+    best = np.zeros(n_a)
+    best[la] = m.best
+    r, c, v = m.candidates
+    return Matching(match, sim, best[la] if len(la) else best, (la[r], lb[c], v))
+
+
 def sae_folder(run: RunDir, step: int, name: str) -> Path:
     f = run.root / "saes" / f"step{step}" / name
     if not (f / "metrics.json").exists():
@@ -33,17 +57,23 @@ def sae_folder(run: RunDir, step: int, name: str) -> Path:
 def site_development(run: RunDir, steps: list[int], site: str, threshold: float, seed_name: str | None) -> dict:
     """Matchings between adjacent steps at one site, the lineage of the last SAE's features, and the seed
     baseline (the last step's SAE against a second seed)."""
-    W = [decoder(sae_folder(run, s, site)) for s in steps]
-    widths = {w.shape[0] for w in W}
-    if len(widths) > 1 or len({w.shape[1] for w in W}) > 1:
+    folders = [sae_folder(run, s, site) for s in steps]
+    W = [decoder(f) for f in folders]
+    if len({tuple(w.shape) for w in W}) > 1:
         shapes = {s: tuple(w.shape) for s, w in zip(steps, W, strict=True)}
         raise InputError(f"SAEs at site {site} differ in shape across steps {shapes}; use one width for the study")
-    ms: list[Matching] = [match_decoders(W[k + 1], W[k]) for k in range(len(W) - 1)]
-    changes, first, persisted = lineage(steps, ms, [len(w) for w in W], threshold)
-    vs_final = [match_decoders(W[-1], w).shared_fraction(threshold) for w in W]
+    alive = [live(f) for f in folders]
+    ms: list[Matching] = [match_live(folders[k + 1], folders[k]) for k in range(len(W) - 1)]
+    changes, first, persisted = lineage(steps, ms, [len(a) for a in alive], threshold)
+    first, persisted = first[alive[-1]], persisted[alive[-1]]  # the last SAE's live features
+
+    def shared(m: Matching, a: np.ndarray) -> float:  # of A's live features, the share matched at >= threshold
+        return float((m.sim[a] >= threshold).mean()) if len(a) else float("nan")
+
+    vs_final = [shared(match_live(folders[-1], f), alive[-1]) for f in folders]
     seed = None
     if seed_name:
-        seed = match_decoders(W[-1], decoder(sae_folder(run, steps[-1], seed_name))).shared_fraction(threshold)
+        seed = shared(match_live(folders[-1], sae_folder(run, steps[-1], seed_name)), alive[-1])
     return {
         "site": site,
         "steps": steps,

@@ -23,7 +23,8 @@ class StepChange:
 
 
 def lineage(steps: list[int], matchings: list[Matching], sizes: list[int], threshold: float = SHARED):
-    """``matchings[k]`` matches the SAE at ``steps[k+1]`` (as A) to the one at ``steps[k]`` (as B).
+    """``matchings[k]`` matches the SAE at ``steps[k+1]`` (as A) to the one at ``steps[k]`` (as B); ``sizes`` are
+    the numbers of features that count at each step (e.g. the live ones) for births, deaths and shares.
 
     Returns (per-step changes, first_step [F_last], persisted [F_last]): a feature of the last SAE first appears
     at the earliest step from which an unbroken chain of one-to-one matches >= threshold reaches it; it
@@ -47,7 +48,7 @@ def lineage(steps: list[int], matchings: list[Matching], sizes: list[int], thres
                 mmcs=m.mmcs,
             )
         )
-    n_last = sizes[-1]
+    n_last = len(matchings[-1].match) if matchings else sizes[-1]  # indexed like the last SAE's features
     first = np.full(n_last, steps[-1])
     current = np.arange(n_last)  # the ancestor of each last feature at the step being looked at
     alive = np.ones(n_last, dtype=bool)

@@ -20,7 +20,7 @@ from sfcd.features.collect import HIST_BINS, HIST_HI, HIST_LO, FeatureStats, col
 from sfcd.features.contexts import logit_effects, windows_for
 from sfcd.features.dashboard import write_dashboard
 from sfcd.io import read_json, save_safetensors, write_json
-from sfcd.models.loading import load_model, load_tokenizer
+from sfcd.models.loading import checkpoint
 from sfcd.models.sites import parse_site
 from sfcd.paths import RunDir
 from sfcd.sae.io import load_sae
@@ -183,8 +183,8 @@ def investigate(
 
 
 def build_features(cfg: DictConfig) -> list[Path]:
-    run = RunDir(cfg.run_dir).require()
-    step = run.resolve_step(cfg.step)
+    run = RunDir(cfg.run_dir)
+    model, tokenizer, step = checkpoint(cfg, cfg.step)
     fc = cfg.features
     saes = list_saes(run, step)
     if list(fc.saes) != ["all"]:
@@ -193,7 +193,6 @@ def build_features(cfg: DictConfig) -> list[Path]:
         if missing:
             raise ConfigError(f"no SAEs {missing} in {saes[0].parent}; there are {sorted(names)}")
         saes = [names[n] for n in fc.saes]
-    model, tokenizer = load_model(run.root, step), load_tokenizer(run.root, step)
     seq_len = cfg.sae.seq_len or cfg.model.seq_len
     windows = token_windows(read_tokens(run.tokens("val")), seq_len, max(1, fc.n_tokens // seq_len))
     exclude = set(tokenizer.all_special_ids) if cfg.sae.exclude_special else set()

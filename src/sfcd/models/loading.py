@@ -95,3 +95,20 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], step: int | None = None
             "save the tokenizer beside the model (tokenizer.save_pretrained)"
         )
     return _from_pretrained(AutoTokenizer, source, "tokenizer")
+
+
+def checkpoint(cfg, step: int | None):
+    """(model, tokenizer, step) for a stage: ``cfg.model.source`` when set (a hub id at revision ``step<N>``, or a
+    local ``save_pretrained`` folder, for which ``step`` only names the outputs), else the run's checkpoint."""
+    from sfcd.errors import ConfigError
+
+    source = cfg.model.source
+    if source:
+        if step is None:
+            raise ConfigError(f"model.source={source} needs step=<N> (the checkpoint, revision step<N> on the hub)")
+        folder = Path(source)
+        load_step = None if folder.is_dir() and (folder / "config.json").exists() else step
+        return load_model(source, load_step), load_tokenizer(source, load_step), step
+    run = RunDir(cfg.run_dir).require()
+    step = run.resolve_step(step)
+    return load_model(run.root, step), load_tokenizer(run.root, step), step

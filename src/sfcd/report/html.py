@@ -52,9 +52,13 @@ def render(root: Path, title: str, plots: dict[str, Path], dev: dict, links: dic
             parts.append(f"<h2>{html.escape(heading)}</h2>")
         if key in plots:
             parts.append(_img(plots[key], key))
-            parts.append(
-                f"<p>numbers: {_link(plots[key].with_suffix('.csv') if plots[key].with_suffix('.csv').exists() else root / 'development' / 'development.json', root, 'data')}</p>"
-            )
+            name = {
+                "fve": "sae_development.csv",
+                "ce": "sae_development.csv",
+                "shared": "sae_development.csv",
+                "circuits": "circuit_development.csv",
+            }.get(key, "development.json")
+            parts.append(f"<p>numbers: {_link(root / 'development' / name, root, name)}</p>")
     parts.append("<h2>SAE metrics</h2>")
     parts.append(
         _table(

@@ -18,7 +18,7 @@ from sfcd.activations.harvest import token_windows
 from sfcd.data.tokens import read_tokens
 from sfcd.errors import ConfigError, InputError
 from sfcd.io import write_json
-from sfcd.models.loading import load_model, load_tokenizer
+from sfcd.models.loading import checkpoint
 from sfcd.models.sites import Site, parse_site, site_dim, valid_sites
 from sfcd.paths import RunDir
 from sfcd.sae import evaluate as E
@@ -74,13 +74,12 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
         sites: list[Site] = []
         meta_base = {"dataset_path": str(s.activations)}
     else:
-        step = run.require().resolve_step(cfg.step)
-        model, tokenizer = load_model(run.root, step), load_tokenizer(run.root, step)
+        model, tokenizer, step = checkpoint(cfg, cfg.step)
         sites = expand_sites(list(s.sites), model)
         site_dims = {x.name: site_dim(model, x) for x in sites}
         out_root = run.root / "saes" / f"step{step}"
         meta_base = {
-            "model_name": str(run.model_step(step)),
+            "model_name": cfg.model.source or str(run.model_step(step)),
             "sfcd_step": step,
             "dataset_path": str(run.tokens("train")),
             "context_size": s.seq_len or cfg.model.seq_len,
@@ -105,7 +104,7 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
             seq_len,
             s.harvest_batch,
             excl,
-            {"model": str(run.model_step(step)), "step": step},
+            {"model": meta_base["model_name"], "step": step},
             bool(s.cache),
         )
         val = read_tokens(run.tokens("val"))
