@@ -125,3 +125,31 @@ def test_the_hub_code_path_on_a_local_save_pretrained_folder(test_run, tmp_path)
     assert meta["model_name"] == str(source) and folder.parent.name == "step24"
     out = find_circuit(compose([*base, "step=24", "circuit.sites=[resid.0]", "circuit.baselines=false"]))
     assert json.loads((out / "circuit.json").read_text())["metadata"]["step"] == 24
+
+
+def test_study_with_saes_warm_started_from_the_previous_checkpoint(test_run, tmp_path):
+    import shutil
+
+    from sfcd.paths import RunDir
+    from sfcd.study import run_study
+
+    run = RunDir(test_run.run_dir)
+    copy = tmp_path / "warm"
+    shutil.copytree(run.root, copy, ignore=shutil.ignore_patterns("saes", "features", "circuits", "activations"))
+    page = run_study(
+        compose(
+            [
+                "experiment=test",
+                f"run_dir={copy}",
+                "study.steps=[16,24]",
+                "study.seed_baseline=false",
+                "sae.init=previous",
+                "+study.features_at=last",
+            ][:-1]
+        )
+    )
+    assert page.exists()
+    settings = json.loads((copy / "saes" / "step24" / "resid.0" / "cfg.json").read_text())
+    assert settings["d_sae"] == 128
+    with pytest.raises(ConfigError, match="sae.init='warm'"):
+        run_study(compose(["experiment=test", f"run_dir={copy}", "sae.init=warm"]))

@@ -116,6 +116,8 @@ class SAEConfig:
     seed: int = 0  # initialisation and batch order
     sweep: dict[str, list[Any]] = field(default_factory=dict)  # grid of hyperparameters trained in one stream
     checkpoint_every: int = 200  # steps between resumable states
+    init: str = "random"  # random | previous (study: warm-start from the previous checkpoint's SAE)
+    init_from: str | None = None  # a saes/step<N> folder to warm-start from (set by the study for init=previous)
 
 
 @dataclass

@@ -51,10 +51,18 @@ def run_study(cfg: DictConfig) -> Path:
         )
     steps = sorted(s.steps)
     sites = None
-    for step in steps:
+    if cfg.sae.init not in ("random", "previous"):
+        raise ConfigError(f"sae.init={cfg.sae.init!r}; expected random or previous")
+    for k, step in enumerate(steps):
         # each checkpoint's SAE gets its own initialisation, so that shared features come from the data,
-        # not from a shared init; the seed baseline is a second SAE at the last step (another seed again)
-        folders = train_saes(_at(cfg, step=step, **{"sae.seed": cfg.sae.seed + step}))
+        # not from a shared init (or, with sae.init=previous, starts from the previous checkpoint's SAE);
+        # the seed baseline is a second SAE at the last step (another seed again)
+        warm = (
+            {"sae.init_from": str(run.root / "saes" / f"step{steps[k - 1]}")}
+            if cfg.sae.init == "previous" and k
+            else {}
+        )
+        folders = train_saes(_at(cfg, step=step, **{"sae.seed": cfg.sae.seed + step}, **warm))
         sites = [f.name for f in folders]
         if step == steps[-1] and s.seed_baseline:
             train_saes(_at(cfg, step=step, **{"sae.sweep": {"seed": [cfg.sae.seed + step + 1]}}))
@@ -64,7 +72,7 @@ def run_study(cfg: DictConfig) -> Path:
             if not (run.root / "circuits" / task / f"step{step}" / "circuit.json").exists():
                 find_circuit(_at(cfg, step=step, **{"circuit.task": task, "circuit.baselines": step == steps[-1]}))
     seed_suffix = f"@seed={cfg.sae.seed + steps[-1] + 1}" if s.seed_baseline else None
-    dev = analyse(run, steps, sites, tasks, s.shared_threshold, seed_suffix)
+    dev = analyse(run, steps, sites, tasks, s.shared_threshold, seed_suffix, cfg)
     d = run.root / "development"
     plots = {
         "training": training_curves(run.train_log, steps, d / "training.png"),

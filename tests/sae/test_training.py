@@ -163,3 +163,25 @@ def test_sae_from_a_plain_activation_file(tmp_path):
     m = json.loads((folder / "metrics.json").read_text())
     assert folder.parent.name == "file-acts" and m["d_in"] == 16 and m["d_sae"] == 32
     assert "ce_loss_score" not in m and 0 < m["fve"] <= 1
+
+
+def test_warm_start_reproduces_the_saved_sae(arrays, tmp_path):
+    from sfcd.sae.io import save_sae
+
+    trained = fit(["sae.architecture=topk"], {"x": 32}, arrays, tmp_path / "first").saes[0]
+    save_sae(trained, tmp_path / "saes" / "x", {})
+    cfg = compose(
+        ["sae.architecture=topk", "sae.d_sae=64", "sae.k=4", "sae.seed=5", f"sae.init_from={tmp_path / 'saes'}"]
+    )
+    module = SAEModule(make_specs(cfg.sae, {"x": 32}), cfg.sae, 10)
+    module.initialise({"x": arrays["x"]})
+    x = torch.from_numpy(arrays["x"][:100])
+    with torch.no_grad():
+        torch.testing.assert_close(module.saes[0](x), trained(x), atol=1e-5, rtol=1e-4)
+    cold = SAEModule(
+        make_specs(compose(["sae.architecture=topk", "sae.d_sae=64", "sae.k=4", "sae.seed=5"]).sae, {"x": 32}),
+        cfg.sae.copy(),
+        10,
+    )
+    with torch.no_grad():
+        assert not torch.allclose(cold.saes[0].W_dec, module.saes[0].W_dec)

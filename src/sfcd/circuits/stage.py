@@ -267,3 +267,25 @@ def circuit_edges(model, dicts, bs, per_batch, sites, keep, n: int, reference: b
             if up_err:
                 out.append({"from": f"{up.name}/eps", "to": to, "weight": float(w[r, -1])})
     return out
+
+
+def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -> dict[str, float]:
+    """Faithfulness and completeness at checkpoint ``step`` of the circuit whose nodes are ``node_ids``
+    (``<site>/<feature>`` or ``<site>/eps``, in that checkpoint's feature indices), on the task's eval split."""
+    c = cfg.circuit
+    run = RunDir(cfg.run_dir)
+    model, tokenizer, step = checkpoint(cfg, step)
+    sites = sorted(expand_sites(list(c.sites), model), key=lambda x: x.order)
+    dicts = load_dictionaries(run, step, model, sites, c.dictionary)
+    split = "test" if c.split == "train" else "train"
+    path = run.task_file(task, split) if run.task_file(task, split).exists() else task_path(run, task, c.split)
+    bs = batches(load_task(path, tokenizer, task), c.n_examples, c.batch_size)
+    keep = {}
+    for s_ in sites:
+        mask = torch.zeros(dicts[s_].d_sae, dtype=torch.bool)
+        for nid in node_ids:
+            site, _, feat = nid.partition("/")
+            if site == s_.name and feat != "eps":
+                mask[int(feat.split("@")[0])] = True
+        keep[s_] = (mask, f"{s_.name}/eps" in node_ids)
+    return Faithfulness(model, dicts, bs, c.ablation)(keep)

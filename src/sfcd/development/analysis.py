@@ -118,7 +118,7 @@ def translate(nodes: dict[str, float], maps: dict[str, np.ndarray]) -> dict[str,
 
 
 def circuit_development(
-    run: RunDir, steps: list[int], tasks: list[str], sites: dict[str, dict], threshold: float
+    run: RunDir, steps: list[int], tasks: list[str], sites: dict[str, dict], threshold: float, cfg=None
 ) -> dict:
     """Per task: circuit size, node Jaccard and weighted Jaccard (adjacent steps and against the last)."""
     out = {}
@@ -151,13 +151,25 @@ def circuit_development(
             last_here = translate(nodes[-1], maps)
             row["jaccard_final"] = jaccard(set(last_here), set(nodes[k]))
             row["weighted_jaccard_final"] = weighted_jaccard(last_here, nodes[k])
+            if cfg is not None:  # the last circuit, carried to this checkpoint through matched features
+                from sfcd.circuits.stage import faithfulness_of
+
+                r = faithfulness_of(cfg, s, task, set(last_here))
+                row["final_circuit_faithfulness"] = r["faithfulness"]
+                row["final_circuit_nodes_matched"] = len(last_here)
             rows.append(row)
         out[task] = rows
     return out
 
 
 def analyse(
-    run: RunDir, steps: list[int], site_names: list[str], tasks: list[str], threshold: float, seed_suffix: str | None
+    run: RunDir,
+    steps: list[int],
+    site_names: list[str],
+    tasks: list[str],
+    threshold: float,
+    seed_suffix: str | None,
+    cfg=None,
 ) -> dict:
     """Everything of the development/ folder; CSV and JSON beside each other."""
     dev = run.root / "development"
@@ -187,7 +199,7 @@ def analyse(
                 }
             )
     write_csv(dev / "sae_development.csv", rows, list(rows[0]))
-    circuits = circuit_development(run, steps, tasks, sites, threshold) if tasks else {}
+    circuits = circuit_development(run, steps, tasks, sites, threshold, cfg) if tasks else {}
     crow = [{"task": t, **r} for t, rs in circuits.items() for r in rs]
     if crow:
         cols = list(dict.fromkeys(k for r in crow for k in r))

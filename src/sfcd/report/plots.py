@@ -80,8 +80,15 @@ def lineage_plot(sites: dict, path: Path) -> Path:
 
 
 def circuits_plot(circuits: dict, path: Path) -> Path:
-    plt, fig, axes = _fig(1, 2, (12, 3.8))
+    plt, fig, axes = _fig(1, 3, (16, 3.8))
     for i, (task, rows) in enumerate(circuits.items()):
+        axes[2].plot(
+            [_x(r["step"]) for r in rows],
+            [r.get("final_circuit_faithfulness") for r in rows],
+            "o-",
+            color=f"C{i}",
+            label=task,
+        )
         x = [_x(r["step"]) for r in rows]
         axes[0].plot(x, [r["n_nodes"] for r in rows], "o-", color=f"C{i}", label=task)
         axes[1].plot(x, [r["jaccard_final"] for r in rows], "o-", color=f"C{i}", label=f"{task}: nodes")
@@ -90,6 +97,7 @@ def circuits_plot(circuits: dict, path: Path) -> Path:
         )
     axes[0].set_ylabel("circuit size (nodes)")
     axes[1].set_ylabel("Jaccard with the last circuit")
+    axes[2].set_ylabel("faithfulness of the last circuit, carried back")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("step")

@@ -80,6 +80,7 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
         out_root = run.root / "saes" / f"step{step}"
         meta_base = {
             "model_name": cfg.model.source or str(run.model_step(step)),
+            "sfcd_init_from": s.init_from,
             "sfcd_step": step,
             "dataset_path": str(run.tokens("train")),
             "context_size": s.seq_len or cfg.model.seq_len,

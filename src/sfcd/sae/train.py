@@ -92,6 +92,27 @@ def make_specs(sae_cfg: DictConfig, site_dims: dict[str, int]) -> list[SAESpec]:
     return specs
 
 
+@torch.no_grad()
+def warm_start(sae: SAE, folder: Path) -> None:
+    """Start from a saved SAE (same architecture and shape): its folded weights are unfolded with this SAE's
+    input scale, so the warm-started SAE computes the saved one's function on raw activations."""
+    from sfcd.errors import InputError
+    from sfcd.sae.io import load_sae
+
+    old = load_sae(folder)
+    if (old.d_in, old.d_sae) != (sae.d_in, sae.d_sae):
+        raise InputError(
+            f"cannot warm-start from {folder}: its shape {(old.d_in, old.d_sae)} is not {(sae.d_in, sae.d_sae)}"
+        )
+    s = sae.scale
+    sae.W_enc.copy_(old.W_enc / s)
+    sae.b_enc.copy_(old.b_enc)
+    sae.W_dec.copy_(old.W_dec * s)
+    sae.b_dec.copy_(old.b_dec * s)
+    if hasattr(old, "log_threshold") and hasattr(sae, "log_threshold"):
+        sae.log_threshold.copy_(old.log_threshold)
+
+
 def lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float) -> float:
     warmup, decay_start = max(1, int(warmup_frac * total)), int((1 - decay_frac) * total)
     if step < warmup:
@@ -128,6 +149,8 @@ class SAEModule(L.LightningModule):
                 sae.scale.fill_(math.sqrt(spec.d_in) / norm)
             if sae.apply_b_dec_to_input:
                 sae.b_dec.copy_(geometric_median(sample[:4096] * sae.scale))
+            if self.cfg.get("init_from"):
+                warm_start(sae, Path(self.cfg.init_from) / spec.name)
 
     def configure_optimizers(self):
         groups = [
