@@ -11,11 +11,11 @@ import json
 import time
 
 import torch
-from omegaconf import OmegaConf
 from transformers import GPTNeoXForCausalLM
 
 from sfcd.circuits.data import PairBatch
 from sfcd.circuits.effects import edge_effects, edge_pairs, node_effects
+from sfcd.config import compose
 from sfcd.models.presets import neox_config
 from sfcd.models.sites import parse_site, valid_sites
 from sfcd.sae.topk import TopKSAE
@@ -23,19 +23,7 @@ from sfcd.sae.topk import TopKSAE
 
 def main() -> None:
     torch.manual_seed(0)
-    preset = OmegaConf.create(
-        dict(
-            n_layers=2,
-            d_model=128,
-            n_heads=4,
-            d_mlp=512,
-            rotary_pct=0.25,
-            max_position=256,
-            seq_len=64,
-            attn_implementation="eager",
-        )
-    )
-    model = GPTNeoXForCausalLM(neox_config(preset, 820)).eval()
+    model = GPTNeoXForCausalLM(neox_config(compose(["model=tiny"]).model, 820)).eval()  # the demo's preset
     for p in model.parameters():
         p.requires_grad_(False)
     sites = [parse_site(s, model) for s in valid_sites(model) if not s.startswith("mlp_act")]

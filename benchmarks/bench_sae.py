@@ -64,26 +64,14 @@ def sae_rate(arch: str, acts: np.ndarray, d_in: int, d_sae: int, batch: int, ste
 
 
 def harvest_vs_forward(n_tokens: int = 65536) -> dict:
-    from omegaconf import OmegaConf
     from transformers import GPTNeoXForCausalLM
 
     from sfcd.activations.harvest import harvest
+    from sfcd.config import compose
     from sfcd.models.presets import neox_config
     from sfcd.models.sites import parse_site, valid_sites
 
-    preset = OmegaConf.create(
-        dict(
-            n_layers=2,
-            d_model=128,
-            n_heads=4,
-            d_mlp=512,
-            rotary_pct=0.25,
-            max_position=256,
-            seq_len=64,
-            attn_implementation="eager",
-        )
-    )
-    model = GPTNeoXForCausalLM(neox_config(preset, 820)).eval()
+    model = GPTNeoXForCausalLM(neox_config(compose(["model=tiny"]).model, 820)).eval()  # the demo's preset
     windows = np.random.default_rng(0).integers(0, 820, size=(n_tokens // 64, 64))
     sites = [parse_site(s, model) for s in valid_sites(model) if not s.startswith("mlp_act")]
     with torch.no_grad():

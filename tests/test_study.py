@@ -50,6 +50,8 @@ def test_study_writes_the_development_and_a_report_that_renders(reference_study,
     run = reference_study
     dev = json.loads((run / "development" / "development.json").read_text())
     assert dev["steps"] == [8, 16, 24] and len(dev["sites"]) == 7
+    for site in dev["sites"].values():  # lineage counts cover exactly the last SAE's live features
+        assert sum(site["first_step_counts"].values()) == site["live_features"][-1] > 0
     rows = dev["sae_rows"]
     assert {r["step"] for r in rows} == {8, 16, 24} and all(r["seed_baseline"] is not None for r in rows)
     assert all(r["shared_with_final"] == 1.0 for r in rows if r["step"] == 24)  # an SAE shares all with itself
@@ -87,8 +89,6 @@ def test_study_errors(tmp_path, test_run):
 
 
 def test_saes_of_different_widths_across_steps(tmp_path):
-    import torch
-
     from sfcd.development.analysis import site_development
     from sfcd.io import write_json
     from sfcd.paths import RunDir
@@ -103,7 +103,6 @@ def test_saes_of_different_widths_across_steps(tmp_path):
         site_development(RunDir(tmp_path), [1, 2], "resid.0", 0.7, None)
     with pytest.raises(MissingArtifactError, match="no SAE resid.0 at step 3"):
         site_development(RunDir(tmp_path), [1, 3], "resid.0", 0.7, None)
-    del torch
 
 
 def test_the_hub_code_path_on_a_local_save_pretrained_folder(test_run, tmp_path):
