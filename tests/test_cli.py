@@ -76,7 +76,7 @@ def test_sae_stage_bad_architecture_and_site(test_run):
 
 
 def test_multirun_sweep_goes_through_hydra(tmp_path):
-    """`-m` fans out one job per value (Hydra's launcher), each with its own run directory."""
+    """`-m` fans out one job per value through Hydra's joblib launcher, each with its own run directory."""
     p = sfcd(
         "corpus",
         "-m",
@@ -85,6 +85,7 @@ def test_multirun_sweep_goes_through_hydra(tmp_path):
         f"run_dir={tmp_path}/seed${{corpus.seed}}",
         "corpus.n_tokens=3000",
         "corpus.val_tokens=500",
+        "hydra/launcher=joblib",
     )
     assert p.returncode == 0, p.stderr
     a = json.loads((tmp_path / "seed1" / "corpus" / "meta.json").read_text())
