@@ -150,3 +150,36 @@ def test_bad_files_are_clear_errors(tmp_path):
     (evil / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
     with pytest.raises(InputError, match="weights-only"):
         load_sae(evil)
+
+
+def test_reference_comparison_table(tmp_path):
+    from sfcd.io import write_json
+    from sfcd.sae.reference import write_comparison
+
+    folders = []
+    for seed in (0, 1):
+        sae = trained_like("relu", d_in=8, d_sae=20, seed=seed)
+        with torch.no_grad():  # 10 rare features sharing one encoder direction, as in the reference's finding
+            sae.W_enc[:, :10] = torch.tensor([1.0] + [0.0] * 7)[:, None] + 0.01 * torch.randn(8, 10)
+        density = torch.cat([torch.full((10,), 1e-5), torch.zeros(2), torch.full((8,), 0.05)])
+        folder = tmp_path / f"mlp_act.0@seed={seed}"
+        save_sae(sae, folder, {"sfcd_site": "mlp_act.0"}, density=density)
+        write_json(
+            folder / "metrics.json",
+            {
+                "ce_loss_score": 0.9,
+                "l0": 5.0,
+                "d_in": 8,
+                "d_sae": 20,
+                "site": "mlp_act.0",
+                "hparams": {"l1_coeff": 3e-4, "dead_tokens": 100, "resample_every": 10},
+                "lr": 1e-4,
+                "train_tokens": 1000,
+            },
+        )
+        folders.append(folder)
+    md = write_comparison(folders, tmp_path).read_text()
+    assert "| dead_fraction | no dead features | 0.100, 0.100 |" in md
+    assert "| ultra_low_fraction | over half of the features (density < 1e-4) | 0.500, 0.500 |" in md
+    stats = json.loads((tmp_path / "reference_comparison.json").read_text())
+    assert stats["stats"][0]["cluster_cos_to_mean"] > 0.99 and stats["cross_seed_cluster_cos"] > 0.99

@@ -23,6 +23,7 @@ from sfcd.io import read_json, save_safetensors, write_json
 from sfcd.models.loading import checkpoint
 from sfcd.models.sites import parse_site
 from sfcd.paths import RunDir
+from sfcd.sae.evaluate import ultra_low_group
 from sfcd.sae.io import load_sae
 from sfcd.sae.stage import check_sae_fits
 
@@ -39,24 +40,19 @@ def list_saes(run: RunDir, step: int) -> list[Path]:
 
 
 def cluster_summary(sae, density: torch.Tensor, low: float) -> dict:
-    """The ultra-low-density group (live features below ``low``) and how much their encoder directions agree."""
-    alive = density > 0
-    ultra = alive & (density < low)
+    """The ultra-low-density group (live features below ``low``) and whether it is the one-layer reference's
+    cluster: many features (>= 10%) sharing one encoder direction (mean cosine to their mean >= 0.5)."""
+    g = ultra_low_group(sae.W_enc, density, low)
     out = {
-        "dead": int((~alive).sum()),
-        "ultra_low": int(ultra.sum()),
+        "dead": int(g["dead"].sum()),
+        "ultra_low": int(g["ultra"].sum()),
         "d_sae": len(density),
+        "dead_ids": g["dead"].nonzero().flatten().tolist(),
         "cluster": False,
-        "dead_ids": (~alive).nonzero().flatten().tolist(),
     }
-    if ultra.sum() >= 2:
-        dirs = sae.W_enc.detach().t()
-        dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        mean = dirs[ultra].mean(0)
-        cos = float((dirs[ultra] @ (mean / mean.norm())).mean())
-        out["ultra_low_cos_to_mean"] = cos
-        # the one-layer reference's finding: many features, one shared encoder direction
-        out["cluster"] = bool(out["ultra_low"] >= 0.1 * len(density) and cos >= 0.5)
+    if g["cos_to_mean"] is not None:
+        out["ultra_low_cos_to_mean"] = g["cos_to_mean"]
+        out["cluster"] = bool(out["ultra_low"] >= 0.1 * len(density) and g["cos_to_mean"] >= 0.5)
     return out
 
 

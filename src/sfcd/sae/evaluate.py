@@ -98,3 +98,24 @@ def density_histogram(density: torch.Tensor, png: Path, title: str) -> Path:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return png
+
+
+@torch.no_grad()
+def ultra_low_group(W_enc: torch.Tensor, density: torch.Tensor, low: float = 1e-4) -> dict:
+    """Dead features, the live features below density ``low``, and how much the latter's encoder directions
+    agree (mean cosine to their mean direction; the same for the other live features, for comparison).
+    ``W_enc`` is [d_in, d_sae] (SAELens orientation)."""
+    dirs = W_enc.t().float()
+    dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    dead = density <= 0
+    ultra = ~dead & (density < low)
+    rest = ~dead & ~ultra
+    out = {"dead": dead, "ultra": ultra, "cos_to_mean": None, "mean_dir": None, "others_cos_to_mean": None}
+    for mask, key in ((ultra, "cos_to_mean"), (rest, "others_cos_to_mean")):
+        if mask.sum() >= 2:
+            mean = dirs[mask].mean(0)
+            mean = mean / mean.norm().clamp_min(1e-8)
+            out[key] = float((dirs[mask] @ mean).mean())
+            if key == "cos_to_mean":
+                out["mean_dir"] = mean
+    return out

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from sfcd.io import read_json, write_json, write_text
+from sfcd.sae.evaluate import ultra_low_group
 
 RECIPE = [
     ("model", "gelu-1l: 1 layer, d_model 512, d_mlp 2048"),
@@ -31,33 +31,21 @@ REPORTED = {
 }
 
 
-def _encoder_dirs(folder: Path) -> torch.Tensor:
-    w = load_file(str(folder / "sae_weights.safetensors"))["W_enc"].t()  # [d_sae, d_in]
-    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-8)
-
-
 def cluster_stats(folder: Path, low: float = 1e-4) -> dict:
     """Ultra-low-density features (0 < density < ``low``) and how much their encoder directions agree."""
-    density = 10 ** load_file(str(folder / "sparsity.safetensors"))["sparsity"].double() - 1e-10
-    density = density.clamp_min(0)
-    dead = density <= 0
-    ultra = (~dead) & (density < low)
-    dirs = _encoder_dirs(folder)
+    density = (10 ** load_file(str(folder / "sparsity.safetensors"))["sparsity"].double() - 1e-10).clamp_min(0)
+    g = ultra_low_group(load_file(str(folder / "sae_weights.safetensors"))["W_enc"], density, low)
     out = {
         "d_sae": len(density),
-        "dead_fraction": dead.double().mean().item(),
-        "ultra_low_fraction": ultra.double().mean().item(),
-        "cluster_size": int(ultra.sum()),
+        "dead_fraction": g["dead"].double().mean().item(),
+        "ultra_low_fraction": g["ultra"].double().mean().item(),
+        "cluster_size": int(g["ultra"].sum()),
     }
-    if ultra.sum() >= 2:
-        mean_dir = dirs[ultra].mean(0)
-        mean_dir = mean_dir / mean_dir.norm()
-        out["cluster_cos_to_mean"] = (dirs[ultra] @ mean_dir).mean().item()
-        out["cluster_mean_direction"] = mean_dir
-        rest = ~ultra & ~dead
-        if rest.sum() >= 2:
-            rm = dirs[rest].mean(0)
-            out["others_cos_to_their_mean"] = (dirs[rest] @ (rm / rm.norm())).mean().item()
+    if g["cos_to_mean"] is not None:
+        out["cluster_cos_to_mean"] = g["cos_to_mean"]
+        out["cluster_mean_direction"] = g["mean_dir"]
+    if g["others_cos_to_mean"] is not None:
+        out["others_cos_to_their_mean"] = g["others_cos_to_mean"]
     return out
 
 
