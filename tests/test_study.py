@@ -56,10 +56,19 @@ def test_study_writes_the_development_and_a_report_that_renders(reference_study,
     assert {r["step"] for r in rows} == {8, 16, 24} and all(r["seed_baseline"] is not None for r in rows)
     assert all(r["shared_with_final"] == 1.0 for r in rows if r["step"] == 24)  # an SAE shares all with itself
     assert set(dev["circuits"]) == {"nounpp"}
+    for key in (
+        "n_nodes",
+        "jaccard_final",
+        "weighted_jaccard_final",
+        "edge_jaccard_final",
+        "final_circuit_faithfulness",
+    ):
+        assert all(key in r for r in dev["circuits"]["nounpp"]), key
     for name in ("training", "sae_fve", "shared_with_final", "lineage", "circuits"):
         assert (run / "development" / f"{name}.png").stat().st_size > 5000
     dom = run_chromium(chromium, (run / "report.html").as_uri())
-    assert "<h1>sfcd study: test</h1>" in dom and dom.count("data:image/png;base64,") >= 6
+    assert "<h1>sfcd study: test</h1>" in dom and dom.count("data:image/png;base64,") >= 7  # plots + a circuit
+    assert "<h2>Circuits at step 24</h2>" in dom
     assert "features/step24/resid.1/index.html" in dom and "circuits/nounpp/step24/circuit.svg" in dom
 
 

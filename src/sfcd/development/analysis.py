@@ -98,11 +98,24 @@ def weighted_jaccard(a: dict, b: dict) -> float:
     return num / den if den else float("nan")
 
 
-def circuit_nodes(run: RunDir, task: str, step: int) -> dict[str, float]:
+def circuit_graph(run: RunDir, task: str, step: int) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+    """A circuit's nodes {id: effect} and edges {(from, to): weight}."""
     p = run.root / "circuits" / task / f"step{step}" / "circuit.json"
     if not p.exists():
         raise MissingArtifactError(f"no circuit for task {task} at step {step} ({p})")
-    return {n["id"]: n["effect"] for n in read_json(p)["nodes"]}
+    c = read_json(p)
+    return {n["id"]: n["effect"] for n in c["nodes"]}, {(e["from"], e["to"]): e["weight"] for e in c["edges"]}
+
+
+def translate_edges(edges: dict[tuple[str, str], float], maps: dict[str, np.ndarray]) -> dict[tuple[str, str], float]:
+    """Edges whose two ends both translate (see :func:`translate`); ``y`` stays ``y``."""
+    out = {}
+    for (a, b), w in edges.items():
+        ta = translate({a: 0.0}, maps) if a != "y" else {"y": 0.0}
+        tb = translate({b: 0.0}, maps) if b != "y" else {"y": 0.0}
+        if ta and tb:
+            out[(next(iter(ta)), next(iter(tb)))] = w
+    return out
 
 
 def translate(nodes: dict[str, float], maps: dict[str, np.ndarray]) -> dict[str, float]:
@@ -124,7 +137,9 @@ def circuit_development(
     """Per task: circuit size, node Jaccard and weighted Jaccard (adjacent steps and against the last)."""
     out = {}
     for task in tasks:
-        nodes = [circuit_nodes(run, task, s) for s in steps]
+        graphs = [circuit_graph(run, task, s) for s in steps]
+        nodes = [g[0] for g in graphs]
+        edges = [g[1] for g in graphs]
         rows = []
         for k, s in enumerate(steps):
             row = {"step": s, "n_nodes": len(nodes[k])}
@@ -138,6 +153,7 @@ def circuit_development(
                 }
                 here = translate(nodes[k], maps)
                 row["jaccard_prev"] = jaccard(set(here), set(nodes[k - 1]))
+                row["edge_jaccard_prev"] = jaccard(set(translate_edges(edges[k], maps)), set(edges[k - 1]))
                 row["weighted_jaccard_prev"] = weighted_jaccard(here, nodes[k - 1])
             # against the last step: compose the matchings from the last step back to this one
             maps = {}
@@ -151,6 +167,7 @@ def circuit_development(
                 maps[site] = idx  # last-step feature -> this step's feature
             last_here = translate(nodes[-1], maps)
             row["jaccard_final"] = jaccard(set(last_here), set(nodes[k]))
+            row["edge_jaccard_final"] = jaccard(set(translate_edges(edges[-1], maps)), set(edges[k]))
             row["weighted_jaccard_final"] = weighted_jaccard(last_here, nodes[k])
             if cfg is not None:  # the last circuit, carried to this checkpoint through matched features
                 from sfcd.circuits.stage import faithfulness_of

@@ -98,6 +98,11 @@ def render(root: Path, title: str, plots: dict[str, Path], dev: dict, links: dic
                 ],
             )
         )
+    pictures = sorted(root.glob(f"circuits/*/step{dev['steps'][-1]}/circuit.png")) if dev["circuits"] else []
+    if pictures:
+        parts.append(f"<h2>Circuits at step {dev['steps'][-1]}</h2>")
+        for p in pictures:
+            parts.append(f"<h3>{html.escape(p.parent.parent.name)}</h3>{_img(p, p.parent.parent.name)}")
     for heading, paths in links.items():
         parts.append(f"<h2>{html.escape(heading)}</h2><ul>")
         parts += [f"<li>{_link(p, root, str(p.relative_to(root)))}</li>" for p in paths]
