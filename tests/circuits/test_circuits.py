@@ -88,15 +88,26 @@ def test_circuit_stage_end_to_end(test_run, test_saes):
             f"run_dir={test_run.run_dir}",
             "circuit.sites=[resid.0,mlp.1]",
             "circuit.n_examples=16",
-            "circuit.node_threshold=0.01",
+            "circuit.node_threshold=0.001",
             "circuit.sweep_points=5",
         ]
     )
     out = find_circuit(cfg)
+    from safetensors.torch import load_file
+
+    effects = load_file(str(out / "node_effects.safetensors"))
     c = json.loads((out / "circuit.json").read_text())
     m = c["metadata"]
     assert m["task"] == "nounpp" and m["step"] == 24 and m["n_examples"] == 16
-    assert len(c["nodes"]) >= 0 and all(abs(n["effect"]) > 0.01 for n in c["nodes"])
+    # the circuit's nodes are exactly the nodes whose effect passes the threshold
+    expected = {
+        f"{site}/{j}"
+        for site in ("resid.0", "mlp.1")
+        for j in (effects[f"{site}.features"].abs() > 0.001).nonzero().flatten().tolist()
+    }
+    expected |= {f"{site}/eps" for site in ("resid.0", "mlp.1") if effects[f"{site}.error"].abs() > 0.001}
+    assert {n["id"] for n in c["nodes"]} == expected and expected
+    assert all(abs(n["effect"]) > 0.001 for n in c["nodes"])
     assert {"F_M", "F_empty", "faithfulness", "completeness"} <= set(m)
     ids = {n["id"] for n in c["nodes"]} | {"y"}
     assert all(e["from"] in ids and e["to"] in ids for e in c["edges"])

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sfcd.data.tasks import Task, TaskPair
+from sfcd.data.tasks import Task
 
 
 @torch.no_grad()
@@ -25,13 +25,6 @@ def heldout_loss(model, tokens: np.ndarray, seq_len: int, n_batches: int, batch_
         logits = model(x[:, :-1]).logits
         losses.append(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item())
     return float(np.mean(losses))
-
-
-def _by_length(pairs: list[TaskPair], attr: str) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(pairs):
-        groups[len(getattr(p, attr))].append(i)
-    return groups
 
 
 @torch.no_grad()
