@@ -29,7 +29,7 @@ class BatchTopKSAE(TopKSAE):
     def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
         xc = x - self.b_dec
         with torch.no_grad():
-            pre = xc @ self.W_enc + self.b_enc
+            pre = torch.addmm(self.b_enc, xc, self.W_enc)
             m = min(self.d_sae, int(self.hparams.get("candidate_mult", 4)) * self.k)
             cand_vals, idx = pre.topk(m, dim=-1)
             n_keep = self.k * x.shape[0]

@@ -32,12 +32,12 @@ class TopKSAE(SAE):
         sparse = self.hparams.get("sparse", True)
         if sparse:
             with torch.no_grad():
-                pre = xc @ self.W_enc + self.b_enc
+                pre = torch.addmm(self.b_enc, xc, self.W_enc)
             idx = self.select(pre)
             vals = torch.relu(gather_pre(xc, self.W_enc, self.b_enc, idx, pre))
             x_hat = sparse_decode(idx, vals, self.W_dec) + self.b_dec
         else:
-            pre = xc @ self.W_enc + self.b_enc
+            pre = torch.addmm(self.b_enc, xc, self.W_enc)
             idx = self.select(pre.detach())
             vals = torch.relu(pre.gather(1, idx))
             x_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec + self.b_dec
