@@ -79,24 +79,22 @@ def test_full_circuit_is_faithful_and_empty_is_not(setup):
     assert abs(full["F_M"] - full["F_empty"]) > 1e-5  # ablating everything changes the metric
 
 
-def test_circuit_stage_end_to_end(test_run, test_saes):
-    from sfcd.circuits.stage import find_circuit
-
-    cfg = compose(
-        [
-            "experiment=test",
-            f"run_dir={test_run.run_dir}",
-            "circuit.sites=[resid.0,mlp.1]",
-            "circuit.n_examples=16",
-            "circuit.node_threshold=0.001",
-            "circuit.sweep_points=5",
-        ]
-    )
-    out = find_circuit(cfg)
+def run_circuit(test_run, *overrides: str) -> tuple[dict, dict]:
+    """``sfcd circuit`` on the test run's resid.0 and mlp.1 SAEs: (circuit.json, node effects)."""
     from safetensors.torch import load_file
 
-    effects = load_file(str(out / "node_effects.safetensors"))
-    c = json.loads((out / "circuit.json").read_text())
+    from sfcd.circuits.stage import find_circuit
+
+    cfg = compose(["experiment=test", f"run_dir={test_run.run_dir}", "circuit.sites=[resid.0,mlp.1]", *overrides])
+    out = find_circuit(cfg)
+    return json.loads((out / "circuit.json").read_text()), load_file(str(out / "node_effects.safetensors"))
+
+
+def test_circuit_stage_end_to_end(test_run, test_saes):
+    c, effects = run_circuit(
+        test_run, "circuit.n_examples=16", "circuit.node_threshold=0.001", "circuit.sweep_points=5"
+    )
+    out = RunDir(test_run.run_dir).root / "circuits" / "nounpp" / "step24"
     m = c["metadata"]
     assert m["task"] == "nounpp" and m["step"] == 24 and m["n_examples"] == 16
     # the circuit's nodes are exactly the nodes whose effect passes the threshold
@@ -119,28 +117,17 @@ def test_circuit_stage_end_to_end(test_run, test_saes):
 
 
 def test_per_position_aggregation(test_run, test_saes):
-    from safetensors.torch import load_file
-
-    from sfcd.circuits.stage import find_circuit
-
-    cfg = compose(
-        [
-            "experiment=test",
-            f"run_dir={test_run.run_dir}",
-            "circuit.sites=[resid.0,mlp.1]",
-            "circuit.aggregation=none",
-            "circuit.method=attrib",
-            "circuit.n_examples=8",
-            "circuit.baselines=false",
-            "circuit.sweep_points=3",
-            "circuit.task=simple",
-            "circuit.node_threshold=0.001",
-        ]
+    c, eff = run_circuit(
+        test_run,
+        "circuit.aggregation=none",
+        "circuit.method=attrib",
+        "circuit.n_examples=8",
+        "circuit.baselines=false",
+        "circuit.sweep_points=3",
+        "circuit.task=simple",
+        "circuit.node_threshold=0.001",
     )
-    out = find_circuit(cfg)
-    eff = load_file(str(out / "node_effects.safetensors"))
     assert eff["resid.0.features"].ndim == 2 and eff["resid.0.error"].ndim == 1  # [positions, features]
-    c = json.loads((out / "circuit.json").read_text())
     assert all(n["position"] is not None for n in c["nodes"] if n["feature"] is not None)
 
 
