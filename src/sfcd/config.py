@@ -106,12 +106,14 @@ class SAEConfig:
     decay_frac: float = 0.2  # linear lr decay to 0 over this last fraction of steps
     grad_clip: float = 1.0  # per-SAE gradient norm clip
     batch_size: int = 4096  # activations per step
-    n_tokens: int = 1_000_000  # training activations per site (epochs repeat when the cache holds fewer)
+    n_tokens: int = 1_000_000  # training activations per site (memory does not grow with it; files repeat epochs)
+    buffer_tokens: int = 262_144  # activations per site held at once: one streamed chunk, shuffled (bounds memory)
+    buffer_dtype: str = "float32"  # float32 | bfloat16: the buffer's and the on-disk cache's values
     eval_tokens: int = 32_768  # held-out tokens for evaluation
     seq_len: int | None = None  # harvest context length (None: the model preset's seq_len)
     harvest_batch: int = 32  # sequences per harvesting forward pass
     exclude_special: bool = True  # leave BOS/EOS/padding positions out of training and evaluation
-    cache: bool = False  # keep harvested activations on disk (activations/step<N>/<site>/)
+    cache: bool = False  # write each streamed chunk to activations/step<N>/<site>/ and reuse it (no forward pass)
     activations: str | None = None  # train on a plain activation file (.npy/.safetensors [N, d]) instead of a model
     seed: int = 0  # initialisation and batch order
     sweep: dict[str, list[Any]] = field(default_factory=dict)  # grid of hyperparameters trained in one stream

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig
-
-from sfcd.io import atomic_path
 
 
 def make_trainer(trainer_cfg: DictConfig, max_steps: int, log_dir: Path, callbacks: list, **kwargs) -> L.Trainer:
@@ -37,17 +36,26 @@ def make_trainer(trainer_cfg: DictConfig, max_steps: int, log_dir: Path, callbac
 
 
 def save_state(trainer: L.Trainer, path: Path) -> None:
-    """Lightning's full training state (weights, optimizer, loops), written atomically."""
-    with atomic_path(path) as tmp:
-        trainer.save_checkpoint(str(tmp), weights_only=False)
+    """Lightning's full training state (weights, optimizer, loops), written atomically.
+
+    Every rank must call this: ``Trainer.save_checkpoint`` gathers the state, writes on rank 0 and ends in a
+    barrier (under DDP, a call on rank 0 alone waits forever). All ranks name the same temp file; rank 0, the
+    only writer, renames it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    trainer.save_checkpoint(str(tmp), weights_only=False)
+    if trainer.is_global_zero:
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    trainer.strategy.barrier("sfcd.save_state")
 
 
 class SaveEvery(L.Callback):
-    """Save the training state every ``every`` optimizer steps, atomically, for a resume."""
+    """Save the training state every ``every`` optimizer steps, atomically, for a resume (on every rank)."""
 
     def __init__(self, path: Path, every: int):
         self.path, self.every = path, every
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every > 0 and trainer.global_step % self.every == 0 and trainer.is_global_zero:
+        if self.every > 0 and trainer.global_step % self.every == 0:
             save_state(trainer, self.path)

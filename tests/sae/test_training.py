@@ -9,7 +9,7 @@ import torch
 
 from sfcd.config import compose
 from sfcd.errors import ConfigError, InputError, SfcdError
-from sfcd.sae.data import StepBatches
+from sfcd.activations.stream import ArraySource, StreamBatches
 from sfcd.sae.io import load_sae
 from sfcd.sae.train import SAEModule, make_specs, train_module
 
@@ -76,7 +76,7 @@ def test_resume_continues_the_same_run(arrays, tmp_path):
 
 def test_nan_stops_naming_step_and_site_and_keeps_the_last_state(arrays, tmp_path):
     bad = {"x": arrays["x"].copy()}
-    rows = StepBatches(bad, 256, seed=0).rows(7)
+    rows = StreamBatches(ArraySource(bad, 8192, seed=0), 256, seed=0).rows(7).numpy()  # one chunk = the file
     bad["x"][rows[0]] = np.nan
     with pytest.raises(SfcdError, match=r"site x at training step 7.*last good training state is kept"):
         fit(["sae.architecture=relu"], {"x": 32}, bad, tmp_path)
@@ -114,15 +114,20 @@ def test_sae_stage_on_a_checkpoint(test_run, test_saes):
             "ce_sae",
             "ce_zero",
             "dead_fraction",
-            "below_1e-5",
-            "below_1e-6",
+            "density_resolution",
         ):
             assert key in m and np.isfinite(m[key]), key
+        # 2048 evaluation tokens cannot tell a density of 1e-5 from 0: not reported as if they could
+        assert m["density_resolution"] == 1 / 2048 and m["below_1e-5"] is None and m["below_1e-6"] is None
+        meta = json.loads((f / "cfg.json").read_text())["metadata"]
+        assert meta["prepend_bos"] is False and meta["model_from_pretrained_kwargs"]["center_writing_weights"] is False
         assert m["l0"] <= 8 + 1e-6 and m["ce_zero"] > m["ce_clean"]
         assert (f / "sparsity.safetensors").exists() and (f / "density.png").stat().st_size > 1000
         assert load_sae(f).d_sae == 4 * 32
-    manifest = json.loads((run.root / "activations" / "step24" / "resid.0" / "manifest.json").read_text())
-    assert manifest["count"] == 8192 and manifest["d"] == 32 and manifest["step"] == 24
+    cache = run.root / "activations" / "step24" / "resid.0"
+    stream = json.loads((cache / "stream.json").read_text())
+    assert stream["rows"] == 8192 and stream["d"] == 32 and stream["step"] == 24
+    assert (cache / "chunk_000000.bin").stat().st_size == 8192 * 32 * 4
     assert not (run.root / "saes" / "step24" / ".train").exists()
     before = (folders[0] / "sae_weights.safetensors").stat().st_mtime_ns
     train_saes(cfg)  # complete: skipped

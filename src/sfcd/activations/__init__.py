@@ -1,1 +1,1 @@
-"""Activations: harvesting from a model, the on-disk cache, plain activation files, the mixing buffer."""
+"""Activations: harvesting from a model, streaming in bounded chunks, the chunk cache, plain activation files."""

@@ -1,8 +1,9 @@
-"""Harvest a model's activations at several sites over a token file, one forward pass per batch."""
+"""Harvest a model's activations at several sites over token windows, one forward pass per batch, on the device
+where the model is."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -17,21 +18,29 @@ def token_windows(tokens: np.ndarray, seq_len: int, n_seqs: int, offset: int = 0
     return np.asarray(tokens[offset : offset + n * seq_len], dtype=np.int64).reshape(n, seq_len)
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def harvest(
     model,
-    windows: np.ndarray,
+    windows: Iterable[np.ndarray] | np.ndarray,
     sites: list[Site],
     batch_size: int = 32,
     exclude_ids: set[int] | frozenset[int] = frozenset(),
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield, per batch of windows, ``{site: [n_tokens, d]}`` float32 activations (token rows in order).
+    """Yield, per batch of windows, ``{site: [n_tokens, d]}`` float32 activations (token rows in order) on the
+    model's device. ``windows`` is an ``[n, seq_len]`` array or an iterable of such batches.
 
     Positions whose token is in ``exclude_ids`` (e.g. BOS/EOS) are left out at every site alike.
     """
-    excl = torch.tensor(sorted(exclude_ids), dtype=torch.long)
+    device = model_device(model)
+    excl = torch.tensor(sorted(exclude_ids), dtype=torch.long, device=device)
+    if isinstance(windows, np.ndarray):
+        windows = (windows[b : b + batch_size] for b in range(0, len(windows), batch_size))
     with torch.no_grad():
-        for b in range(0, len(windows), batch_size):
-            x = torch.from_numpy(windows[b : b + batch_size])
+        for w in windows:
+            x = torch.from_numpy(np.ascontiguousarray(w, dtype=np.int64)).to(device, non_blocking=True)
             acts = run_with_cache(model, x, sites)
             keep = ~torch.isin(x, excl).flatten() if len(excl) else None
             out = {}
@@ -39,3 +48,27 @@ def harvest(
                 a = acts[s.name].flatten(0, 1).float()
                 out[s.name] = a[keep] if keep is not None else a
             yield out
+
+
+def harvest_rows(
+    model,
+    windows: Iterable[np.ndarray],
+    sites: list[Site],
+    dims: dict[str, int],
+    n_rows: int,
+    exclude_ids: set[int] | frozenset[int] = frozenset(),
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Exactly ``n_rows`` activations per site (fewer only when ``windows`` runs out), written into buffers
+    allocated once on the model's device: memory is ``n_rows x sum(d)``, never a list of pieces."""
+    device = model_device(model)
+    bufs = {s.name: torch.empty(n_rows, dims[s.name], dtype=dtype, device=device) for s in sites}
+    filled = 0
+    for out in harvest(model, windows, sites, exclude_ids=exclude_ids):
+        n = min(len(next(iter(out.values()))), n_rows - filled)
+        for name, a in out.items():
+            bufs[name][filled : filled + n] = a[:n]
+        filled += n
+        if filled >= n_rows:
+            break
+    return {k: v[:filled] for k, v in bufs.items()}

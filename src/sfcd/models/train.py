@@ -158,6 +158,8 @@ class CheckpointAndEvaluate(L.Callback):
 
     def _checkpoint(self, trainer, pl_module, step: int, train_loss: float) -> None:
         if not trainer.is_global_zero:
+            if step > 0:
+                save_state(trainer, self.run.train_state)  # every rank joins the save (it ends in a barrier)
             return
         model = pl_module.model
         with atomic_dir(self.run.model_step(step)) as tmp:

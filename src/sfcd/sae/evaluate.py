@@ -15,12 +15,17 @@ from sfcd.sae.base import SAE
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, acts: np.ndarray, batch: int = 8192) -> tuple[dict[str, float], torch.Tensor]:
-    """L0, L1, FVE, MSE, cosine, l2_ratio over ``acts`` [N, d]; also returns per-feature firing counts."""
+def reconstruction_metrics(
+    sae: SAE, acts: np.ndarray | torch.Tensor, batch: int = 8192
+) -> tuple[dict[str, float], torch.Tensor]:
+    """L0, L1, FVE, MSE, cosine, l2_ratio over ``acts`` [N, d] (on the SAE's device); also returns per-feature
+    firing counts."""
     sums = {"l0": 0.0, "l1": 0.0, "sq_err": 0.0, "cos": 0.0, "l2_ratio": 0.0}
-    fired = torch.zeros(sae.d_sae, dtype=torch.long)
+    device = sae.W_enc.device
+    fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     n = len(acts)
-    x_all = torch.from_numpy(np.asarray(acts, dtype=np.float32))
+    x_all = acts if isinstance(acts, torch.Tensor) else torch.from_numpy(np.asarray(acts, dtype=np.float32))
+    x_all = x_all.to(device, torch.float32)
     mean = x_all.mean(0)
     total_var = (x_all - mean).pow(2).sum().item()
     for b in range(0, n, batch):
@@ -45,29 +50,50 @@ def reconstruction_metrics(sae: SAE, acts: np.ndarray, batch: int = 8192) -> tup
     return m, fired
 
 
-def density_metrics(fired: torch.Tensor, n_tokens: int) -> tuple[dict[str, float], torch.Tensor]:
+def density_metrics(fired: torch.Tensor, n_tokens: int) -> tuple[dict[str, float | None], torch.Tensor]:
+    """Dead fraction and the fractions below 1e-5 / 1e-6. ``n_tokens`` evaluation tokens resolve densities down to
+    ``1 / n_tokens`` (``density_resolution``); a fraction below a density that cannot be told from zero would only
+    repeat the dead fraction, so it is ``None`` unless ``1 / n_tokens`` is below it."""
     density = fired.double() / n_tokens
-    return {
+    resolution = 1.0 / max(1, n_tokens)
+    out: dict[str, float | None] = {
         "dead_fraction": (density == 0).double().mean().item(),
-        "below_1e-5": (density < 1e-5).double().mean().item(),
-        "below_1e-6": (density < 1e-6).double().mean().item(),
         "eval_tokens": n_tokens,
-    }, density
+        "density_resolution": resolution,
+    }
+    for name, level in (("below_1e-5", 1e-5), ("below_1e-6", 1e-6)):
+        out[name] = (density < level).double().mean().item() if resolution < level else None
+    return out, density
 
 
 @torch.no_grad()
-def spliced_losses(model, site: Site, sae: SAE, windows: np.ndarray, batch: int = 16) -> dict[str, float]:
-    """CE loss clean, with the SAE's reconstruction spliced in, and with the site zero-ablated; KL to clean."""
+def spliced_losses(
+    model, site: Site, sae: SAE, windows: np.ndarray, exclude_ids=frozenset(), batch: int = 16
+) -> dict[str, float]:
+    """CE loss clean, with the SAE's reconstruction spliced in, and with the site zero-ablated; KL to clean.
+
+    Positions whose token is in ``exclude_ids`` (BOS/EOS, left out of training) keep their original activations
+    in both the spliced and the ablated run, as SAEBench does; the losses are over every position."""
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl = {"sae": 0.0, "zero": 0.0}
     n_tok = 0
+    device = next(model.parameters()).device
+    excl = torch.tensor(sorted(exclude_ids), dtype=torch.long, device=device)
     for b in range(0, len(windows), batch):
-        x = torch.from_numpy(windows[b : b + batch])
+        x = torch.from_numpy(np.ascontiguousarray(windows[b : b + batch])).to(device)
+        keep = (~torch.isin(x, excl))[..., None] if len(excl) else None
         targets = x[:, 1:].flatten()
         clean = model(x).logits[:, :-1].flatten(0, 1).float()
         logp_clean = F.log_softmax(clean, -1)
         ce["clean"] += F.cross_entropy(clean, targets, reduction="sum").item()
-        for name, fn in (("sae", lambda a: sae(a.float()).to(a.dtype)), ("zero", torch.zeros_like)):
+
+        def only_kept(fn):
+            return fn if keep is None else (lambda a: torch.where(keep, fn(a), a))
+
+        for name, fn in (
+            ("sae", only_kept(lambda a: sae(a.float()).to(a.dtype))),
+            ("zero", only_kept(torch.zeros_like)),
+        ):
             with hooks(model, {site: fn}):
                 logits = model(x).logits[:, :-1].flatten(0, 1).float()
             ce[name] += F.cross_entropy(logits, targets, reduction="sum").item()

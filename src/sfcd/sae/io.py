@@ -33,6 +33,16 @@ _HOOK_NAMES = {
 }
 
 
+#: ``HookedTransformer.from_pretrained`` kwargs under which TransformerLens's hook values equal the activations
+#: of the plain ``transformers`` model (its defaults fold LayerNorm and centre the writing weights)
+TRANSFORMER_LENS_KWARGS = {
+    "fold_ln": False,
+    "center_writing_weights": False,
+    "center_unembed": False,
+    "fold_value_biases": False,
+}
+
+
 def hook_name(site: str) -> str:
     kind, _, layer = site.partition(".")
     return _HOOK_NAMES.get(kind, site).format(l=layer)
@@ -56,7 +66,7 @@ def save_sae(
             "sae_lens_version": SAELENS_VERSION,
             "hook_name": hook_name(site) if site else meta.get("hook_name", ""),
             "hook_head_index": None,
-            "prepend_bos": meta.pop("prepend_bos", True),
+            "prepend_bos": meta.pop("prepend_bos", False),  # sfcd harvests windows of packed text
             "exclude_special_tokens": meta.pop("exclude_special_tokens", True),
             "sfcd_architecture": sae.architecture,
             "sfcd_hparams": {k: v for k, v in sae.hparams.items() if isinstance(v, (int, float, str, bool))},

@@ -43,11 +43,12 @@ class ReLUSAE(SAE):
             return
         p = per_token_loss.pow(2)
         p = p / p.sum() if p.sum() > 0 else torch.full_like(p, 1 / len(p))
-        picks = torch.multinomial(p, n, replacement=True, generator=g)
-        v = x[picks] - self.b_dec
+        # drawn on the CPU with the trainer's CPU generator: the same picks on any device
+        picks = torch.multinomial(p.float().cpu(), n, replacement=True, generator=g).to(x.device)
+        v = x[picks].to(self.W_dec.dtype) - self.b_dec
         v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
         alive = ~dead
-        enc_norm = self.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        enc_norm = self.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.ones((), device=x.device)
         self.W_dec[dead] = v * 0.1
         self.W_enc[:, dead] = (v * enc_norm * 0.2).t()
         self.b_enc[dead] = 0.0

@@ -4,6 +4,10 @@
 densely without grad) with a backward that touches only the selected latents:
 grad_x = sum_j g_j W_enc[:, idx_j] (an embedding bag), grad_W_enc = x^T G (a sparse-dense product),
 grad_b_enc = scatter-add of g. ``sparse_decode`` is an embedding bag over decoder rows.
+
+One dtype inside: under autocast (``bf16-mixed``) the dense encoder matmul gives bf16 pre-activations, while the
+parameters stay float32; the sparse kernels compute in the parameters' dtype and return gradients in each
+input's own dtype.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ class _GatherPre(torch.autograd.Function):
         B, k = idx.shape
         d_sae = W_enc.shape[1]
         grad_x = grad_W = grad_b = None
+        g = g.to(W_enc.dtype)
         flat_idx, flat_g = idx.reshape(-1), g.reshape(-1).contiguous()
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(idx, W_enc.t().contiguous(), per_sample_weights=g.contiguous(), mode="sum")
+            grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             # G^T as CSR [d_sae, B]: rows are latents, sorted by latent; grad_W_enc^T = G^T @ x
             order = torch.argsort(flat_idx, stable=True)
@@ -39,7 +45,7 @@ class _GatherPre(torch.autograd.Function):
             crow[1:] = counts.cumsum(0)
             rows_b = torch.arange(B, device=x.device).repeat_interleave(k)[order]
             gt = torch.sparse_csr_tensor(crow, rows_b, flat_g[order], size=(d_sae, B), check_invariants=False)
-            grad_W = (gt @ x).t()
+            grad_W = (gt @ x.to(W_enc.dtype)).t()
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, flat_idx, flat_g)
         return grad_x, grad_W, grad_b, None, None
@@ -52,7 +58,7 @@ def gather_pre(x, W_enc, b_enc, idx, pre) -> torch.Tensor:
 
 def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """``sum_j vals[:, j] * W_dec[idx[:, j]]`` without materialising [B, k, d]."""
-    return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+    return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
 
 
 def dense_from_sparse(idx: torch.Tensor, vals: torch.Tensor, d_sae: int) -> torch.Tensor:

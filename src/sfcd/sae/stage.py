@@ -1,4 +1,5 @@
-"""The ``sae`` stage: activations of a checkpoint (or a plain file) -> trained, evaluated SAEs on disk.
+"""The ``sae`` stage: activations of a checkpoint (or a plain file), streamed in bounded memory on the device of
+the work -> trained, evaluated SAEs on disk.
 
 Output per SAE, ``saes/step<N>/<name>/``: cfg.json, sae_weights.safetensors, sparsity.safetensors (SAELens
 layout), metrics.json (written last: it marks the SAE complete) and density.png.
@@ -11,21 +12,23 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
-from sfcd.activations.cache import read_activation_file
-from sfcd.activations.harvest import token_windows
+from sfcd.activations.cache import read_activation_file, torch_dtype
+from sfcd.activations.harvest import harvest_rows, token_windows
+from sfcd.activations.stream import ArraySource, HarvestSource, check_buffer_fits
 from sfcd.data.tokens import read_tokens
+from sfcd.devices import work_device
 from sfcd.errors import ConfigError, InputError
-from sfcd.io import write_json
+from sfcd.io import read_json, write_json
 from sfcd.models.loading import checkpoint
 from sfcd.models.sites import Site, parse_site, site_dim, valid_sites
 from sfcd.paths import RunDir
 from sfcd.sae import evaluate as E
 from sfcd.sae.base import SAE
-from sfcd.sae.data import cached_or_harvest, harvest_arrays
-from sfcd.sae.io import save_sae
-from sfcd.sae.train import SAEModule, make_specs, prepare_state_dir, settings_of, train_module
+from sfcd.sae.io import TRANSFORMER_LENS_KWARGS, save_sae
+from sfcd.sae.train import SAEModule, buffer_rows, make_specs, prepare_state_dir, settings_of, train_module
 
 log = logging.getLogger(__name__)
 
@@ -59,75 +62,130 @@ def _special_ids(tokenizer, exclude: bool) -> set[int]:
     return set(tokenizer.all_special_ids) if exclude else set()
 
 
+def _file_source(cfg: DictConfig, total: int, device: torch.device):
+    """A plain activation file: the last ``eval_tokens`` rows (at most a tenth) held out, the rest streamed."""
+    s = cfg.sae
+    arr = read_activation_file(s.activations)
+    n_eval = min(s.eval_tokens, len(arr) // 10)
+    train = arr[: len(arr) - n_eval]  # a view of the memory map: nothing is read yet
+    if len(train) < s.batch_size:
+        raise InputError(
+            f"activation file {s.activations} holds {len(train)} training rows, fewer than one batch of "
+            f"sae.batch_size={s.batch_size}; lower sae.batch_size or use a longer file"
+        )
+    if total * s.batch_size > len(train):
+        log.info(
+            "sae.n_tokens=%d is %.1f passes over the %d training rows of %s; epochs repeat",
+            total * s.batch_size,
+            total * s.batch_size / len(train),
+            len(train),
+            s.activations,
+        )
+    source = ArraySource({"file": train}, buffer_rows(s, total), s.seed, device, s.buffer_dtype)
+    evals = {"file": torch.from_numpy(np.asarray(arr[len(arr) - n_eval :], dtype=np.float32)).to(device)}
+    return source, evals, arr.shape[1]
+
+
+def _check_file_width(out_root: Path, specs: list, width: int, path: str) -> None:
+    """SAEs already in ``saes/file-<stem>/`` were trained on a file of this name: refuse one of another width,
+    which would otherwise be skipped as complete."""
+    for sp in specs:
+        m = out_root / sp.name / "metrics.json"
+        if m.exists() and (old := read_json(m).get("d_in")) != width:
+            raise InputError(
+                f"activation file {path} is {width}-dimensional but {m.parent} was trained on a {old}-dimensional "
+                "file of the same name; use another run_dir, or rename the file"
+            )
+
+
 def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
-    """Train, evaluate and save the SAEs ``cfg.sae`` asks for; skip those already complete; resume."""
+    """Train, evaluate and save the SAEs ``cfg.sae`` asks for; skip those already complete; resume.
+
+    Activations stream chunk by chunk (:mod:`sfcd.activations.stream`) on the device of ``cfg.trainer``; memory
+    is bounded by ``sae.buffer_tokens``, not by ``sae.n_tokens``."""
     s = cfg.sae
     run = RunDir(cfg.run_dir)
+    device = work_device(cfg.trainer)
+    total = max(1, s.n_tokens // s.batch_size)
     model = tokenizer = None
     if s.activations:
-        arr = read_activation_file(s.activations)
-        n_eval = min(s.eval_tokens, len(arr) // 10)
-        train_arrays = {"file": arr[: len(arr) - n_eval][: s.n_tokens]}
-        eval_arrays = {"file": np.asarray(arr[len(arr) - n_eval :], dtype=np.float32)}
-        site_dims = {"file": arr.shape[1]}
+        source, eval_arrays, width = _file_source(cfg, total, device)
+        site_dims = {"file": width}
         out_root = run.root / "saes" / f"file-{Path(s.activations).stem}"
         sites: list[Site] = []
-        meta_base = {"dataset_path": str(s.activations)}
+        meta_base = {"dataset_path": str(s.activations), "prepend_bos": False}
     else:
         model, tokenizer, step = checkpoint(cfg, cfg.step)
+        model.to(device)
         sites = expand_sites(list(s.sites), model)
         site_dims = {x.name: site_dim(model, x) for x in sites}
         out_root = run.root / "saes" / f"step{step}"
+        seq_len = s.seq_len or cfg.model.seq_len
+        excl = _special_ids(tokenizer, s.exclude_special)
         meta_base = {
             "model_name": cfg.model.source or str(run.model_step(step)),
             "sfcd_init_from": s.init_from,
             "sfcd_step": step,
             "dataset_path": str(run.tokens("train")),
-            "context_size": s.seq_len or cfg.model.seq_len,
-            "exclude_special_tokens": bool(s.exclude_special),
+            "context_size": seq_len,
+            # windows are slices of the packed token stream: no BOS is prepended to them
+            "prepend_bos": False,
+            "exclude_special_tokens": sorted(excl) if excl else False,
+            # TransformerLens folds and centres weights by default, which changes resid/attn/mlp hook values;
+            # with these it computes the same activations as the transformers model these SAEs were trained on
+            "model_from_pretrained_kwargs": dict(TRANSFORMER_LENS_KWARGS),
         }
     specs = make_specs(s, site_dims)
+    if s.activations:
+        _check_file_width(out_root, specs, width, s.activations)
     todo = [sp for sp in specs if not (out_root / sp.name / "metrics.json").exists()]
     if not todo:
         log.info("all %d SAEs in %s are complete; skipping", len(specs), out_root)
         return [out_root / sp.name for sp in specs]
     need = sorted({sp.site for sp in todo})
-    seq_len = s.seq_len or cfg.model.seq_len
+    rows = buffer_rows(s, total)
     if model is not None:
-        excl = _special_ids(tokenizer, s.exclude_special)
         need_sites = [x for x in sites if x.name in need]
-        train_arrays = cached_or_harvest(
-            run.root / "activations" / f"step{step}",
+        dims = {n: site_dims[n] for n in need}
+        check_buffer_fits(rows, dims, torch_dtype(s.buffer_dtype), device)
+        source = HarvestSource(
             model,
             read_tokens(run.tokens("train")),
             need_sites,
-            s.n_tokens,
+            dims,
             seq_len,
-            s.harvest_batch,
+            rows,
+            s.seed,
             excl,
-            {"model": meta_base["model_name"], "step": step},
-            bool(s.cache),
+            s.harvest_batch,
+            s.buffer_dtype,
+            cache_dir=run.root / "activations" / f"step{step}" if s.cache else None,
+            cache_meta={"model": meta_base["model_name"], "step": step, "tokens": str(run.tokens("train"))},
         )
         val = read_tokens(run.tokens("val"))
-        eval_arrays = harvest_arrays(model, val, need_sites, s.eval_tokens, seq_len, s.harvest_batch, excl)
-    total = (
-        max(1, min(len(a) for a in train_arrays.values()) // s.batch_size)
-        if s.activations
-        else max(1, s.n_tokens // s.batch_size)
-    )
+        eval_windows = token_windows(val, seq_len, int(s.eval_tokens * 1.25 / seq_len) + 2)  # BOS/EOS margin
+        eval_arrays = harvest_rows(
+            model,
+            (eval_windows[b : b + s.harvest_batch] for b in range(0, len(eval_windows), s.harvest_batch)),
+            need_sites,
+            dims,
+            s.eval_tokens,
+            excl,
+        )
     state_dir = out_root / ".train"
     prepare_state_dir(state_dir, settings_of(todo, s, total))
     module = SAEModule(todo, s, total)
-    train_module(module, cfg.trainer, state_dir, {k: train_arrays[k] for k in need}, callbacks)
+    train_module(module, cfg.trainer, state_dir, source, callbacks)
     written = []
     for spec, sae in zip(todo, module.saes, strict=True):
-        sae = sae.cpu().eval()
+        sae = sae.to(device).eval()
         metrics, fired = E.reconstruction_metrics(sae, eval_arrays[spec.site])
-        dens, density = E.density_metrics(fired, len(eval_arrays[spec.site]))
+        n_eval = len(eval_arrays[spec.site])
+        dens, density = E.density_metrics(fired, n_eval)
         metrics |= dens
         if model is not None:
             windows = token_windows(val, seq_len, max(1, s.eval_tokens // seq_len))
-            metrics |= E.spliced_losses(model, parse_site(spec.site, model), sae, windows)
+            metrics |= E.spliced_losses(model, parse_site(spec.site, model), sae, windows, excl)
         metrics |= {
             "name": spec.name,
             "site": spec.site,
@@ -139,8 +197,11 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
             "lr": spec.lr,
         }
         folder = out_root / spec.name
-        save_sae(sae, folder, {**meta_base, "sfcd_site": spec.site if spec.site != "file" else ""}, density)
-        E.density_histogram(density, folder / "density.png", f"{spec.name} ({spec.architecture}, d_sae {spec.d_sae})")
+        sae = sae.cpu()
+        save_sae(sae, folder, {**meta_base, "sfcd_site": spec.site if spec.site != "file" else ""}, density.cpu())
+        E.density_histogram(
+            density.cpu(), folder / "density.png", f"{spec.name} ({spec.architecture}, d_sae {spec.d_sae})"
+        )
         write_json(folder / "metrics.json", metrics)
         log.info(
             "SAE %s: L0 %.1f, FVE %.3f, CE score %s, dead %.3f",

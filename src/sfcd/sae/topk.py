@@ -51,14 +51,19 @@ class TopKSAE(SAE):
         return out
 
     def aux_loss(self, x, xc, x_hat, pre, sparse: bool) -> torch.Tensor:
-        """AuxK: the top ``k_aux`` dead latents reconstruct the residual ``x - x_hat``."""
+        """AuxK (Gao et al. 2024, appendix B.1; as EleutherAI's sparsify): the top ``k_aux`` dead latents
+        reconstruct the residual ``e = x - x_hat``. Returned in the main loss's units (squared error summed over
+        dims, mean over the batch) times ``min(n_dead / k_aux, 1)``, so ``mse + aux_coeff * aux`` weighs the two
+        as sparsify's ``fvu + auxk_alpha * auxk_loss`` does (both of those are divided by the batch's centred
+        variance ``sum ||x - mean(x)||^2``, which cancels in the ratio)."""
         dead = self.tokens_since_fired > self.hparams.get("dead_tokens", 10_000_000)
         n_dead = int(dead.sum())
         if n_dead == 0:
             return torch.zeros((), device=x.device)
-        k_aux = min(int(self.hparams.get("k_aux") or self.d_in // 2), n_dead)
+        k_aux = int(self.hparams.get("k_aux") or self.d_in // 2)
+        scale = min(n_dead / k_aux, 1.0)
         masked = pre.detach().masked_fill(~dead, float("-inf"))
-        idx = masked.topk(k_aux, dim=-1).indices
+        idx = masked.topk(min(k_aux, n_dead), dim=-1).indices
         if sparse:
             vals = torch.relu(gather_pre(xc, self.W_enc, self.b_enc, idx, pre.detach()))
             e_hat = sparse_decode(idx, vals, self.W_dec)
@@ -66,7 +71,7 @@ class TopKSAE(SAE):
             vals = torch.relu(pre.gather(1, idx))
             e_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec
         e = (x - x_hat).detach()
-        return (e_hat - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-8)
+        return scale * (e_hat - e).pow(2).sum(-1).mean()
 
     def export_extra(self):
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}, {}

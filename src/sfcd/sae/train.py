@@ -4,7 +4,8 @@ write each in the SAELens layout.
 Many SAEs (every site, and/or a hyperparameter grid ``sae.sweep``) train side by side on the same batches;
 each has its own parameter group, gradient clip and seed-determined initialisation, so an SAE trained with
 others is the SAE trained alone. The training state is saved every ``sae.checkpoint_every`` steps and a rerun
-resumes from it; batches are a function of the step (:class:`sfcd.sae.data.StepBatches`).
+resumes from it; batches are a function of the step (:class:`sfcd.activations.stream.StreamBatches`), streamed
+chunk by chunk from a model or an activation file in bounded memory, on the device of the trainer.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from sfcd.activations.stream import ArraySource, ChunkSource, StreamBatches
 from sfcd.errors import ConfigError, SfcdError
 from sfcd.io import read_json, write_json
 from sfcd.sae.base import SAE, geometric_median
-from sfcd.sae.data import StepBatches
 from sfcd.sae.registry import sae_class
 from sfcd.training import SaveEvery, make_trainer
 
@@ -111,6 +112,18 @@ def warm_start(sae: SAE, folder: Path) -> None:
     sae.b_dec.copy_(old.b_dec * s)
     if hasattr(old, "log_threshold") and hasattr(sae, "log_threshold"):
         sae.log_threshold.copy_(old.log_threshold)
+    if hasattr(old, "threshold") and hasattr(sae, "threshold") and not hasattr(sae, "log_threshold"):
+        sae.threshold.copy_(old.threshold.reshape(-1)[0])  # BatchTopK: one threshold (exported per latent)
+    if sae.unit_norm_decoder:
+        # the new input scale leaves decoder rows of norm s_new / s_old; the first renormalisation would rescale
+        # the function, so move each row's norm into its latent now (exact: relu(n z) = n relu(z), and top-k
+        # ranks are kept because every row has the same norm)
+        n = sae.W_dec.norm(dim=1)
+        sae.W_dec.div_(n[:, None])
+        sae.W_enc.mul_(n[None, :])
+        sae.b_enc.mul_(n)
+        if hasattr(sae, "threshold") and not hasattr(sae, "log_threshold"):
+            sae.threshold.mul_(n.mean())
 
 
 def lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float) -> float:
@@ -125,20 +138,22 @@ def lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float) -> f
 class SAEModule(L.LightningModule):
     """Several SAEs trained side by side (manual optimization: a clip and decoder projection per SAE)."""
 
-    def __init__(
-        self, specs: list[SAESpec], sae_cfg: DictConfig, total_steps: int, arrays: dict[str, np.ndarray] | None = None
-    ):
+    def __init__(self, specs: list[SAESpec], sae_cfg: DictConfig, total_steps: int, source: ChunkSource | None = None):
         super().__init__()
-        self.specs, self.cfg, self.total_steps, self.arrays = specs, sae_cfg, total_steps, arrays
+        self.specs, self.cfg, self.total_steps, self.source = specs, sae_cfg, total_steps, source
         self.saes = nn.ModuleList(s.build() for s in specs)
         self.automatic_optimization = False
-        self._g = torch.Generator().manual_seed(sae_cfg.seed)
+        self._g = torch.Generator().manual_seed(sae_cfg.seed)  # on the CPU: draws do not depend on the device
 
     @torch.no_grad()
-    def initialise(self, arrays: dict[str, np.ndarray]) -> None:
+    def initialise(self, data: ChunkSource | dict[str, np.ndarray]) -> None:
         """Input scale (E||x|| = sqrt(d_in)) and, for top-k SAEs, b_dec at the geometric median of a batch."""
+        samples = data.sample(8192) if isinstance(data, ChunkSource) else None
         for spec, sae in zip(self.specs, self.saes, strict=True):
-            sample = torch.from_numpy(np.asarray(arrays[spec.site][:8192], dtype=np.float32))
+            if samples is not None:
+                sample = samples[spec.site]
+            else:
+                sample = torch.from_numpy(np.asarray(data[spec.site][:8192], dtype=np.float32))
             sample = sample[torch.isfinite(sample).all(1)]  # a bad row is reported at its training step
             norm = sample.norm(dim=1).mean().item()
             if not math.isfinite(norm) or norm <= 0:
@@ -165,8 +180,9 @@ class SAEModule(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
-        ds = StepBatches(
-            self.arrays, self.cfg.batch_size, self.cfg.seed, start=t.global_step, rank=t.global_rank, world=t.world_size
+        self.source.to(self.device)  # harvest where the SAEs train; batches are made on that device
+        ds = StreamBatches(
+            self.source, self.cfg.batch_size, self.cfg.seed, start=t.global_step, rank=t.global_rank, world=t.world_size
         )
         return DataLoader(ds, batch_size=None, num_workers=0)
 
@@ -220,18 +236,34 @@ class SAEModule(L.LightningModule):
                     state[key][rows] = 0.0
 
 
+def buffer_rows(sae_cfg: DictConfig, total_steps: int) -> int:
+    """Rows of one stream chunk: ``sae.buffer_tokens`` rounded down to whole batches, and no more than the run
+    needs."""
+    b = int(sae_cfg.batch_size)
+    rows = min(int(sae_cfg.buffer_tokens), total_steps * b) // b * b
+    if rows < b:
+        raise ConfigError(
+            f"sae.buffer_tokens={sae_cfg.buffer_tokens} holds less than one batch of sae.batch_size={b}; "
+            "raise sae.buffer_tokens or lower sae.batch_size"
+        )
+    return rows
+
+
 def train_module(
     module: SAEModule,
     trainer_cfg: DictConfig,
     state_dir: Path,
-    arrays: dict[str, np.ndarray],
+    data: ChunkSource | dict[str, np.ndarray],
     callbacks: list | None = None,
 ) -> SAEModule:
-    """Fit (or resume) ``module`` on ``arrays`` for ``module.total_steps`` steps."""
+    """Fit (or resume) ``module`` for ``module.total_steps`` steps on a stream (or arrays, streamed the same way)."""
+    if not isinstance(data, ChunkSource):
+        rows = buffer_rows(module.cfg, module.total_steps)
+        data = ArraySource(data, rows, module.cfg.seed, dtype=module.cfg.buffer_dtype)
     state = state_dir / "last.ckpt"
     if not state.exists():
-        module.initialise(arrays)
-    module.arrays = arrays
+        module.initialise(data)
+    module.source = data
     trainer = make_trainer(
         trainer_cfg, module.total_steps, state_dir, [SaveEvery(state, module.cfg.checkpoint_every), *(callbacks or [])]
     )

@@ -1,0 +1,229 @@
+"""Streaming activations in bounded memory: chunks of token windows -> every needed site in one forward pass on
+the device of the work -> a shuffled chunk buffer -> the batches of optimizer steps.
+
+Memory is one chunk per site (``chunk_rows x d``, the buffer size ``sae.buffer_tokens``), whatever the number of
+training tokens. Everything is a function of the step, so a resumed run sees the batches an uninterrupted one
+sees, and many SAEs trained from one stream see the batches each would see alone:
+
+- step ``s`` reads chunk ``c = s // steps_per_chunk``, rows ``perm_c[j*B:(j+1)*B]`` (``j = s % steps_per_chunk``)
+  with ``perm_c`` a permutation seeded by (seed, c): the shuffle within the buffer;
+- a harvested chunk ``c`` is the activations of windows ``c*W, c*W + 1, ...`` of a global window order (each
+  pass over the token file is a permutation seeded by (seed, epoch)), so a chunk mixes contexts from the whole
+  file; excluded positions (BOS/EOS) are dropped and windows are read until the chunk is full;
+- a chunk of an array source (a plain activation file) is a contiguous block of rows, blocks in an order seeded
+  by (seed, epoch); ``n_tokens`` beyond the file's length repeats epochs (logged).
+
+With a cache (``sae.cache=true``) each harvested chunk is written per site as it is made (float32 or bfloat16) and
+read back through a memory map next time, so another sweep at the same checkpoint runs no forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from sfcd.activations.cache import ChunkCache, torch_dtype
+from sfcd.activations.harvest import harvest_rows, model_device
+from sfcd.devices import available_bytes
+from sfcd.errors import InputError
+from sfcd.models.sites import Site
+
+log = logging.getLogger(__name__)
+
+#: rng streams: window order, within-chunk shuffle, block order of array sources
+_WINDOWS, _SHUFFLE, _BLOCKS = 0, 1, 2
+#: harvest this many more windows than ``chunk_rows / seq_len`` per chunk (excluded positions leave gaps)
+_WINDOW_MARGIN = 1.0625
+
+
+def check_buffer_fits(rows: int, dims: dict[str, int], dtype: torch.dtype, device: torch.device) -> int:
+    """The buffer's bytes; a clear error when it cannot fit in what ``device`` has free."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    need = rows * sum(dims.values()) * itemsize
+    free = available_bytes(device)
+    if need > 0.8 * free:
+        raise InputError(
+            f"the activation buffer of {rows:,} tokens x {len(dims)} sites ({sum(dims.values())} dims in all, "
+            f"{itemsize}-byte values) needs {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
+            f"{device} allows; lower sae.buffer_tokens (or set sae.buffer_dtype=bfloat16)"
+        )
+    return need
+
+
+class ChunkSource:
+    """Where chunks come from: ``chunk(c)`` gives ``{name: [chunk_rows, d]}`` on ``device``."""
+
+    names: list[str]
+    dims: dict[str, int]
+    chunk_rows: int
+    device: torch.device
+
+    def chunk(self, c: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> ChunkSource:
+        self.device = torch.device(device)
+        return self
+
+    def sample(self, n: int) -> dict[str, torch.Tensor]:
+        """The first ``n`` rows of chunk 0 as float32 on the CPU (for input scales and b_dec initialisation).
+        Chunk 0 is kept until training asks for it, so it is made once."""
+        first = self.chunk(0)
+        self._first = first
+        return {k: v[:n].float().cpu() for k, v in first.items()}
+
+    def take_first(self, c: int) -> dict[str, torch.Tensor] | None:
+        first, self._first = getattr(self, "_first", None), None
+        if first is not None and c == 0 and all(v.device == self.device for v in first.values()):
+            return first
+        return None
+
+
+class ArraySource(ChunkSource):
+    """Arrays already in memory or memory-mapped (``.npy``/``.safetensors`` files), all with the same rows."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], chunk_rows: int, seed: int, device="cpu", dtype="float32"):
+        lengths = {len(a) for a in arrays.values()}
+        if len(lengths) != 1:
+            raise InputError(f"activation arrays of different lengths {sorted(lengths)}; expected one length")
+        self.arrays, self.n = arrays, lengths.pop()
+        self.names, self.dims = list(arrays), {k: a.shape[1] for k, a in arrays.items()}
+        self.chunk_rows, self.seed, self.dtype = min(chunk_rows, self.n), seed, torch_dtype(dtype)
+        self.device = torch.device(device)
+        self.blocks = self.n // self.chunk_rows
+        self._epoch_logged = 0
+
+    def chunk(self, c: int) -> dict[str, torch.Tensor]:
+        e, i = divmod(c, self.blocks)
+        if e > self._epoch_logged:
+            log.info("the activations are read again: epoch %d of %d rows", e + 1, self.n)
+            self._epoch_logged = e
+        rng = np.random.default_rng([self.seed, _BLOCKS, e])
+        shift = int(rng.integers(0, self.n - self.blocks * self.chunk_rows + 1))  # each epoch its own tail
+        start = shift + int(rng.permutation(self.blocks)[i]) * self.chunk_rows
+        return {
+            k: torch.from_numpy(np.array(a[start : start + self.chunk_rows], dtype=np.float32)).to(
+                self.device, self.dtype
+            )
+            for k, a in self.arrays.items()
+        }
+
+
+class HarvestSource(ChunkSource):
+    """Activations of ``sites`` harvested from ``model`` over windows of a token file, chunk by chunk."""
+
+    def __init__(
+        self,
+        model,
+        tokens: np.ndarray,
+        sites: list[Site],
+        dims: dict[str, int],
+        seq_len: int,
+        chunk_rows: int,
+        seed: int,
+        exclude_ids: set[int] | frozenset[int] = frozenset(),
+        harvest_batch: int = 32,
+        dtype: str = "float32",
+        cache_dir: Path | None = None,
+        cache_meta: dict | None = None,
+    ):
+        self.model, self.tokens, self.sites = model, tokens, sites
+        self.names, self.dims = [s.name for s in sites], {s.name: dims[s.name] for s in sites}
+        self.seq_len, self.chunk_rows, self.seed = seq_len, chunk_rows, seed
+        self.exclude_ids, self.harvest_batch, self.dtype = set(exclude_ids), harvest_batch, torch_dtype(dtype)
+        self.n_windows = len(tokens) // seq_len
+        if self.n_windows == 0:
+            raise InputError(f"the token file holds {len(tokens)} tokens, fewer than one window of {seq_len}")
+        self.windows_per_chunk = math.ceil(chunk_rows * _WINDOW_MARGIN / seq_len)
+        self.device = model_device(model)
+        self._perm: tuple[int, np.ndarray] | None = None
+        self.caches: dict[str, ChunkCache] = {}
+        if cache_dir is not None:
+            settings = {
+                **(cache_meta or {}),
+                "seq_len": seq_len,
+                "seed": seed,
+                "windows_per_chunk": self.windows_per_chunk,
+                "exclude_ids": sorted(self.exclude_ids),
+                "n_tokens_in_file": len(tokens),
+            }
+            self.caches = {
+                s.name: ChunkCache(Path(cache_dir) / s.name, self.dims[s.name], chunk_rows, settings, dtype)
+                for s in sites
+            }
+
+    def to(self, device: torch.device) -> HarvestSource:
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def window(self, i: int) -> np.ndarray:
+        """Window ``i`` of the global order: pass ``i // n_windows`` over the file, in a seeded order."""
+        e, j = divmod(i, self.n_windows)
+        if self._perm is None or self._perm[0] != e:
+            if e > 0 and (self._perm is None or self._perm[0] < e):
+                log.info("the stream passes over the token file again (epoch %d of %d windows)", e + 1, self.n_windows)
+            self._perm = (e, np.random.default_rng([self.seed, _WINDOWS, e]).permutation(self.n_windows))
+        start = int(self._perm[1][j]) * self.seq_len
+        return np.asarray(self.tokens[start : start + self.seq_len], dtype=np.int64)
+
+    def _windows(self, c: int) -> Iterator[np.ndarray]:
+        i = c * self.windows_per_chunk
+        while True:  # past the chunk's own windows only when exclusions left it short
+            yield np.stack([self.window(i + b) for b in range(self.harvest_batch)])
+            i += self.harvest_batch
+
+    def chunk(self, c: int) -> dict[str, torch.Tensor]:
+        out = {n: cache.read(c, self.device) for n, cache in self.caches.items() if cache.has(c)}
+        missing = [s for s in self.sites if s.name not in out]
+        if missing:
+            got = harvest_rows(
+                self.model, self._windows(c), missing, self.dims, self.chunk_rows, self.exclude_ids, self.dtype
+            )
+            for s in missing:
+                if s.name in self.caches:
+                    self.caches[s.name].write(c, got[s.name])
+            out |= got
+        return {n: out[n] for n in self.names}
+
+
+class StreamBatches(IterableDataset):
+    """For optimizer steps ``start, start + 1, ...``: ``{name: [batch, d]}`` float32 with the same rows at every
+    name, on the source's device. Under DDP each rank takes its slice of the global batch (every rank builds
+    the same chunk, so the global batch is the one-device batch)."""
+
+    def __init__(self, source: ChunkSource, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+        if source.chunk_rows < batch_size:
+            raise InputError(
+                f"{source.chunk_rows} activations are fewer than one batch of {batch_size}; lower sae.batch_size"
+            )
+        self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.start, self.rank, self.world = start, rank, world
+        self.steps_per_chunk = source.chunk_rows // batch_size
+        self._chunk: tuple[int, dict[str, torch.Tensor], torch.Tensor] | None = None
+
+    def rows(self, step: int) -> torch.Tensor:
+        c, j = divmod(step, self.steps_per_chunk)
+        if self._chunk is None or self._chunk[0] != c:
+            self._chunk = None  # free the old chunk before the new one is made
+            data = self.source.take_first(c) or self.source.chunk(c)
+            perm = np.random.default_rng([self.seed, _SHUFFLE, c]).permutation(self.source.chunk_rows)
+            self._chunk = (c, data, torch.from_numpy(perm).to(self.source.device))
+        rows = self._chunk[2][j * self.batch_size : (j + 1) * self.batch_size]
+        return rows.tensor_split(self.world)[self.rank].sort().values
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        r = self.rows(step)
+        return {name: a[r].float() for name, a in self._chunk[1].items()}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        step = self.start
+        while True:
+            yield self.batch(step)
+            step += 1
