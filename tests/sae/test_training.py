@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from sfcd.activations.stream import ArraySource, StreamBatches
 from sfcd.config import compose
 from sfcd.errors import ConfigError, InputError, SfcdError
-from sfcd.activations.stream import ArraySource, StreamBatches
 from sfcd.sae.io import load_sae
 from sfcd.sae.train import SAEModule, make_specs, train_module
 

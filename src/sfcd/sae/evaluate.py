@@ -66,6 +66,11 @@ def density_metrics(fired: torch.Tensor, n_tokens: int) -> tuple[dict[str, float
     return out, density
 
 
+def _only_kept(fn, keep: torch.Tensor | None):
+    """``fn`` applied at the kept positions only; the others keep their activations."""
+    return fn if keep is None else (lambda a: torch.where(keep, fn(a), a))
+
+
 @torch.no_grad()
 def spliced_losses(
     model, site: Site, sae: SAE, windows: np.ndarray, exclude_ids=frozenset(), batch: int = 16
@@ -87,12 +92,9 @@ def spliced_losses(
         logp_clean = F.log_softmax(clean, -1)
         ce["clean"] += F.cross_entropy(clean, targets, reduction="sum").item()
 
-        def only_kept(fn):
-            return fn if keep is None else (lambda a: torch.where(keep, fn(a), a))
-
         for name, fn in (
-            ("sae", only_kept(lambda a: sae(a.float()).to(a.dtype))),
-            ("zero", only_kept(torch.zeros_like)),
+            ("sae", _only_kept(lambda a: sae(a.float()).to(a.dtype), keep)),
+            ("zero", _only_kept(torch.zeros_like, keep)),
         ):
             with hooks(model, {site: fn}):
                 logits = model(x).logits[:, :-1].flatten(0, 1).float()
