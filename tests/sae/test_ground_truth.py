@@ -2,6 +2,7 @@
 64 unit directions in 32 dimensions (more directions than dimensions)."""
 
 import pytest
+import torch
 
 from sfcd.config import compose
 from sfcd.sae.train import SAEModule, make_specs, train_module
@@ -21,11 +22,17 @@ def data():
     return make_data()
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("arch", sorted(SETTINGS))
-def test_architecture_recovers_the_true_directions(arch, data, tmp_path):
+def test_architecture_recovers_the_true_directions(arch, precision, data, tmp_path):
+    """Also under bf16 autocast (the GPU preset's precision; CPU torch runs it too): catches dtype mixes in the
+    sparse kernels and thresholds, and bf16 master weights (exports must stay float32 and load)."""
+    from sfcd.sae.io import load_sae, save_sae
+
     acts, dirs = data
     cfg = compose(
         [
+            f"trainer.precision={precision}",
             f"sae.architecture={arch}",
             "sae.batch_size=512",
             "sae.d_sae=128",
@@ -40,6 +47,11 @@ def test_architecture_recovers_the_true_directions(arch, data, tmp_path):
     module = SAEModule(make_specs(cfg.sae, {"x": 32}), cfg.sae, steps)
     train_module(module, cfg.trainer, tmp_path, {"x": acts})
     sae = module.saes[0]
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
     _, tensors = sae.export()
     score = mmcs(dirs, tensors["W_dec"])
-    assert score >= 0.95, f"{arch}: mean max cosine {score:.3f}"
+    assert score >= 0.95, f"{arch} ({precision}): mean max cosine {score:.3f}"
+    loaded = load_sae(save_sae(sae, tmp_path / "saved", {}))
+    x = torch.from_numpy(acts[:256])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), sae(x), atol=1e-4, rtol=1e-4)

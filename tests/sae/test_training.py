@@ -150,24 +150,72 @@ def test_sae_stage_errors(test_run, test_saes, tmp_path):
         train_saes(compose(["experiment=test", f"run_dir={tmp_path}", f"sae.activations={tmp_path / 'acts.npy'}"]))
 
 
+class Steps(L.Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer, *args):
+        self.steps = trainer.global_step
+
+
 def test_sae_from_a_plain_activation_file(tmp_path):
+    # catches: n_tokens beyond the file's length silently cut to one epoch; a same-named file of another width
+    # skipped as complete
     from sfcd.sae.stage import train_saes
 
     acts, _ = make_data(n=6000, d=16, n_dirs=24, seed=2)
     np.save(tmp_path / "acts.npy", acts)
-    cfg = compose(
-        [
-            f"run_dir={tmp_path / 'run'}",
-            f"sae.activations={tmp_path / 'acts.npy'}",
-            "sae.batch_size=500",
-            "sae.expansion=2",
-            "sae.k=3",
-        ]
-    )
-    (folder,) = train_saes(cfg)
+    over = [
+        f"run_dir={tmp_path / 'run'}",
+        f"sae.activations={tmp_path / 'acts.npy'}",
+        "sae.batch_size=500",
+        "sae.expansion=2",
+        "sae.k=3",
+        "sae.n_tokens=20000",  # 3.7 passes over the 5,400 training rows
+        "sae.buffer_tokens=2000",
+    ]
+    steps = Steps()
+    (folder,) = train_saes(compose(over), [steps])
     m = json.loads((folder / "metrics.json").read_text())
+    assert steps.steps == 40 and m["train_tokens"] == 20000
     assert folder.parent.name == "file-acts" and m["d_in"] == 16 and m["d_sae"] == 32
-    assert "ce_loss_score" not in m and 0 < m["fve"] <= 1
+    assert "ce_loss_score" not in m and 0.5 < m["fve"] <= 1
+    np.save(tmp_path / "acts.npy", np.concatenate([acts, acts], 1))
+    with pytest.raises(InputError, match="is 32-dimensional but .* was trained on a 16-dimensional file"):
+        train_saes(compose(over))
+
+
+def test_gpu_trainer_without_a_gpu_is_a_clear_error(tmp_path):
+    from sfcd.sae.stage import train_saes
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    np.save(tmp_path / "acts.npy", np.ones((100, 4), dtype=np.float32))
+    with pytest.raises(ConfigError, match="asks for a GPU but torch sees none.*use trainer=cpu"):
+        train_saes(compose(["trainer=gpu", f"run_dir={tmp_path}", f"sae.activations={tmp_path / 'acts.npy'}"]))
+
+
+def test_auxk_is_weighted_by_the_share_of_dead_latents():
+    # catches: AuxK not scaled by min(n_dead / k_aux, 1) (Gao et al. B.1), or not in the main loss's units
+    from sfcd.sae.topk import TopKSAE
+
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 64, seed=0, k=4, k_aux=8, dead_tokens=10)
+    x = torch.randn(32, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:3] = True  # 3 dead of k_aux 8: scale 3/8
+    sae.tokens_since_fired[dead] = 100
+    out = sae.training_loss(x, 0.5)
+    with torch.no_grad():  # direct computation: the dead latents alone reconstruct the residual
+        xc = x - sae.b_dec
+        pre = xc @ sae.W_enc + sae.b_enc
+        idx = pre.topk(4, dim=-1).indices
+        f = torch.zeros_like(pre).scatter(1, idx, torch.relu(pre.gather(1, idx)))
+        e = x - (f @ sae.W_dec + sae.b_dec)
+        e_hat = torch.relu(pre[:, :3]) @ sae.W_dec[:3]
+        expect = 3 / 8 * (e_hat - e).pow(2).sum(-1).mean()
+    torch.testing.assert_close(out["aux"].detach(), expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["loss"].detach(), out["mse"].detach() + expect / 32, atol=1e-5, rtol=1e-5)
 
 
 def test_warm_start_reproduces_the_saved_sae(arrays, tmp_path):
@@ -183,6 +231,14 @@ def test_warm_start_reproduces_the_saved_sae(arrays, tmp_path):
     x = torch.from_numpy(arrays["x"][:100])
     with torch.no_grad():
         torch.testing.assert_close(module.saes[0](x), trained(x), atol=1e-5, rtol=1e-4)
+    # on data of another scale the input scale differs; the first step's decoder renormalisation must not
+    # change the warm-started function (it did when the row norms s_new / s_old were left in the decoder)
+    scaled = SAEModule(make_specs(cfg.sae, {"x": 32}), cfg.sae, 10)
+    scaled.initialise({"x": arrays["x"] * 3.0})
+    assert abs(float(scaled.saes[0].scale) - float(trained.scale) / 3) < 1e-3 * float(trained.scale)
+    scaled.saes[0].after_step()
+    with torch.no_grad():
+        torch.testing.assert_close(scaled.saes[0](x), trained(x), atol=1e-5, rtol=1e-4)
     cold = SAEModule(
         make_specs(compose(["sae.architecture=topk", "sae.d_sae=64", "sae.k=4", "sae.seed=5"]).sae, {"x": 32}),
         cfg.sae.copy(),

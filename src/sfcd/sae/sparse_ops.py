@@ -28,6 +28,11 @@ class _GatherPre(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        with torch.autocast(g.device.type, enabled=False):  # the backward may run inside autocast (Lightning)
+            return _GatherPre._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         x, W_enc, idx = ctx.saved_tensors
         B, k = idx.shape
         d_sae = W_enc.shape[1]
