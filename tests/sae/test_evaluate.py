@@ -55,3 +55,37 @@ def test_a_bad_sae_scores_below_one(test_run):
     assert m["ce_sae"] > m["ce_clean"] and m["ce_loss_score"] < 0.99 and m["kl_sae"] > 1e-4
     r, _ = reconstruction_metrics(sae, np.random.default_rng(0).normal(size=(200, 32)).astype(np.float32))
     assert abs(r["l2_ratio"] - 0.3) < 1e-5 and r["fve"] < 0.6
+
+
+def test_excluded_positions_keep_their_activations(test_run):
+    # catches: the SAE (or the zero ablation) spliced in at BOS/EOS positions that training left out
+    import torch.nn.functional as F
+
+    from sfcd.models.sites import hooks
+
+    model = load_model(test_run.run_dir)
+    site = parse_site("resid.0", model)
+    sae = perfect_sae(32)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.3)
+    windows = val_windows(test_run)
+    m = spliced_losses(model, site, sae, windows, exclude_ids=set(np.unique(windows).tolist()))
+    assert m["ce_sae"] == m["ce_clean"] and m["ce_zero"] == m["ce_clean"]  # nothing replaced anywhere
+    eos = 0
+    x = torch.from_numpy(windows)
+    assert (x == eos).any()
+    with torch.no_grad(), hooks(model, {site: lambda a: torch.where((x != eos)[..., None], sae(a), a)}):
+        logits = model(x).logits[:, :-1].flatten(0, 1)
+    expect = F.cross_entropy(logits, x[:, 1:].flatten()).item()
+    got = spliced_losses(model, site, sae, windows, exclude_ids={eos})
+    everywhere = spliced_losses(model, site, sae, windows)
+    assert abs(got["ce_sae"] - expect) < 1e-5 and abs(everywhere["ce_sae"] - expect) > 1e-4
+
+
+def test_density_fractions_only_where_the_tokens_resolve_them():
+    # catches: below_1e-5 reported from 32k tokens, where it can only repeat the dead fraction
+    fired = torch.tensor([0, 1, 3, 100])
+    d, _ = density_metrics(fired, 32_768)
+    assert d["below_1e-5"] is None and d["below_1e-6"] is None and d["dead_fraction"] == 0.25
+    d, _ = density_metrics(fired, 1_000_000)  # resolves 1e-6: 1 and 3 firings are 1e-6 and 3e-6
+    assert d["below_1e-5"] == 0.75 and d["below_1e-6"] == 0.25 and d["below_1e-6"] != d["below_1e-5"]
