@@ -87,5 +87,5 @@ def test_density_fractions_only_where_the_tokens_resolve_them():
     fired = torch.tensor([0, 1, 3, 100])
     d, _ = density_metrics(fired, 32_768)
     assert d["below_1e-5"] is None and d["below_1e-6"] is None and d["dead_fraction"] == 0.25
-    d, _ = density_metrics(fired, 1_000_000)  # resolves 1e-6: 1 and 3 firings are 1e-6 and 3e-6
-    assert d["below_1e-5"] == 0.75 and d["below_1e-6"] == 0.25 and d["below_1e-6"] != d["below_1e-5"]
+    d, _ = density_metrics(fired, 2_000_000)  # resolves 5e-7: 1 and 3 firings are densities 5e-7 and 1.5e-6
+    assert d["below_1e-5"] == 0.75 and d["below_1e-6"] == 0.5
