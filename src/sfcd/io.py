@@ -82,7 +82,7 @@ def save_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Any], m
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(path)
 
 

@@ -26,9 +26,11 @@ class PairBatch:
         return self.clean.shape[0]
 
 
-def batches(task: Task, n: int, batch_size: int, same_length: bool = False) -> list[PairBatch]:
+def batches(
+    task: Task, n: int, batch_size: int, same_length: bool = False, device: torch.device | str = "cpu"
+) -> list[PairBatch]:
     """Up to ``n`` pairs of ``task`` in batches of one prefix length each (``same_length``: only the most
-    common length, as per-position aggregation needs)."""
+    common length, as per-position aggregation needs), on ``device``."""
     if not task.pairs:
         raise InputError(f"{task.summary()}: no usable pairs")
     nopair = {p.patch_ids is None for p in task.pairs}
@@ -47,10 +49,10 @@ def batches(task: Task, n: int, batch_size: int, same_length: bool = False) -> l
             has_patch = chunk[0].patch_ids is not None
             out.append(
                 PairBatch(
-                    torch.tensor([p.clean_ids for p in chunk]),
-                    torch.tensor([p.patch_ids for p in chunk]) if has_patch else None,
-                    torch.tensor([p.clean_answer for p in chunk]),
-                    torch.tensor([p.patch_answer for p in chunk]) if has_patch else None,
+                    torch.tensor([p.clean_ids for p in chunk], device=device),
+                    torch.tensor([p.patch_ids for p in chunk], device=device) if has_patch else None,
+                    torch.tensor([p.clean_answer for p in chunk], device=device),
+                    torch.tensor([p.patch_answer for p in chunk], device=device) if has_patch else None,
                 )
             )
     return out
@@ -58,7 +60,7 @@ def batches(task: Task, n: int, batch_size: int, same_length: bool = False) -> l
 
 def metric(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
     """m per example: logit[patch answer] - logit[clean answer] (nopair: -logit[answer])."""
-    rows = torch.arange(len(batch))
+    rows = torch.arange(len(batch), device=logits.device)
     m = -logits[rows, batch.clean_answer]
     if not batch.nopair:
         m = m + logits[rows, batch.patch_answer]

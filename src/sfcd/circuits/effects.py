@@ -83,7 +83,7 @@ def node_effects(
     elif method == "ig":
         grads = {}
         B = len(batch)
-        alphas = torch.arange(steps, dtype=torch.float32) / steps  # 0, 0.1, ..., 0.9
+        alphas = torch.arange(steps, dtype=torch.float32, device=batch.clean.device) / steps  # 0, 0.1, ..., 0.9
         for s in sites:  # each site separately: the others run as in the clean forward
             a = alphas.repeat_interleave(B).view(-1, 1, 1)
             fc, ec = clean[s][0].repeat(steps, 1, 1), clean[s][1].repeat(steps, 1, 1)
@@ -109,7 +109,7 @@ def _exact(model, dicts, batch: PairBatch, s: Site, clean: tuple, patch: tuple) 
     fp, ep = patch
     m0 = metric(last_logits(model, batch.clean, Splice({s: dicts[s]}, values={s: clean})), batch)
     ie_f = torch.zeros_like(fc)
-    ie_err = torch.zeros(fc.shape[:2])
+    ie_err = torch.zeros(fc.shape[:2], device=fc.device)
     T = fc.shape[1]
     for t in range(T):
         for j in ((fp[:, t] != fc[:, t]).any(0)).nonzero().flatten().tolist():
@@ -171,7 +171,7 @@ def edge_effects(
         rows = []
         for k in down_nodes:
             if reference:
-                w = torch.zeros(fu.shape[-1] + 1)
+                w = torch.zeros(fu.shape[-1] + 1, device=fu.device)
                 B, T = fd.shape[:2]
                 for b in range(B):
                     for t in range(T):
@@ -181,12 +181,12 @@ def edge_effects(
             else:
                 scalar = (gd_e * ed).sum() if k < 0 else (gd_f[..., k] * fd[..., k]).sum()
                 rows.append(_upstream_weights(scalar, fu, eu, eff[up]))
-    return torch.stack(rows) if rows else torch.zeros(0, fu.shape[-1] + 1)
+    return torch.stack(rows) if rows else torch.zeros(0, fu.shape[-1] + 1, device=fu.device)
 
 
 def _upstream_weights(scalar: torch.Tensor, fu: torch.Tensor, eu: torch.Tensor, up: SiteEffects) -> torch.Tensor:
     if not scalar.requires_grad:
-        return torch.zeros(fu.shape[-1] + 1)
+        return torch.zeros(fu.shape[-1] + 1, device=fu.device)
     gf, ge = torch.autograd.grad(scalar, [fu, eu], retain_graph=True, allow_unused=True)
     gf = torch.zeros_like(fu) if gf is None else gf
     ge = torch.zeros_like(eu) if ge is None else ge

@@ -25,7 +25,7 @@ def ablation_values(model, dicts: dict[Site, nn.Module], batch: PairBatch, how: 
         return {s: (torch.zeros_like(f[:1]), torch.zeros_like(e[:1])) for s, (f, e) in vals.items()}
     if how == "mean":  # over the patch batch, per position
         return {s: (f.mean(0, keepdim=True), e.mean(0, keepdim=True)) for s, (f, e) in vals.items()}
-    perm = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed)).to(source.device)
     return {s: (f[perm], e[perm]) for s, (f, e) in vals.items()}
 
 
@@ -49,7 +49,7 @@ def circuit_metric(
 
     sp = Splice(dicts, values={s: setter(s) for s in dicts})
     logits = last_logits(model, batch.clean, sp)
-    rows = torch.arange(len(batch))
+    rows = torch.arange(len(batch), device=logits.device)
     out = logits[rows, batch.clean_answer]
     if not batch.nopair:
         out = out - logits[rows, batch.patch_answer]
@@ -65,8 +65,9 @@ class Faithfulness:
     def __init__(self, model, dicts, batches: list[PairBatch], ablation: str, seed: int = 0):
         self.model, self.dicts, self.batches = model, dicts, batches
         self.ablations = [ablation_values(model, dicts, b, ablation, seed) for b in batches]
-        everything = {s: (torch.ones(d.d_sae, dtype=torch.bool), True) for s, d in dicts.items()}
-        nothing = {s: (torch.zeros(d.d_sae, dtype=torch.bool), False) for s, d in dicts.items()}
+        dev = batches[0].clean.device if batches else "cpu"
+        everything = {s: (torch.ones(d.d_sae, dtype=torch.bool, device=dev), True) for s, d in dicts.items()}
+        nothing = {s: (torch.zeros(d.d_sae, dtype=torch.bool, device=dev), False) for s, d in dicts.items()}
         self.n = sum(len(b) for b in batches)
         self.F_M = self._mean(everything)
         self.F_empty = self._mean(nothing)

@@ -19,6 +19,7 @@ from sfcd.circuits.evaluate import ABLATIONS, Faithfulness
 from sfcd.circuits.picture import draw_circuit, draw_curve
 from sfcd.circuits.splice import Identity
 from sfcd.data.tasks import load_task
+from sfcd.devices import work_device
 from sfcd.errors import ConfigError, MissingArtifactError
 from sfcd.io import read_json, save_safetensors, write_json
 from sfcd.models.eval_stage import task_path
@@ -49,8 +50,10 @@ def check_config(c: DictConfig) -> None:
 
 
 def load_dictionaries(run: RunDir, step: int, model, sites: list[Site], kind: str) -> dict[Site, torch.nn.Module]:
+    """The dictionary of each site, on the model's device."""
+    device = next(model.parameters()).device
     if kind == "neurons":
-        return {s: Identity(site_dim(model, s)) for s in sites}
+        return {s: Identity(site_dim(model, s)).to(device) for s in sites}
     folder = run.root / "saes" / f"step{step}"
     missing = [s.name for s in sites if not (folder / s.name / "metrics.json").exists()]
     if missing:
@@ -62,7 +65,7 @@ def load_dictionaries(run: RunDir, step: int, model, sites: list[Site], kind: st
     for s in sites:
         sae = load_sae(folder / s.name)
         check_sae_fits(sae, model, s)
-        dicts[s] = sae.eval()
+        dicts[s] = sae.eval().to(device)
     return dicts
 
 
@@ -132,6 +135,8 @@ def find_circuit(cfg: DictConfig) -> Path:
     check_config(c)
     run = RunDir(cfg.run_dir)
     model, tokenizer, step = checkpoint(cfg, cfg.step)
+    device = work_device(cfg.trainer)
+    model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     sites = sorted(expand_sites(list(c.sites), model), key=lambda s: s.order)
@@ -140,10 +145,10 @@ def find_circuit(cfg: DictConfig) -> Path:
     task = load_task(path, tokenizer, Path(c.task).stem)
     log.info(task.summary())
     same = c.aggregation == "none"
-    bs = batches(task, c.n_examples, c.batch_size, same)
+    bs = batches(task, c.n_examples, c.batch_size, same, device)
     other = run.task_file(c.task, "test" if c.split == "train" else "train")
     eval_task = load_task(other, tokenizer, task.name) if other.exists() and not Path(c.task).exists() else task
-    eval_bs = batches(eval_task, c.n_examples, c.batch_size, same)
+    eval_bs = batches(eval_task, c.n_examples, c.batch_size, same, device)
 
     t0 = time.perf_counter()
     per_batch, agg, n = all_effects(model, dicts, bs, c)
@@ -275,14 +280,16 @@ def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -
     c = cfg.circuit
     run = RunDir(cfg.run_dir)
     model, tokenizer, step = checkpoint(cfg, step)
+    device = work_device(cfg.trainer)
+    model.to(device)
     sites = sorted(expand_sites(list(c.sites), model), key=lambda x: x.order)
     dicts = load_dictionaries(run, step, model, sites, c.dictionary)
     split = "test" if c.split == "train" else "train"
     path = run.task_file(task, split) if run.task_file(task, split).exists() else task_path(run, task, c.split)
-    bs = batches(load_task(path, tokenizer, task), c.n_examples, c.batch_size)
+    bs = batches(load_task(path, tokenizer, task), c.n_examples, c.batch_size, device=device)
     keep = {}
     for s_ in sites:
-        mask = torch.zeros(dicts[s_].d_sae, dtype=torch.bool)
+        mask = torch.zeros(dicts[s_].d_sae, dtype=torch.bool, device=device)
         for nid in node_ids:
             site, _, feat = nid.partition("/")
             if site == s_.name and feat != "eps":

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sfcd.development.lineage import lineage
 from sfcd.development.matching import Matching, match_decoders
+from sfcd.devices import work_device
 from sfcd.errors import InputError, MissingArtifactError
 from sfcd.io import read_json, write_csv, write_json
 from sfcd.paths import RunDir
@@ -31,11 +32,11 @@ def live(folder: Path) -> np.ndarray:
     return np.nonzero(load_file(str(p))["sparsity"].numpy() > -9.99)[0]  # log10(density + 1e-10) > -10
 
 
-def match_live(fa: Path, fb: Path) -> Matching:
+def match_live(fa: Path, fb: Path, device=None) -> Matching:
     """Match the live features of two SAEs; the result is indexed by the SAEs' full feature indices (dead
     features: no match). Dead features never fired, so their decoder rows say nothing about what was learned."""
     la, lb = live(fa), live(fb)
-    m = match_decoders(decoder(fa)[la], decoder(fb)[lb])
+    m = match_decoders(decoder(fa)[la], decoder(fb)[lb], device=device)
     n_a = decoder(fa).shape[0]
     match, sim = np.full(n_a, -1), np.zeros(n_a)
     ok = m.match >= 0
@@ -54,7 +55,9 @@ def sae_folder(run: RunDir, step: int, name: str) -> Path:
     return f
 
 
-def site_development(run: RunDir, steps: list[int], site: str, threshold: float, seed_name: str | None) -> dict:
+def site_development(
+    run: RunDir, steps: list[int], site: str, threshold: float, seed_name: str | None, device=None
+) -> dict:
     """Matchings between adjacent steps at one site, the lineage of the last SAE's features, and the seed
     baseline (the last step's SAE against a second seed)."""
     folders = [sae_folder(run, s, site) for s in steps]
@@ -63,17 +66,17 @@ def site_development(run: RunDir, steps: list[int], site: str, threshold: float,
         shapes = {s: tuple(w.shape) for s, w in zip(steps, W, strict=True)}
         raise InputError(f"SAEs at site {site} differ in shape across steps {shapes}; use one width for the study")
     alive = [live(f) for f in folders]
-    ms: list[Matching] = [match_live(folders[k + 1], folders[k]) for k in range(len(W) - 1)]
+    ms: list[Matching] = [match_live(folders[k + 1], folders[k], device) for k in range(len(W) - 1)]
     changes, first, persisted = lineage(steps, ms, [len(a) for a in alive], threshold)
     first, persisted = first[alive[-1]], persisted[alive[-1]]  # the last SAE's live features
 
     def shared(m: Matching, a: np.ndarray) -> float:  # of A's live features, the share matched at >= threshold
         return float((m.sim[a] >= threshold).mean()) if len(a) else float("nan")
 
-    vs_final = [shared(match_live(folders[-1], f), alive[-1]) for f in folders]
+    vs_final = [shared(match_live(folders[-1], f, device), alive[-1]) for f in folders]
     seed = None
     if seed_name:
-        seed = shared(match_live(folders[-1], sae_folder(run, steps[-1], seed_name)), alive[-1])
+        seed = shared(match_live(folders[-1], sae_folder(run, steps[-1], seed_name), device), alive[-1])
     return {
         "site": site,
         "steps": steps,
@@ -191,8 +194,10 @@ def analyse(
 ) -> dict:
     """Everything of the development/ folder; CSV and JSON beside each other."""
     dev = run.root / "development"
+    device = work_device(cfg.trainer) if cfg is not None else None
     sites = {
-        s: site_development(run, steps, s, threshold, f"{s}{seed_suffix}" if seed_suffix else None) for s in site_names
+        s: site_development(run, steps, s, threshold, f"{s}{seed_suffix}" if seed_suffix else None, device)
+        for s in site_names
     }
     rows = []
     for s, d in sites.items():

@@ -51,21 +51,22 @@ def unit_rows(w: torch.Tensor) -> torch.Tensor:
 def _candidates(a: torch.Tensor, b: torch.Tensor, k: int, block: int = 4096):
     """Top-k similar pairs per row of a (against b) and per row of b (against a), from a @ b.T in blocks."""
     rows, cols, sims = [], [], []
-    best = torch.empty(a.shape[0])
+    best = torch.empty(a.shape[0], device=a.device)
     for i in range(0, a.shape[0], block):
         s = a[i : i + block] @ b.t()
         best[i : i + block] = s.max(1).values
         v, j = s.topk(min(k, b.shape[0]), dim=1)
-        rows.append((torch.arange(i, i + len(s))[:, None].expand_as(j)).flatten())
+        rows.append((torch.arange(i, i + len(s), device=a.device)[:, None].expand_as(j)).flatten())
         cols.append(j.flatten())
         sims.append(v.flatten())
     for i in range(0, b.shape[0], block):
         s = b[i : i + block] @ a.t()
         v, j = s.topk(min(k, a.shape[0]), dim=1)
         rows.append(j.flatten())
-        cols.append((torch.arange(i, i + len(s))[:, None].expand_as(j)).flatten())
+        cols.append((torch.arange(i, i + len(s), device=a.device)[:, None].expand_as(j)).flatten())
         sims.append(v.flatten())
-    r, c, s = (torch.cat(x).numpy() for x in (rows, cols, sims))
+    best = best.cpu()
+    r, c, s = (torch.cat(x).cpu().numpy() for x in (rows, cols, sims))
     key = r.astype(np.int64) * b.shape[0] + c  # de-duplicate pairs found from both sides
     _, first = np.unique(key, return_index=True)
     return best.numpy(), (r[first], c[first], s[first])
@@ -101,13 +102,15 @@ def assign(
     return match, sim
 
 
-def match_decoders(W_a: torch.Tensor, W_b: torch.Tensor, candidates: int = 8) -> Matching:
-    """Match two SAEs' features by the cosine of their decoder rows ([F, d] each)."""
+def match_decoders(W_a: torch.Tensor, W_b: torch.Tensor, candidates: int = 8, device=None) -> Matching:
+    """Match two SAEs' features by the cosine of their decoder rows ([F, d] each); the similarity blocks are
+    computed on ``device`` (default: where ``W_a`` is), the assignment on the CPU."""
     if W_a.shape[1] != W_b.shape[1]:
         raise InputError(
             f"cannot match SAEs of input widths {W_a.shape[1]} and {W_b.shape[1]}: they read different sites"
         )
-    a, b = unit_rows(W_a.float()), unit_rows(W_b.float())
+    device = W_a.device if device is None else device
+    a, b = unit_rows(W_a.float().to(device)), unit_rows(W_b.float().to(device))
     best, cand = _candidates(a, b, candidates)
     match, sim = assign(*cand, len(a), len(b))
     return Matching(match, sim, best, cand)

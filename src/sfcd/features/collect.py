@@ -65,25 +65,27 @@ def collect(
     progress=None,
 ) -> FeatureStats:
     F = sae.d_sae
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(F, dtype=torch.long)
-    sums, maxs = torch.zeros(F, dtype=torch.float64), torch.zeros(F)
-    hist = torch.zeros(F * HIST_BINS, dtype=torch.long)
-    top_vals, top_pos = torch.full((F, top_k), -float("inf")), torch.full((F, top_k), -1, dtype=torch.long)
-    s_keys = torch.full((F, sample), -float("inf"))
-    s_vals, s_pos = torch.zeros(F, sample), torch.full((F, sample), -1, dtype=torch.long)
-    excl = torch.tensor(sorted(exclude_ids), dtype=torch.long)
+    dev = sae.W_enc.device  # the work's device (the model and the SAE are there); results come back on the CPU
+    g = torch.Generator(dev).manual_seed(seed)
+    counts = torch.zeros(F, dtype=torch.long, device=dev)
+    sums, maxs = torch.zeros(F, dtype=torch.float64, device=dev), torch.zeros(F, device=dev)
+    hist = torch.zeros(F * HIST_BINS, dtype=torch.long, device=dev)
+    top_vals = torch.full((F, top_k), -float("inf"), device=dev)
+    top_pos = torch.full((F, top_k), -1, dtype=torch.long, device=dev)
+    s_keys = torch.full((F, sample), -float("inf"), device=dev)
+    s_vals, s_pos = torch.zeros(F, sample, device=dev), torch.full((F, sample), -1, dtype=torch.long, device=dev)
+    excl = torch.tensor(sorted(exclude_ids), dtype=torch.long, device=dev)
     T = windows.shape[1]
     n_tokens = 0
     for b in range(0, len(windows), batch):
-        x = torch.from_numpy(windows[b : b + batch])
+        x = torch.from_numpy(windows[b : b + batch]).to(dev)
         acts = feature_acts(model, site, sae, x).flatten(0, 1)  # [N, F]
         if len(excl):
             acts[torch.isin(x.flatten(), excl)] = 0.0
             n_tokens += int((~torch.isin(x, excl)).sum())
         else:
             n_tokens += x.numel()
-        pos = torch.arange(b * T, b * T + acts.shape[0])
+        pos = torch.arange(b * T, b * T + acts.shape[0], device=dev)
         firing = acts > 0
         counts += firing.sum(0)
         sums += acts.sum(0, dtype=torch.float64)
@@ -97,7 +99,7 @@ def collect(
         t = acts.topk(kk, dim=0)
         top_vals, top_pos = _merge_top(top_vals, top_pos, t.values.t(), pos[t.indices].t(), top_k)
         # reservoir sample: a random key per firing; the largest keys seen are a uniform sample of firings
-        keys = torch.where(firing, torch.rand(acts.shape, generator=g), -float("inf"))
+        keys = torch.where(firing, torch.rand(acts.shape, generator=g, device=dev), -float("inf"))
         ks = keys.topk(min(sample, acts.shape[0]), dim=0)
         merged_keys = torch.cat([s_keys, ks.values.t()], 1)
         merged_vals = torch.cat([s_vals, acts.gather(0, ks.indices).t()], 1)
@@ -109,6 +111,5 @@ def collect(
     s_vals = torch.where(torch.isfinite(s_keys), s_vals, torch.zeros_like(s_vals))
     s_pos = torch.where(torch.isfinite(s_keys), s_pos, torch.full_like(s_pos, -1))
     top_pos = torch.where(top_vals > 0, top_pos, torch.full_like(top_pos, -1))
-    return FeatureStats(
-        n_tokens, counts, sums.float(), maxs, hist.view(F, HIST_BINS), top_vals.clamp_min(0), top_pos, s_vals, s_pos
-    )
+    out = (counts, sums.float(), maxs, hist.view(F, HIST_BINS), top_vals.clamp_min(0), top_pos, s_vals, s_pos)
+    return FeatureStats(n_tokens, *(t.cpu() for t in out))

@@ -36,8 +36,8 @@ def windows_for(
     out: dict[tuple[int, int], dict] = {}
     for b in range(0, len(seqs), batch):
         chunk = seqs[b : b + batch]
-        x = torch.from_numpy(windows[chunk])
-        acts = feature_acts(model, site, sae, x)  # [b, T, F]
+        x = torch.from_numpy(windows[chunk]).to(sae.W_enc.device)
+        acts = feature_acts(model, site, sae, x).cpu()  # [b, T, F]
         for i, s in enumerate(chunk):
             for f, t, tag in by_seq[s]:
                 lo, hi = max(0, t - left), min(T, t + right + 1)
@@ -64,4 +64,4 @@ def logit_effects(
     effects = W @ unembedding(model).t()  # [F, vocab]
     pos = effects.topk(k, dim=1)
     neg = (-effects).topk(k, dim=1)
-    return pos.indices, pos.values, neg.indices, -neg.values
+    return pos.indices.cpu(), pos.values.cpu(), neg.indices.cpu(), -neg.values.cpu()

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from sfcd.activations.harvest import token_windows
 from sfcd.data.tokens import read_tokens
+from sfcd.devices import work_device
 from sfcd.errors import ConfigError, MissingArtifactError
 from sfcd.features.collect import HIST_BINS, HIST_HI, HIST_LO, FeatureStats, collect
 from sfcd.features.contexts import logit_effects, windows_for
@@ -42,7 +43,7 @@ def list_saes(run: RunDir, step: int) -> list[Path]:
 def cluster_summary(sae, density: torch.Tensor, low: float) -> dict:
     """The ultra-low-density group (live features below ``low``) and whether it is the one-layer reference's
     cluster: many features (>= 10%) sharing one encoder direction (mean cosine to their mean >= 0.5)."""
-    g = ultra_low_group(sae.W_enc, density, low)
+    g = ultra_low_group(sae.W_enc.detach().cpu(), density, low)
     out = {
         "dead": int(g["dead"].sum()),
         "ultra_low": int(g["ultra"].sum()),
@@ -129,7 +130,7 @@ def investigate(
     title: str,
 ) -> dict:
     """Everything about one SAE's features, written to ``out``; returns the summary."""
-    sae = load_sae(sae_dir)
+    sae = load_sae(sae_dir).to(next(model.parameters()).device)
     site = parse_site(site_name, model)
     check_sae_fits(sae, model, site)
     with tqdm(total=len(windows), desc=f"features {sae_dir.name}", unit="seq", leave=False, disable=None) as bar:
@@ -181,6 +182,7 @@ def investigate(
 def build_features(cfg: DictConfig) -> list[Path]:
     run = RunDir(cfg.run_dir)
     model, tokenizer, step = checkpoint(cfg, cfg.step)
+    model.to(work_device(cfg.trainer))
     fc = cfg.features
     saes = list_saes(run, step)
     if list(fc.saes) != ["all"]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from sfcd.data.tasks import load_task
+from sfcd.devices import work_device
 from sfcd.errors import ConfigError, MissingArtifactError
 from sfcd.io import read_jsonl, write_json
 from sfcd.models import evaluate
@@ -46,6 +47,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     else:
         step = run.require().resolve_step(cfg.step)
         model, tokenizer = load_model(run.root, step), load_tokenizer(run.root, step)
+    model.to(work_device(cfg.trainer))
     out: dict = {"model": cfg.model.source or str(run.root), "step": step}
     for name in cfg.tasks:
         path = task_path(run, name)

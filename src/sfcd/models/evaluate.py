@@ -12,6 +12,10 @@ import torch.nn.functional as F
 from sfcd.data.tasks import Task
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def heldout_loss(model, tokens: np.ndarray, seq_len: int, n_batches: int, batch_size: int) -> float:
     """Mean next-token loss over fixed, evenly spaced windows of ``tokens``."""
@@ -21,7 +25,7 @@ def heldout_loss(model, tokens: np.ndarray, seq_len: int, n_batches: int, batch_
     losses = []
     for b in range(0, n, batch_size):
         idx = starts[b : b + batch_size, None] + np.arange(seq_len + 1)
-        x = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+        x = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64)).to(_device(model))
         logits = model(x[:, :-1]).logits
         losses.append(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item())
     return float(np.mean(losses))
@@ -37,8 +41,8 @@ def last_logits(model, prefixes: list[tuple[int, ...]], batch_size: int = 256) -
     for idx in groups.values():
         for b in range(0, len(idx), batch_size):
             chunk = idx[b : b + batch_size]
-            x = torch.tensor([prefixes[i] for i in chunk])
-            out[chunk] = model(x).logits[:, -1].float()
+            x = torch.tensor([prefixes[i] for i in chunk], device=_device(model))
+            out[chunk] = model(x).logits[:, -1].float().cpu()
     return out
 
 
@@ -77,7 +81,7 @@ def induction_score(model, tokenizer, rows: list[dict], max_rows: int | None = N
         second = tokenizer(" " + row["span"].lstrip(), add_special_tokens=False)["input_ids"]
         if min(len(first), len(second)) < 3:
             continue
-        x = torch.tensor([bos + first + second])
+        x = torch.tensor([bos + first + second], device=_device(model))
         logp = F.log_softmax(model(x).logits[0, :-1].float(), -1)
         nll = -logp.gather(1, x[0, 1:, None])[:, 0]  # nll[i] is the loss of token i + 1
         o, n = len(bos), len(first)

@@ -82,7 +82,7 @@ def _file_source(cfg: DictConfig, total: int, device: torch.device):
             s.activations,
         )
     source = ArraySource({"file": train}, buffer_rows(s, total), s.seed, device, s.buffer_dtype)
-    evals = {"file": torch.from_numpy(np.asarray(arr[len(arr) - n_eval :], dtype=np.float32)).to(device)}
+    evals = {"file": torch.from_numpy(np.array(arr[len(arr) - n_eval :], dtype=np.float32)).to(device)}
     return source, evals, arr.shape[1]
 
 
