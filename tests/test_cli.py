@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sfcd.io import write_jsonl
 
@@ -94,3 +95,15 @@ def test_multirun_sweep_goes_through_hydra(tmp_path):
     assert (tmp_path / "seed1" / "corpus" / "train.tokens").read_bytes() != (
         tmp_path / "seed2" / "corpus" / "train.tokens"
     ).read_bytes()
+
+
+def test_scale_errors_are_one_line(test_run, tmp_path):
+    # a buffer that cannot fit, a GPU trainer where there is none: one line, exit 2, nothing written
+    run = test_run.run_dir
+    big = "10000000000000"
+    p = sfcd("sae", f"run_dir={run}", "sae.sites=[resid.0]", f"sae.n_tokens={big}", f"sae.buffer_tokens={big}")
+    assert_one_line_error(p, "activation buffer", "lower sae.buffer_tokens")
+    if not torch.cuda.is_available():
+        for stage in ("model", "sae", "circuit"):
+            p = sfcd(stage, f"run_dir={run}", "trainer=gpu")
+            assert_one_line_error(p, "asks for a GPU but torch sees none", "trainer=cpu")

@@ -98,6 +98,7 @@ def _run_hydra(stage: str, overrides: list[str], debug: bool) -> None:
     from omegaconf import DictConfig
 
     from sfcd.config import register
+    from sfcd.devices import check_accelerator
     from sfcd.stages import STAGES
 
     register()
@@ -106,6 +107,7 @@ def _run_hydra(stage: str, overrides: list[str], debug: bool) -> None:
         logging.getLogger("sfcd").setLevel(logging.INFO)
         logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
         try:
+            check_accelerator(cfg.trainer)  # trainer=gpu without a GPU: one line, before any stage starts
             STAGES[stage](cfg)
         except SfcdError as e:
             if debug:

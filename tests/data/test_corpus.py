@@ -42,7 +42,8 @@ def test_text_corpus_from_txt_and_jsonl(tmp_path):
         train = read_tokens(run.tokens("train"))
         assert len(train) == 2000 and len(read_tokens(run.tokens("val"))) == 300
         assert "alpha" in tok.decode(np.asarray(train[:50]))
-        assert not run.tasks.exists()  # tasks come only with the built-in grammar
+        # the built-in tasks come with every corpus (text, tokenized with the run's tokenizer when loaded)
+        assert run.task_file("nounpp", "train").exists() and run.task_file("induction", "test").exists()
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):
@@ -77,3 +78,20 @@ def test_hf_dataset_offline_is_a_clear_error(test_run, tmp_path, monkeypatch):
     )
     with pytest.raises(OfflineError, match="needs the network"):
         build_corpus(cfg)
+
+
+def test_the_pythia_preset_streams_the_pile_and_says_so_offline(tmp_path, tokenizer):
+    # catches: the preset training Pythia's SAEs on the agreement grammar; an offline run that fails with a
+    # traceback or leaves a half-written corpus
+    from sfcd.config import compose
+    from sfcd.data.corpus import build_corpus
+    from sfcd.errors import OfflineError
+    from sfcd.models.presets import random_checkpoint
+
+    src = random_checkpoint(tmp_path / "model", compose(["model=micro"]).model, tokenizer)
+    cfg = compose(["experiment=pythia", f"run_dir={tmp_path / 'run'}", f"model.source={src}", "trainer=cpu"])
+    assert cfg.corpus.kind == "hf" and cfg.corpus.dataset == "monology/pile-uncopyrighted"
+    assert cfg.sae.d_sae == 32768 and cfg.sae.lr == pytest.approx(2e-4 / (32768 / 2**14) ** 0.5, rel=1e-3)
+    with pytest.raises(OfflineError, match="monology/pile-uncopyrighted.*needs the network"):
+        build_corpus(cfg)
+    assert not (tmp_path / "run" / "corpus" / "meta.json").exists()

@@ -183,3 +183,99 @@ def test_reference_comparison_table(tmp_path):
     assert "| ultra_low_fraction | over half of the features (density < 1e-4) | 0.500, 0.500 |" in md
     stats = json.loads((tmp_path / "reference_comparison.json").read_text())
     assert stats["stats"][0]["cluster_cos_to_mean"] > 0.99 and stats["cross_seed_cluster_cos"] > 0.99
+
+
+def _dl_folder(tmp_path, name, cls, state, trainer=None):
+    folder = tmp_path / name
+    folder.mkdir()
+    torch.save(state, folder / "ae.pt")
+    (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": cls, **(trainer or {})}}))
+    return folder
+
+
+@pytest.mark.parametrize("threshold", [0.4, -1.0])
+def test_dictionary_learning_batchtopk_and_matryoshka_formula(tmp_path, threshold):
+    # their inference formulas (dictionary_learning trainers/batch_top_k.py, matryoshka_batch_top_k.py):
+    #   f = relu(W_enc (x - b_dec) + b_enc) * (relu(...) > threshold)   [Matryoshka: latents past the groups = 0]
+    #   x_hat = f @ W_dec + b_dec.  Catches: the threshold applied before the relu (wrong when it is -1, the value
+    #   of an untrained or a never-updated SAE), b_dec not subtracted, latents past the last group firing.
+    g = torch.Generator().manual_seed(2)
+    d, m = 8, 24
+    W_enc, b_enc = torch.randn(d, m, generator=g), torch.randn(m, generator=g)
+    W_dec, b_dec = torch.randn(m, d, generator=g), torch.randn(d, generator=g)
+    x = torch.randn(11, d, generator=g)
+    post = torch.relu((x - b_dec) @ W_enc + b_enc)
+    f = post * (post > threshold)
+    th = torch.tensor(threshold)
+    btk = _dl_folder(
+        tmp_path,
+        "btk",
+        "BatchTopKSAE",
+        {
+            "k": torch.tensor(4, dtype=torch.int),
+            "threshold": th,
+            "encoder.weight": W_enc.t().contiguous(),
+            "encoder.bias": b_enc,
+            "decoder.weight": W_dec.t().contiguous(),
+            "b_dec": b_dec,
+        },
+    )
+    sizes = torch.tensor([4, 8, 8])  # 20 of 24 latents in groups
+    mat = _dl_folder(
+        tmp_path,
+        "mat",
+        "MatryoshkaBatchTopKSAE",
+        {
+            "k": torch.tensor(4, dtype=torch.int),
+            "threshold": th,
+            "group_sizes": sizes,
+            "W_enc": W_enc,
+            "b_enc": b_enc,
+            "W_dec": W_dec,
+            "b_dec": b_dec,
+        },
+    )
+    f_mat = f.clone()
+    f_mat[:, 20:] = 0
+    for folder, expect in ((btk, f), (mat, f_mat)):
+        sae = load_sae(folder)
+        with torch.no_grad():
+            torch.testing.assert_close(sae.encode(x), expect)
+            torch.testing.assert_close(sae(x), expect @ W_dec + b_dec)
+    assert f_mat[:, :20].count_nonzero() > 0 and f[:, 20:].count_nonzero() > 0  # the cut is visible
+
+
+def test_sparsify_groupmax_formula_and_transcoders_refused(tmp_path):
+    # sparsify's fused_encoder: pre = relu(encoder(x - b_dec)); groupmax keeps each of k contiguous groups'
+    # maximum. Catches: groupmax read as top-k (a different function), a transcoder loaded as an SAE.
+    g = torch.Generator().manual_seed(3)
+    d, m, k = 6, 24, 4
+    enc_w, enc_b = torch.randn(m, d, generator=g), torch.randn(m, generator=g)
+    W_dec, b_dec = torch.randn(m, d, generator=g), torch.randn(d, generator=g)
+    x = torch.randn(9, d, generator=g)
+    pre = torch.relu((x - b_dec) @ enc_w.t() + enc_b)
+    f = torch.zeros_like(pre)
+    for j in range(k):
+        block = pre[:, j * 6 : (j + 1) * 6]
+        v, i = block.max(dim=1)
+        f[torch.arange(len(x)), j * 6 + i] = v
+    tensors = {"encoder.weight": enc_w, "encoder.bias": enc_b, "W_dec": W_dec, "b_dec": b_dec}
+    gm = tmp_path / "gm"
+    gm.mkdir()
+    save_file(tensors, str(gm / "sae.safetensors"))
+    (gm / "cfg.json").write_text(json.dumps({"k": k, "activation": "groupmax"}))
+    sae = load_sae(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), f)
+        torch.testing.assert_close(sae(x), f @ W_dec + b_dec)
+        topk = torch.zeros_like(pre).scatter(-1, pre.topk(k).indices, pre.topk(k).values)
+        assert not torch.allclose(sae.encode(x), topk)
+    tc = tmp_path / "tc"
+    tc.mkdir()
+    save_file(tensors, str(tc / "sae.safetensors"))
+    (tc / "cfg.json").write_text(json.dumps({"k": k, "transcode": True}))
+    with pytest.raises(InputError, match="transcoder"):
+        load_sae(tc)
+    (gm / "cfg.json").write_text(json.dumps({"k": k, "activation": "sigmoid"}))
+    with pytest.raises(InputError, match="activation 'sigmoid' is not supported"):
+        load_sae(gm)

@@ -112,7 +112,9 @@ def build_corpus(cfg: DictConfig) -> RunDir:
     else:  # one stream: skip what went to the validation split
         train_docs = _skip_tokens(_documents(cfg, "train"), tokenizer, n_val)
     n_train = write_tokens(run.tokens("train"), _token_chunks(train_docs, tokenizer), vocab, c.n_tokens)
-    tasks = write_tasks(cfg, run) if c.kind == "agreement" else {}
+    # the built-in tasks are text (tokenized with the run's tokenizer when loaded), so any corpus gets them:
+    # with corpus=hf and Pythia's tokenizer they are the paper's agreement tasks for Pythia
+    tasks = write_tasks(cfg, run)
     meta = {
         "settings": settings,
         "vocab_size": vocab,

@@ -35,3 +35,18 @@ def neox_config(model: DictConfig, vocab_size: int, bos_id: int = 0, eos_id: int
         eos_token_id=eos_id,
         attn_implementation=model.attn_implementation,
     )
+
+
+def random_checkpoint(folder, model: DictConfig, tokenizer, vocab_size: int | None = None, seed: int = 0):
+    """A ``save_pretrained`` folder (+ ``tokenizer``) of a randomly initialised model of preset ``model``'s shape
+    (e.g. ``model=pythia-70m-deduped``: 6 layers, d_model 512, vocab 50,304), usable as ``model.source``:
+    the hub's code path, offline. Returns the folder."""
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    vocab = vocab_size or len(tokenizer)
+    net = GPTNeoXForCausalLM(neox_config(model, vocab, tokenizer.bos_token_id or 0, tokenizer.eos_token_id or 0))
+    net.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder

@@ -18,7 +18,7 @@ from sfcd.io import atomic_dir, save_safetensors
 from sfcd.sae.base import SAE
 from sfcd.sae.jumprelu import JumpReLUSAE
 from sfcd.sae.relu import ReLUSAE
-from sfcd.sae.topk import TopKSAE
+from sfcd.sae.topk import GroupMaxSAE, TopKSAE
 
 SAELENS_VERSION = "6.0.0"
 SAELENS_REQUIRED = ("d_in", "d_sae", "architecture")
@@ -230,22 +230,73 @@ def load_dictionary_learning(folder: Path) -> SAE:
             path,
             k=int(k),
         )
+    if cls_name == "BatchTopKSAE":
+        # dictionary_learning's default trainer: encode = relu(encoder(x - b_dec)) kept where > threshold (one
+        # scalar, a running estimate; -1 until trained), decode = decoder(f) + b_dec: a JumpReLU at inference
+        keys = {"k", "threshold", "encoder.weight", "encoder.bias", "decoder.weight", "b_dec"}
+        _expect_keys(state, keys, path, "BatchTopKSAE")
+        sae = _build(
+            JumpReLUSAE,
+            state["encoder.weight"].t(),
+            state["encoder.bias"],
+            state["decoder.weight"].t(),
+            state["b_dec"],
+            True,
+            path,
+            l0_coeff=0.0,
+        )
+        return _set_threshold(sae, _relu_threshold(state["threshold"], sae.d_sae))
+    if cls_name == "MatryoshkaBatchTopKSAE":
+        # the same inference rule on nested groups of latents (group_sizes); every group is active once
+        # trained, and latents past the last group never fire (threshold +inf)
+        keys = {"k", "threshold", "group_sizes", "W_enc", "b_enc", "W_dec", "b_dec"}
+        _expect_keys(state, keys, path, "MatryoshkaBatchTopKSAE")
+        sae = _build(
+            JumpReLUSAE, state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"], True, path, l0_coeff=0.0
+        )
+        threshold = _relu_threshold(state["threshold"], sae.d_sae)
+        threshold[int(state["group_sizes"].sum()) :] = float("inf")
+        return _set_threshold(sae, threshold)
     raise InputError(
-        f"{folder}: dictionary_learning class {cls_name!r} is not supported; "
-        "sfcd reads AutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK"
+        f"{folder}: dictionary_learning class {cls_name!r} is not supported; sfcd reads AutoEncoder, "
+        "JumpReluAutoEncoder, AutoEncoderTopK, BatchTopKSAE, MatryoshkaBatchTopKSAE"
     )
 
 
+def _relu_threshold(threshold: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """A per-latent threshold for ``relu(pre) * (relu(pre) > t)``: with t < 0 (untrained) that is ``relu(pre)``,
+    which sfcd's JumpReLU ``pre * (pre > t)`` computes at t = 0."""
+    return threshold.float().clamp_min(0.0).expand(d_sae).clone()
+
+
 def load_sparsify(folder: Path) -> SAE:
-    """EleutherAI sparsify: ``cfg.json`` (with ``k``) + ``sae.safetensors`` (``encoder.*``, ``W_dec``, ``b_dec``)."""
+    """EleutherAI sparsify: ``cfg.json`` (with ``k``) + ``sae.safetensors`` (``encoder.*``, ``W_dec``, ``b_dec``).
+
+    ``activation: topk`` (the default) and ``groupmax`` are computed as sparsify does; transcoders
+    (``transcode: true``) and skip connections map a module's input to its output, which is not an SAE of one
+    site: they are refused, never loaded as one."""
     cfg = _read_json(folder / "cfg.json")
+    if cfg.get("transcode"):
+        raise InputError(
+            f"{folder} is a sparsify transcoder (transcode: true): it reads a module's input and predicts its "
+            "output, so it is not an SAE of one site; sfcd loads sparsify SAEs (transcode: false)"
+        )
     path = folder / "sae.safetensors"
     t = _load_safetensors(path)
+    if "W_skip" in t or cfg.get("skip_connection"):
+        raise InputError(f"{folder} has a skip connection (W_skip), which sfcd's SAEs do not compute; not loaded")
     _expect_keys(t, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, path, "sparsify")
     if "k" not in cfg:
         raise InputError(f"{folder / 'cfg.json'} lacks key 'k', which a sparsify SAE needs")
+    activation = cfg.get("activation", "topk")
+    classes = {"topk": TopKSAE, "groupmax": GroupMaxSAE}
+    if activation not in classes:
+        raise InputError(f"{folder}: sparsify activation {activation!r} is not supported; sfcd reads topk, groupmax")
+    k, d_sae = int(cfg["k"]), t["encoder.weight"].shape[0]
+    if activation == "groupmax" and d_sae % k:
+        raise InputError(f"{folder}: groupmax needs d_sae ({d_sae}) divisible by k ({k})")
     return _build(
-        TopKSAE, t["encoder.weight"].t(), t["encoder.bias"], t["W_dec"], t["b_dec"], True, path, k=int(cfg["k"])
+        classes[activation], t["encoder.weight"].t(), t["encoder.bias"], t["W_dec"], t["b_dec"], True, path, k=k
     )
 
 

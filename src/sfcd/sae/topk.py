@@ -75,3 +75,19 @@ class TopKSAE(SAE):
 
     def export_extra(self):
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}, {}
+
+
+class GroupMaxSAE(TopKSAE):
+    """sparsify's ``groupmax`` activation (inference only): the ReLU'd pre-activations split into ``k`` contiguous
+    groups of ``d_sae / k`` latents, each group keeping only its largest."""
+
+    architecture = "groupmax"
+    saelens_architecture = ""  # no SAELens counterpart
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        groups = torch.relu(pre).unflatten(-1, (self.k, -1))
+        vals, idx = groups.max(dim=-1, keepdim=True)
+        return torch.zeros_like(groups).scatter(-1, idx, vals).flatten(-2)
+
+    def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("groupmax SAEs are loaded from sparsify files, not trained by sfcd")
