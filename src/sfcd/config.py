@@ -109,7 +109,8 @@ class SAEConfig:
     n_tokens: int = 1_000_000  # training activations per site (memory does not grow with it; files repeat epochs)
     buffer_tokens: int = 262_144  # activations per site held at once: one streamed chunk, shuffled (bounds memory)
     buffer_dtype: str = "float32"  # float32 | bfloat16: the buffer's and the on-disk cache's values
-    eval_tokens: int = 32_768  # held-out tokens for evaluation
+    eval_tokens: int = 32_768  # held-out tokens for evaluation (reconstruction, density), one site at a time
+    ce_tokens: int | None = None  # held-out tokens for the CE/KL scores with the SAE spliced in (None: eval_tokens)
     seq_len: int | None = None  # harvest context length (None: the model preset's seq_len)
     harvest_batch: int = 32  # sequences per harvesting forward pass
     exclude_special: bool = True  # leave BOS/EOS/padding positions out of training and evaluation

@@ -162,30 +162,30 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
             cache_dir=run.root / "activations" / f"step{step}" if s.cache else None,
             cache_meta={"model": meta_base["model_name"], "step": step, "tokens": str(run.tokens("train"))},
         )
-        val = read_tokens(run.tokens("val"))
-        eval_windows = token_windows(val, seq_len, int(s.eval_tokens * 1.25 / seq_len) + 2)  # BOS/EOS margin
-        eval_arrays = harvest_rows(
-            model,
-            (eval_windows[b : b + s.harvest_batch] for b in range(0, len(eval_windows), s.harvest_batch)),
-            need_sites,
-            dims,
-            s.eval_tokens,
-            excl,
-        )
     state_dir = out_root / ".train"
     prepare_state_dir(state_dir, settings_of(todo, s, total))
     module = SAEModule(todo, s, total)
     train_module(module, cfg.trainer, state_dir, source, callbacks)
+    module.source = source = None  # the last chunk goes before the evaluation's activations come
     written = []
-    for spec, sae in zip(todo, module.saes, strict=True):
+    if model is not None:
+        val = read_tokens(run.tokens("val"))
+        eval_windows = token_windows(val, seq_len, int(s.eval_tokens * 1.25 / seq_len) + 2)  # BOS/EOS margin
+        ce_windows = token_windows(val, seq_len, max(1, (s.ce_tokens or s.eval_tokens) // seq_len))
+    current: tuple[str, torch.Tensor] | None = None
+    for spec, sae in zip(todo, module.saes, strict=True):  # specs are grouped by site
+        if model is not None and (current is None or current[0] != spec.site):
+            current = None  # one site's evaluation activations at a time: eval_tokens x d, not x sum(d)
+            x = parse_site(spec.site, model)
+            batches = (eval_windows[b : b + s.harvest_batch] for b in range(0, len(eval_windows), s.harvest_batch))
+            current = (spec.site, harvest_rows(model, batches, [x], site_dims, s.eval_tokens, excl)[spec.site])
+        acts = current[1] if model is not None else eval_arrays[spec.site]
         sae = sae.to(device).eval()
-        metrics, fired = E.reconstruction_metrics(sae, eval_arrays[spec.site])
-        n_eval = len(eval_arrays[spec.site])
-        dens, density = E.density_metrics(fired, n_eval)
+        metrics, fired = E.reconstruction_metrics(sae, acts)
+        dens, density = E.density_metrics(fired, len(acts))
         metrics |= dens
         if model is not None:
-            windows = token_windows(val, seq_len, max(1, s.eval_tokens // seq_len))
-            metrics |= E.spliced_losses(model, parse_site(spec.site, model), sae, windows, excl)
+            metrics |= E.spliced_losses(model, parse_site(spec.site, model), sae, ce_windows, excl)
         metrics |= {
             "name": spec.name,
             "site": spec.site,

@@ -270,7 +270,9 @@ def train_module(
     if state.exists():
         log.info("resuming SAE training from %s", state)
     trainer.fit(module, ckpt_path=str(state) if state.exists() else None, weights_only=True)
-    if trainer.global_step < module.total_steps:
+    # spawned ranks (ddp_spawn) return rank 0's weights and the trainer's state, not its step counter
+    spawned_and_done = trainer.world_size > 1 and trainer.state.finished and not trainer.interrupted
+    if trainer.global_step < module.total_steps and not spawned_and_done:
         raise SfcdError(
             f"SAE training stopped at step {trainer.global_step} of {module.total_steps}; "
             "run the same command again to resume"
