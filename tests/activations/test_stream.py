@@ -73,6 +73,12 @@ def test_chunks_are_whole_windows_of_the_model_without_excluded_tokens(micro):
     for name in ("resid.0", "mlp.1"):
         expect = acts[name].flatten(0, 1)[keep][:ROWS]
         torch.testing.assert_close(ch[name], expect)
+    from sfcd.activations.harvest import harvest  # an [n, T] array is batched the same way as an iterable
+
+    sites = [parse_site("resid.0"), parse_site("mlp.1")]
+    got = list(harvest(model, windows, sites, batch_size=5, exclude_ids={0}))
+    assert len(got) == 20  # 96 windows in batches of 5
+    torch.testing.assert_close(torch.cat([g["mlp.1"] for g in got])[:ROWS], ch["mlp.1"])
     torch.testing.assert_close(source(micro, ["resid.0"]).chunk(3)["resid.0"], ch["resid.0"])
     assert not torch.equal(src.chunk(2)["resid.0"], ch["resid.0"])
 

@@ -37,9 +37,12 @@ def harvest(
     device = model_device(model)
     excl = torch.tensor(sorted(exclude_ids), dtype=torch.long, device=device)
     if isinstance(windows, np.ndarray):
-        windows = (windows[b : b + batch_size] for b in range(0, len(windows), batch_size))
+        arr = windows
+        batches: Iterable[np.ndarray] = (arr[b : b + batch_size] for b in range(0, len(arr), batch_size))
+    else:
+        batches = windows
     with torch.no_grad():
-        for w in windows:
+        for w in batches:
             x = torch.from_numpy(np.ascontiguousarray(w, dtype=np.int64)).to(device, non_blocking=True)
             acts = run_with_cache(model, x, sites)
             keep = ~torch.isin(x, excl).flatten() if len(excl) else None
