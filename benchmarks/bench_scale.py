@@ -149,9 +149,12 @@ def main() -> None:
     ap.add_argument("--features", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=65536, help="N: the smaller token count (4N is the larger)")
     ap.add_argument("--out", default=None, help="keep the runs here")
+    ap.add_argument("--projection-from", type=float, default=None, help="only the projection, from this 19-site rate")
     args = ap.parse_args()
     if args.one:
         return one(args)
+    if args.projection_from:
+        return projection(args.projection_from)
     root = Path(args.out or tempfile.mkdtemp(prefix="sfcd-bench-scale-"))
     run, model = setup(root)
     small = measured(run, model, 4096, args.n, 32768, 4096)
@@ -170,7 +173,11 @@ def main() -> None:
     )
     wide = measured(run, model, 32768, 4 * 1024, 4096, 1024, features=True)
     print(json.dumps({"figure": "d_sae_32768_short_run", **wide}), flush=True)
+    projection(large["tokens_per_s"])
 
+
+def projection(tokens_per_s: float) -> None:
+    """The pythia preset's time per checkpoint on one GPU, from this machine's 19-site TopK rate at d_sae 4096."""
     # projection: a TopK step's dominant cost is the dense encoder matmul, 2 * d_in * d_sae FLOPs per token per
     # site; this machine's achieved fraction of its own fp32 rate for that matmul carries over to the GPU's rate
     import torch
@@ -179,7 +186,7 @@ def main() -> None:
     fp32 = matmul_rate(4096, D_IN, 4096, torch.float32)
     bf16 = matmul_rate(4096, D_IN, 4096, torch.bfloat16)
     enc_flops = 2 * D_IN * 4096 * SITES
-    fraction = large["tokens_per_s"] * enc_flops / fp32
+    fraction = tokens_per_s * enc_flops / fp32
     tokens = 50_000_000
     pythia_flops = tokens * 2 * D_IN * 32768 * SITES
     gpu_s = pythia_flops / (GPU_BF16_FLOPS * fraction)

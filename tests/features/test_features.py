@@ -113,3 +113,20 @@ def test_features_errors(test_run, test_saes, tmp_path):
         (copy / "model" / "step24" / name).unlink()
     with pytest.raises(MissingArtifactError, match="no tokenizer in"):
         build_features(compose(["experiment=test", f"run_dir={copy}"]))
+
+
+def test_logit_effects_in_blocks_equal_the_whole_product(test_run):
+    # catches: features misordered or dropped at block boundaries when [F, vocab] is computed block by block
+    from sfcd.features.contexts import logit_effects
+    from sfcd.models.loading import load_model
+    from sfcd.models.sites import parse_site
+    from sfcd.sae.topk import TopKSAE
+
+    model = load_model(test_run.run_dir)
+    sae = TopKSAE(32, 40, seed=3, k=4)
+    site = parse_site("resid.1", model)
+    effects = (sae.W_dec / sae.scale) @ model.get_output_embeddings().weight.t()
+    pos_ids, pos_vals, neg_ids, neg_vals = logit_effects(model, site, sae, k=5, block=7)
+    torch.testing.assert_close(pos_vals, effects.topk(5, dim=1).values)
+    torch.testing.assert_close(neg_vals, -(-effects).topk(5, dim=1).values)
+    assert torch.equal(pos_ids, effects.topk(5, dim=1).indices) and pos_ids.shape == (40, 5)

@@ -51,17 +51,22 @@ def unembedding(model) -> torch.Tensor:
 
 
 def logit_effects(
-    model, site: Site, sae: SAE, k: int = 10
+    model, site: Site, sae: SAE, k: int = 10, block: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k promoted and suppressed token ids (and values) of each feature's decoder direction, read through
     the unembedding (after the MLP's output projection for ``mlp_act`` sites; the final layer norm is left out,
-    as in the usual direct-logit-effect view). Returns (pos_ids, pos_vals, neg_ids, neg_vals), each [F, k]."""
+    as in the usual direct-logit-effect view). Returns (pos_ids, pos_vals, neg_ids, neg_vals), each [F, k].
+
+    ``block`` features at a time: [block, vocab], never [F, vocab] (32,768 x 50,304 floats would be 6.6 GB)."""
     W = sae.W_dec.detach() / sae.scale  # [F, d_site] in raw units
     if site.kind == "mlp_act":
         mlp = site_module(model, Site(f"mlp.{site.layer}", "mlp", site.layer))
         proj = mlp.dense_4h_to_h if architecture(model) == "gpt_neox" else mlp.c_proj
         W = W @ (proj.weight.detach().t() if architecture(model) == "gpt_neox" else proj.weight.detach())
-    effects = W @ unembedding(model).t()  # [F, vocab]
-    pos = effects.topk(k, dim=1)
-    neg = (-effects).topk(k, dim=1)
-    return pos.indices.cpu(), pos.values.cpu(), neg.indices.cpu(), -neg.values.cpu()
+    U = unembedding(model).t()
+    parts = []
+    for b in range(0, W.shape[0], block):
+        effects = W[b : b + block] @ U  # [block, vocab]
+        pos, neg = effects.topk(k, dim=1), effects.topk(k, dim=1, largest=False)
+        parts.append((pos.indices.cpu(), pos.values.cpu(), neg.indices.cpu(), neg.values.cpu()))
+    return tuple(torch.cat(x) for x in zip(*parts, strict=True))
