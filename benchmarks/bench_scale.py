@@ -99,7 +99,7 @@ def one(args) -> None:
         "buffer_tokens": args.buffer,
         "batch": args.batch,
         "steps": clock.steps,
-        "tokens_per_s": round(timed * args.batch / max(clock.t1 - clock.t0, 1e-9), 1),
+        "tokens_per_s": round(timed * args.batch / max(clock.t1 - clock.t0, 1e-9), 1) if clock.t0 else None,
         "stage_seconds": round(stage_s, 1),
         "peak_rss_gib": round(rss_sae, 2),
     }
@@ -184,7 +184,6 @@ def projection(tokens_per_s: float) -> None:
 
     torch.manual_seed(0)
     fp32 = matmul_rate(4096, D_IN, 4096, torch.float32)
-    bf16 = matmul_rate(4096, D_IN, 4096, torch.bfloat16)
     enc_flops = 2 * D_IN * 4096 * SITES
     fraction = tokens_per_s * enc_flops / fp32
     tokens = 50_000_000
@@ -195,7 +194,6 @@ def projection(tokens_per_s: float) -> None:
             {
                 "figure": "pythia_preset_projection",
                 "cpu_fp32_matmul_gflops": round(fp32 / 1e9, 1),
-                "cpu_bf16_matmul_gflops": round(bf16 / 1e9, 1),
                 "achieved_fraction_of_matmul_rate_19_sites": round(fraction, 3),
                 "assumed_gpu_bf16_tflops": GPU_BF16_FLOPS / 1e12,
                 "pythia_tokens": tokens,
