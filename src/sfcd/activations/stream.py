@@ -98,8 +98,13 @@ class ArraySource(ChunkSource):
         self.device = torch.device(device)
         self.blocks = self.n // self.chunk_rows
         self._epoch_logged = 0
+        self._whole: dict[str, torch.Tensor] | None = None  # when one chunk is the whole array: read it once
 
     def chunk(self, c: int) -> dict[str, torch.Tensor]:
+        if self.chunk_rows == self.n:  # every epoch is this one block (in a new shuffle): no copy per epoch
+            if self._whole is None or any(v.device != self.device for v in self._whole.values()):
+                self._whole = self._read(0)
+            return self._whole
         e, i = divmod(c, self.blocks)
         if e > self._epoch_logged:
             log.info("the activations are read again: epoch %d of %d rows", e + 1, self.n)
@@ -107,6 +112,9 @@ class ArraySource(ChunkSource):
         rng = np.random.default_rng([self.seed, _BLOCKS, e])
         shift = int(rng.integers(0, self.n - self.blocks * self.chunk_rows + 1))  # each epoch its own tail
         start = shift + int(rng.permutation(self.blocks)[i]) * self.chunk_rows
+        return self._read(start)
+
+    def _read(self, start: int) -> dict[str, torch.Tensor]:
         return {
             k: torch.from_numpy(np.array(a[start : start + self.chunk_rows], dtype=np.float32)).to(
                 self.device, self.dtype
