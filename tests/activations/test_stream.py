@@ -3,7 +3,6 @@ boundaries; the cache replaces the forward pass; memory is one chunk; bad settin
 
 import itertools
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -16,6 +15,8 @@ from sfcd.models.loading import load_model
 from sfcd.models.sites import parse_site, run_with_cache, site_dim
 from sfcd.paths import RunDir
 from sfcd.sae.train import SAEModule, make_specs, train_module
+
+from ..crash import Crash, CrashAt
 
 ROWS = 1024  # one chunk: 4 steps of 256, so a 24-step run crosses 5 chunk boundaries
 
@@ -40,19 +41,6 @@ def fit(micro, names, tmp_path, callbacks=None, overrides=()):
     dims = {n: site_dim(model, parse_site(n, model)) for n in names}
     module = SAEModule(make_specs(cfg.sae, dims), cfg.sae, 24)
     return train_module(module, cfg.trainer, tmp_path, source(micro, names), callbacks)
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt(L.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise Crash
 
 
 def same(a, b):

@@ -22,11 +22,14 @@ def data():
     return make_data()
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-@pytest.mark.parametrize("arch", sorted(SETTINGS))
+CASES = [(a, "32-true") for a in sorted(SETTINGS)] + [("topk", "bf16-mixed"), ("batchtopk", "bf16-mixed")]
+
+
+@pytest.mark.parametrize(("arch", "precision"), CASES)
 def test_architecture_recovers_the_true_directions(arch, precision, data, tmp_path):
-    """Also under bf16 autocast (the GPU preset's precision; CPU torch runs it too): catches dtype mixes in the
-    sparse kernels and thresholds, and bf16 master weights (exports must stay float32 and load)."""
+    """Also under bf16 autocast (the GPU preset's precision; CPU torch runs it too) for the sparse-kernel
+    architectures: catches dtype mixes in the kernels and thresholds, and bf16 master weights (exports must stay
+    float32 and load). Every architecture also trains and exports in bf16 in tests/test_gpu_check.py."""
     from sfcd.sae.io import load_sae, save_sae
 
     acts, dirs = data

@@ -13,6 +13,7 @@ from sfcd.errors import ConfigError, InputError, SfcdError
 from sfcd.sae.io import load_sae
 from sfcd.sae.train import SAEModule, make_specs, train_module
 
+from ..crash import Crash, CrashAt
 from .synthetic import make_data
 
 
@@ -50,19 +51,6 @@ def test_many_saes_in_one_stream_equal_each_alone(arch, arrays, tmp_path):
     alone = fit([f"sae.architecture={arch}", "sae.lr=0.003"], {"y": 32}, arrays, tmp_path / "a")
     assert_same(params(many.saes[3]), params(alone.saes[0]))
     assert not torch.allclose(many.saes[2].W_dec, alone.saes[0].W_dec)  # a different lr is a different SAE
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt(L.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise Crash
 
 
 def test_resume_continues_the_same_run(arrays, tmp_path):

@@ -135,6 +135,13 @@ def _build(cls: type[SAE], W_enc, b_enc, W_dec, b_dec, apply_b_dec: bool, path: 
     return sae.eval()
 
 
+def _build_linear(cls: type[SAE], state: dict, b_dec_key: str, path: Path, **hparams) -> SAE:
+    """dictionary_learning's ``nn.Linear`` layout: ``encoder.weight`` [d_sae, d_in], ``decoder.weight`` [d_in, d_sae],
+    the input bias ``b_dec_key`` subtracted before encoding and added after decoding."""
+    W_enc, W_dec = state["encoder.weight"].t(), state["decoder.weight"].t()
+    return _build(cls, W_enc, state["encoder.bias"], W_dec, state[b_dec_key], True, path, **hparams)
+
+
 def _set_threshold(sae: JumpReLUSAE, threshold: torch.Tensor) -> JumpReLUSAE:
     with torch.no_grad():
         sae.log_threshold.copy_(threshold.float().clamp_min(1e-30).log())
@@ -194,16 +201,7 @@ def load_dictionary_learning(folder: Path) -> SAE:
     path = folder / "ae.pt"
     if cls_name == "AutoEncoder":
         _expect_keys(state, {"bias", "encoder.weight", "encoder.bias", "decoder.weight"}, path, "AutoEncoder")
-        return _build(
-            ReLUSAE,
-            state["encoder.weight"].t(),
-            state["encoder.bias"],
-            state["decoder.weight"].t(),
-            state["bias"],
-            True,
-            path,
-            l1_coeff=0.0,
-        )
+        return _build_linear(ReLUSAE, state, "bias", path, l1_coeff=0.0)
     if cls_name == "JumpReluAutoEncoder":
         keys = {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
         _expect_keys(state, keys, path, "JumpReluAutoEncoder")
@@ -220,31 +218,13 @@ def load_dictionary_learning(folder: Path) -> SAE:
             path,
             "AutoEncoderTopK",
         )
-        return _build(
-            TopKSAE,
-            state["encoder.weight"].t(),
-            state["encoder.bias"],
-            state["decoder.weight"].t(),
-            state["b_dec"],
-            True,
-            path,
-            k=int(k),
-        )
+        return _build_linear(TopKSAE, state, "b_dec", path, k=int(k))
     if cls_name == "BatchTopKSAE":
         # dictionary_learning's default trainer: encode = relu(encoder(x - b_dec)) kept where > threshold (one
         # scalar, a running estimate; -1 until trained), decode = decoder(f) + b_dec: a JumpReLU at inference
         keys = {"k", "threshold", "encoder.weight", "encoder.bias", "decoder.weight", "b_dec"}
         _expect_keys(state, keys, path, "BatchTopKSAE")
-        sae = _build(
-            JumpReLUSAE,
-            state["encoder.weight"].t(),
-            state["encoder.bias"],
-            state["decoder.weight"].t(),
-            state["b_dec"],
-            True,
-            path,
-            l0_coeff=0.0,
-        )
+        sae = _build_linear(JumpReLUSAE, state, "b_dec", path, l0_coeff=0.0)
         return _set_threshold(sae, _relu_threshold(state["threshold"], sae.d_sae))
     if cls_name == "MatryoshkaBatchTopKSAE":
         # the same inference rule on nested groups of latents (group_sizes); every group is active once
