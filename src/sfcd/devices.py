@@ -7,7 +7,6 @@ one-line error, never a silent fall-back to the CPU.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -43,16 +42,6 @@ def work_device(trainer_cfg=None) -> torch.device:
 def check_accelerator(trainer_cfg) -> None:
     """Fail early, before Lightning does with a traceback, when the configured accelerator is not here."""
     work_device(trainer_cfg)
-
-
-def autocast(device: torch.device, precision: str | None):
-    """``torch.autocast`` for Lightning's precision names (``bf16-mixed``, ``16-mixed``); a no-op otherwise."""
-    p = str(precision or "32-true")
-    if p.startswith("bf16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if p.startswith("16"):
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def available_bytes(device: torch.device) -> int:
