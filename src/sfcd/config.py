@@ -99,7 +99,10 @@ class SAEConfig:
     threshold_init: float = 0.5  # jumprelu: initial threshold (scaled units)
     aux_coeff: float = 0.03125  # topk/batchtopk: AuxK coefficient (1/32)
     dead_tokens: int = 100_000  # a latent silent for this many training tokens is dead (AuxK, resampling)
-    resample_every: int = 0  # relu: resample dead features every this many steps (0: never)
+    resample_every: int = 0  # relu, relu_reference: resample dead features every this many steps (0: never)
+    resample_tokens: int = 3_276_800  # relu_reference: fresh tokens for its dead criterion (50 x 65,536)
+    resample_density: float = 10**-5.5  # relu_reference: resampled when firing less often than this
+    schedule_scale: float = 1.0  # relu_reference: one factor on resample_every and resample_tokens (scaled runs)
     lr: float = 1e-3  # Adam learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
     warmup_frac: float = 0.02  # linear lr warmup, fraction of steps

@@ -137,3 +137,25 @@ def test_bad_buffers_fail_clearly(micro):
 
     with pytest.raises(ConfigError, match="less than one batch"):
         buffer_rows(compose(["sae.buffer_tokens=100", "sae.batch_size=256"]).sae, 10)
+
+
+def test_fresh_samples_are_new_rows_outside_the_training_order_and_never_cached(micro, tmp_path):
+    # the sample a resampling criterion reads (relu_reference's density over fresh tokens). Catches: fresh rows
+    # that are a training chunk (the criterion would judge features on what they trained on), the same rows at
+    # every draw, a draw that differs between calls (ranks would resample differently), rows written to or read
+    # from the cache, a sample longer or shorter than asked
+    cached = source(micro, ["resid.0"], cache_dir=tmp_path)
+    train = [cached.chunk(c)["resid.0"] for c in range(3)]
+    files = sorted(p.name for p in (tmp_path / "resid.0").iterdir())
+    n = ROWS + 300  # two blocks, the second one short
+    a = torch.cat([b["resid.0"] for b in cached.fresh(n, draw=1)])
+    assert a.shape == (n, 32)
+    assert sorted(p.name for p in (tmp_path / "resid.0").iterdir()) == files
+    plain = source(micro, ["resid.0"])
+    torch.testing.assert_close(torch.cat([b["resid.0"] for b in plain.fresh(n, draw=1)]), a)
+    b = torch.cat([b["resid.0"] for b in plain.fresh(n, draw=2)])
+    rows = lambda t: {tuple(r) for r in t.round(decimals=4).tolist()}  # noqa: E731
+    seen = set().union(*(rows(t) for t in train))
+    assert len(rows(a) & rows(b)) < 0.2 * n  # another draw, other windows (some repeat: a small file)
+    assert len(rows(a) & seen) < 0.5 * n
+    torch.testing.assert_close(cached.chunk(1)["resid.0"], train[1])  # the training order is untouched

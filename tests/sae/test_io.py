@@ -172,13 +172,40 @@ def test_reference_comparison_table(tmp_path):
                 "d_in": 8,
                 "d_sae": 20,
                 "site": "mlp_act.0",
-                "hparams": {"l1_coeff": 3e-4, "dead_tokens": 100, "resample_every": 10},
+                "architecture": "relu_reference",
+                "hparams": {
+                    "l1_coeff": 3e-4,
+                    "resample_every": 30000,
+                    "resample_tokens": 3276800,
+                    "resample_density": 10**-5.5,
+                    "schedule_scale": 0.01,
+                },
+                "training": {
+                    "seed": seed,
+                    "batch_size": 4096,
+                    "betas": [0.9, 0.99],
+                    "warmup_frac": 0.0,
+                    "decay_frac": 0.0,
+                    "grad_clip": 0.0,
+                    "buffer_tokens": 262144,
+                    "buffer_dtype": "bfloat16",
+                    "precision": "32-true",
+                },
                 "lr": 1e-4,
-                "train_tokens": 1000,
+                "train_tokens": 2_000_000,
             },
         )
         folders.append(folder)
     md = write_comparison(folders, tmp_path).read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[2:] for line in md.splitlines() if " | " in line}
+    # catches: a recipe row judged "same" where the run scales the schedule or changes a setting, and the reverse
+    assert rows["initialisation"] == ["the same draws from a generator seeded with sae.seed (0)", "same |"]
+    for same in ("inputs", "loss", "optimizer", "batch", "decoder", "precision"):
+        assert rows[same][-1] == "same |", same
+    assert rows["resampling"][0].startswith("every 300 steps: features with density < 3.16e-06 over 32,768 fresh")
+    assert rows["resampling"][-1] == rows["run length"][-1] == "run length |"
+    assert rows["dictionary"][-1] == rows["buffer"][-1] == "recipe |"  # 2.5x here; chunks replaced whole
+    assert rows["model"][-1] == "model and corpus |"
     assert "| dead_fraction | no dead features | 0.100, 0.100 |" in md
     assert "| ultra_low_fraction | over half of the features (density < 1e-4) | 0.500, 0.500 |" in md
     stats = json.loads((tmp_path / "reference_comparison.json").read_text())

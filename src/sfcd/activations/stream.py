@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 _WINDOWS, _SHUFFLE, _BLOCKS = 0, 1, 2
 #: harvest this many more windows than ``chunk_rows / seq_len`` per chunk (excluded positions leave gaps)
 _WINDOW_MARGIN = 1.0625
+#: chunk indices from here on are "fresh" samples (resampling criteria), never part of a training run
+FRESH = 1 << 40
 
 
 def check_buffer_fits(rows: int, dims: dict[str, int], dtype: torch.dtype, device: torch.device) -> int:
@@ -78,6 +80,19 @@ class ChunkSource:
         self._first = first
         return {k: v[:n].float().cpu() for k, v in first.items()}
 
+    def fresh(self, n: int, draw: int) -> Iterator[dict[str, torch.Tensor]]:
+        """``n`` rows outside the training order, block by block (at most ``chunk_rows`` each): the chunks
+        ``FRESH + draw * blocks + k`` of the same global order, far past any training chunk, so each ``draw``
+        reads its own rows of the data (re-drawn from the whole file, as a random sample would be), the same
+        on every rank and on a rerun. Never read from or written to the cache."""
+        blocks = math.ceil(n / self.chunk_rows)
+        for k in range(blocks):
+            yield self.uncached_rows(FRESH + draw * blocks + k, min(self.chunk_rows, n - k * self.chunk_rows))
+
+    def uncached_rows(self, c: int, rows: int) -> dict[str, torch.Tensor]:
+        """The first ``rows`` rows of chunk ``c``, bypassing any cache."""
+        return {name: v[:rows] for name, v in self.chunk(c).items()}
+
     def take_first(self, c: int) -> dict[str, torch.Tensor] | None:
         first, self._first = getattr(self, "_first", None), None
         if first is not None and c == 0 and all(v.device == self.device for v in first.values()):
@@ -106,7 +121,7 @@ class ArraySource(ChunkSource):
                 self._whole = self._read(0)
             return self._whole
         e, i = divmod(c, self.blocks)
-        if e > self._epoch_logged:
+        if e > self._epoch_logged and c < FRESH:
             log.info("the activations are read again: epoch %d of %d rows", e + 1, self.n)
             self._epoch_logged = e
         rng = np.random.default_rng([self.seed, _BLOCKS, e])
@@ -175,7 +190,7 @@ class HarvestSource(ChunkSource):
         """Window ``i`` of the global order: pass ``i // n_windows`` over the file, in a seeded order."""
         e, j = divmod(i, self.n_windows)
         if self._perm is None or self._perm[0] != e:
-            if e > 0 and (self._perm is None or self._perm[0] < e):
+            if e > 0 and i < FRESH and (self._perm is None or self._perm[0] < e):
                 log.info("the stream passes over the token file again (epoch %d of %d windows)", e + 1, self.n_windows)
             self._perm = (e, np.random.default_rng([self.seed, _WINDOWS, e]).permutation(self.n_windows))
         start = int(self._perm[1][j]) * self.seq_len
@@ -199,6 +214,9 @@ class HarvestSource(ChunkSource):
                     self.caches[s.name].write(c, got[s.name])
             out |= got
         return {n: out[n] for n in self.names}
+
+    def uncached_rows(self, c: int, rows: int) -> dict[str, torch.Tensor]:
+        return harvest_rows(self.model, self._windows(c), self.sites, self.dims, rows, self.exclude_ids, self.dtype)
 
 
 class StreamBatches(IterableDataset):

@@ -21,6 +21,11 @@ class SAE(nn.Module):
     apply_b_dec_to_input: ClassVar[bool] = False
     unit_norm_decoder: ClassVar[bool] = False
     normalize_input: ClassVar[bool] = True  # train on x scaled to E||x|| = sqrt(d_in)
+    b_dec_at_median: ClassVar[bool] = True  # with apply_b_dec_to_input: b_dec starts at the data's geometric median
+    #: which features a resampling step treats as dead: "silent" (no firing in the last ``dead_tokens`` training
+    #: tokens) or "fresh_density" (density below ``resample_density`` over ``resample_sample_tokens()`` fresh tokens)
+    resample_criterion: ClassVar[str] = "silent"
+    resample_resets_adam: ClassVar[bool] = True  # zero the resampled features' Adam moments
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, **hparams: Any):
         super().__init__()
@@ -66,6 +71,14 @@ class SAE(nn.Module):
     def record_firing(self, fired: torch.Tensor, n_tokens: int) -> None:
         self.tokens_since_fired += n_tokens
         self.tokens_since_fired[fired] = 0
+
+    def resample_period(self) -> int:
+        """Steps between resampling passes (0: never)."""
+        return int(self.hparams.get("resample_every") or 0)
+
+    def resample_sample_tokens(self) -> int:
+        """Fresh tokens over which a "fresh_density" criterion measures each feature's density."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def before_step(self) -> None:

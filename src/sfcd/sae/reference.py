@@ -13,22 +13,108 @@ from safetensors.torch import load_file
 from sfcd.io import read_json, write_json, write_text
 from sfcd.sae.evaluate import ultra_low_group
 
+#: why a value differs from the reference's
+MODEL = "model and corpus"
+LENGTH = "run length"
+RECIPE_CHANGE = "recipe"
+#: (row, the reference's choice)
 RECIPE = [
-    ("model", "gelu-1l: 1 layer, d_model 512, d_mlp 2048"),
-    ("site", "MLP hidden activations (post-GELU)"),
-    ("dictionary", "dict_mult 8"),
+    ("model", "gelu-1l: 1 layer, d_model 512, d_mlp 2048, trained on C4 + code"),
+    ("site", "MLP hidden activations (post-GELU), d_in 2048"),
+    ("dictionary", "dict_mult 8: 16,384 features"),
+    (
+        "initialisation",
+        "W_enc [d_in, d_sae] then W_dec by kaiming_uniform_ after torch.manual_seed(49); decoder "
+        "rows normalised; b_enc = b_dec = 0",
+    ),
+    ("inputs", "raw activations (no scaling)"),
     ("loss", "batch mean of summed squared error + 3e-4 x sum over batch and features of |f|"),
-    ("optimizer", "Adam lr 1e-4, betas (0.9, 0.99), batch 4096, fp32"),
-    ("decoder", "unit norm, gradient component along each row removed"),
-    ("dead features", "resampled when firing < 10^-5.5 of the time, every 30k steps"),
+    ("optimizer", "Adam lr 1e-4, betas (0.9, 0.99); no warmup, decay or clipping"),
+    ("batch", "4,096 activations"),
+    ("decoder", "gradient along each row removed, rows renormalised, then Adam steps"),
+    ("buffer", "384 x 4,096 activations in bf16 (model under bf16 autocast), half refilled when half used"),
+    (
+        "resampling",
+        "every 30,000 steps: features with density < 10^-5.5 over 50 x 65,536 fresh tokens get fresh "
+        "kaiming rows, b_enc 0; Adam state kept",
+    ),
+    ("run length", "2e9 tokens (488,281 steps)"),
+    ("precision", "fp32 SAE"),
 ]
+#: outcome -> (what the reference reports, why this run's value may differ)
 REPORTED = {
-    "dead_fraction": "no dead features",
-    "ultra_low_fraction": "over half of the features (density < 1e-4)",
-    "cluster_direction": "the cluster shares almost one encoder direction, across seeds",
-    "ce_loss_score": "reconstruction score reported high (qualitative)",
-    "l0": "not given in the reference notes",
+    "l0": ("not given in the reference notes", ""),
+    "ce_loss_score": ("reconstruction score reported high (qualitative)", MODEL),
+    "dead_fraction": ("no dead features", LENGTH),
+    "ultra_low_fraction": ("over half of the features (density < 1e-4)", LENGTH),
+    "cluster_direction": ("the cluster shares almost one encoder direction, across seeds", LENGTH),
 }
+
+
+def our_recipe(m: dict) -> dict[str, tuple[str, str]]:
+    """This run's choices, row by row as :data:`RECIPE`, from an SAE's ``metrics.json``: (text, why it differs
+    from the reference: "" when it is the same, else :data:`MODEL`, :data:`LENGTH` or :data:`RECIPE_CHANGE`)."""
+    hp, t = m.get("hparams", {}), m.get("training", {})
+    ref = m.get("architecture") == "relu_reference"
+    scale = float(hp.get("schedule_scale", 1.0))
+    every = round(int(hp.get("resample_every") or 0) * scale)
+    batch = int(t.get("batch_size") or 0)
+    steps = m["train_tokens"] // batch if batch else 0
+    betas = tuple(float(b) for b in t.get("betas", ()))
+    schedule = (t.get("warmup_frac"), t.get("decay_frac"), t.get("grad_clip"))
+
+    def same(cond: bool, otherwise: str = RECIPE_CHANGE) -> str:
+        return "" if cond else otherwise
+
+    if ref and every:
+        resampling = (
+            f"every {every:,} steps: features with density < {float(hp['resample_density']):.3g} over "
+            f"{round(int(hp['resample_tokens']) * scale):,} fresh tokens get fresh kaiming rows, b_enc 0; Adam "
+            f"state kept (the reference's counts x schedule_scale {scale:g})"
+        )
+        recipe_same = int(hp["resample_tokens"]) == 50 * 65_536 and abs(float(hp["resample_density"]) - 10**-5.5) < 1e-9
+        why = "" if recipe_same and scale == 1 and int(hp["resample_every"]) == 30_000 else LENGTH
+        resample = (resampling, why if recipe_same else RECIPE_CHANGE)
+    else:
+        resample = (
+            f"every {hp.get('resample_every')} steps, sfcd's {m.get('architecture')} resampling"
+            if hp.get("resample_every")
+            else "none",
+            RECIPE_CHANGE,
+        )
+    return {
+        "model": (f"{m.get('model_name', 'the 1l preset')} on its run's corpus", MODEL),
+        "site": (f"{m['site']}, d_in {m['d_in']}", MODEL),
+        "dictionary": (
+            f"{m['d_sae'] / m['d_in']:g}x: {m['d_sae']:,} features",
+            RECIPE_CHANGE if m["d_sae"] != 8 * m["d_in"] else MODEL if m["d_sae"] != 16_384 else "",
+        ),
+        "initialisation": (
+            f"the same draws from a generator seeded with sae.seed ({t.get('seed')})"
+            if ref
+            else f"sfcd's {m.get('architecture')} initialisation",
+            same(ref),
+        ),
+        "inputs": ("raw activations" if ref else "scaled to E||x|| = sqrt(d_in)", same(ref)),
+        "loss": (
+            f"same form, l1_coeff {hp.get('l1_coeff')}" if ref else f"{m.get('architecture')} loss",
+            same(ref and float(hp.get("l1_coeff", 0)) == 3e-4),
+        ),
+        "optimizer": (
+            f"Adam lr {m['lr']:g}, betas {betas}; warmup {schedule[0]}, decay {schedule[1]}, clip {schedule[2]}",
+            same(float(m["lr"]) == 1e-4 and betas == (0.9, 0.99) and not any(schedule)),
+        ),
+        "batch": (f"{batch:,} activations", same(batch == 4096)),
+        "decoder": ("same" if ref else "sfcd's", same(ref)),
+        "buffer": (
+            f"chunks of {t.get('buffer_tokens', 0):,} activations in {t.get('buffer_dtype')}, replaced whole "
+            "(windows drawn from the whole token file, so resume is exact)",
+            RECIPE_CHANGE,
+        ),
+        "resampling": resample,
+        "run length": (f"{m['train_tokens']:,} tokens ({steps:,} steps)", same(m["train_tokens"] >= 2e9, LENGTH)),
+        "precision": (str(t.get("precision", "")), same(str(t.get("precision")) == "32-true")),
+    }
 
 
 def cluster_stats(folder: Path, low: float = 1e-4) -> dict:
@@ -71,36 +157,33 @@ def write_comparison(folders: list[Path], out_dir: Path) -> Path:
         "ce_loss_score": ", ".join(f"{m['ce_loss_score']:.3f}" for m in metrics),
         "l0": ", ".join(f"{m['l0']:.1f}" for m in metrics),
     }
-    m0 = metrics[0]
-    our_recipe = {
-        "model": f"sfcd 1l preset on the built-in corpus (d_in {m0['d_in']})",
-        "site": m0["site"],
-        "dictionary": f"d_sae {m0['d_sae']} ({m0['d_sae'] // m0['d_in']}x)",
-        "loss": f"same form, l1_coeff {m0['hparams'].get('l1_coeff')}",
-        "optimizer": f"Adam lr {m0['lr']}, {m0['train_tokens']:,} training tokens",
-        "decoder": "same",
-        "dead features": f"resampled when silent for {m0['hparams'].get('dead_tokens'):,} tokens, every "
-        f"{m0['hparams'].get('resample_every')} steps",
-    }
+    model_name = read_json(folders[0] / "cfg.json").get("model_name") if (folders[0] / "cfg.json").exists() else None
+    mine = our_recipe({**metrics[0], **({"model_name": model_name} if model_name else {})})
     lines = [
         "# One-layer reference: sfcd's run vs the reference",
         "",
+        "The reference is neelnanda-io/1L-Sparse-Autoencoder (`utils.py`, `train.py`). `differs by` says where a",
+        "difference comes from: the model and corpus (gelu-1l on web text and code vs the small `1l` model on the",
+        "built-in grammar), the run length (its 2e9 tokens vs this run's, and its resampling schedule scaled with",
+        "it; the late outcomes, such as the ultra-low-density cluster, need the long run,",
+        "`experiment=one_layer_reference_gpu`), or the recipe itself (a setting changed from the reference's).",
+        "",
         "## Recipe",
         "",
-        "| | reference | this run |",
-        "|---|---|---|",
+        "| | reference | this run | differs by |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {k} | {v} | {our_recipe[k]} |" for k, v in RECIPE]
+    lines += [f"| {k} | {v} | {mine[k][0]} | {mine[k][1] or 'same'} |" for k, v in RECIPE]
     lines += [
         "",
         f"## Outcomes ({len(folders)} seed{'s' if len(folders) > 1 else ''}: "
         + ", ".join(f.name for f in folders)
         + ")",
         "",
-        "| | reference (reported) | this run |",
-        "|---|---|---|",
+        "| | reference (reported) | this run | differs by |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {k} | {REPORTED[k]} | {ours[k]} |" for k in REPORTED]
+    lines += [f"| {k} | {r} | {ours[k]} | {why} |" for k, (r, why) in REPORTED.items()]
     md = out_dir / "reference_comparison.md"
     write_text(md, "\n".join(lines) + "\n")
     write_json(

@@ -56,22 +56,57 @@ class ReLUSAE(SAE):
 
 
 class ReferenceReLUSAE(ReLUSAE):
-    """The one-layer reference recipe (neelnanda-io/1L-Sparse-Autoencoder): b_dec subtracted from the input,
-    unit-norm decoder with gradient projection, L1 on the sum over batch and features of |f| next to the batch
-    mean of the summed squared error, raw (unscaled) inputs."""
+    """The one-layer reference recipe (neelnanda-io/1L-Sparse-Autoencoder, ``utils.py``/``train.py``), step by step.
+
+    - Start: ``W_enc`` [d_in, d_sae] then ``W_dec`` [d_sae, d_in] drawn with ``kaiming_uniform_`` (in that order,
+      from a generator seeded with ``seed``: the reference's ``torch.manual_seed(seed)`` start), decoder rows then
+      normalised, ``b_enc = b_dec = 0``. Encoder columns have norm ~ sqrt(2 d_in / d_sae) (0.5 at 8x).
+    - Forward and loss: ``b_dec`` subtracted from the input; batch mean of the summed squared error plus
+      ``l1_coeff`` x the sum over batch and features of ``|f|``; raw (unscaled) inputs.
+    - Step: the gradient component along each decoder row removed, then the decoder renormalised, *before*
+      Adam's step (so the next forward sees rows slightly off unit norm, as the reference's).
+    - Resampling every ``resample_every`` steps: features whose density over ``resample_tokens`` fresh tokens is
+      below ``resample_density`` (10^-5.5) get fresh kaiming encoder columns and decoder rows (full matrices
+      drawn, the dead ones copied, decoder rows left unnormalised until the next step) and ``b_enc = 0``;
+      Adam's state is kept. ``schedule_scale`` multiplies the two counts (one factor for a scaled-down run).
+    """
 
     architecture = "relu_reference"
     saelens_architecture = "standard"
     apply_b_dec_to_input = True
+    b_dec_at_median = False
     unit_norm_decoder = True
     normalize_input = False
+    resample_criterion = "fresh_density"
+    resample_resets_adam = False
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, **hparams):
+        super().__init__(d_in, d_sae, seed=seed, **hparams)
+        w_enc, w_dec = self.kaiming_pair(torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            self.W_enc.copy_(w_enc)
+            self.W_dec.copy_(w_dec / w_dec.norm(dim=1, keepdim=True))
+
+    def kaiming_pair(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's two draws, in its order: ``W_enc`` [d_in, d_sae] (bound sqrt(6 / d_sae)), then
+        ``W_dec`` [d_sae, d_in] (bound sqrt(6 / d_in)); on the CPU, float32."""
+        init = torch.nn.init.kaiming_uniform_
+        w_enc = init(torch.empty(self.d_in, self.d_sae), generator=g)
+        return w_enc, init(torch.empty(self.d_sae, self.d_in), generator=g)
+
+    def resample_period(self) -> int:
+        return round(int(self.hparams.get("resample_every") or 0) * float(self.hparams.get("schedule_scale", 1.0)))
+
+    def resample_sample_tokens(self) -> int:
+        return max(1, round(int(self.hparams["resample_tokens"]) * float(self.hparams.get("schedule_scale", 1.0))))
 
     def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
         f = torch.relu(self.pre_acts(x))
         x_hat = f @ self.W_dec + self.b_dec
-        per_token = (x_hat - x).pow(2).sum(-1)
+        acc = torch.promote_types(x_hat.dtype, torch.float32)  # the reference's .float(): at least float32
+        per_token = (x_hat.to(acc) - x.to(acc)).pow(2).sum(-1)
         rec = per_token.mean()
-        l1 = f.sum()  # f >= 0: the sum of |f| over batch and features, as the reference
+        l1 = f.to(acc).sum()  # f >= 0: the sum of |f| over batch and features, as the reference
         with torch.no_grad():
             l0 = torch.count_nonzero(f) / x.shape[0]
         return {
@@ -82,3 +117,27 @@ class ReferenceReLUSAE(ReLUSAE):
             "fired": f.detach().sum(0) > 0,
             "per_token_mse": per_token.detach(),
         }
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """The reference's order: project the decoder gradient, then renormalise the rows, then Adam steps."""
+        super().before_step()
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def resample(self, dead: torch.Tensor, x: torch.Tensor, per_token_loss: torch.Tensor, g: torch.Generator) -> None:
+        """The reference's ``re_init``: fresh kaiming matrices drawn whole on the CPU generator, the dead
+        features' columns and rows copied in, ``b_enc`` zeroed; the optimiser's state is left alone."""
+        idx = dead.nonzero().squeeze(1)
+        if len(idx) == 0:
+            return
+        w_enc, w_dec = self.kaiming_pair(g)
+        cpu = idx.cpu()
+        self.W_enc[:, idx] = w_enc[:, cpu].to(self.W_enc)
+        self.W_dec[idx] = w_dec[cpu].to(self.W_dec)
+        self.b_enc[idx] = 0.0
+        self.tokens_since_fired[idx] = 0

@@ -195,6 +195,17 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
             "train_tokens": total * s.batch_size,
             "hparams": spec.hparams,
             "lr": spec.lr,
+            "training": {  # how it was trained, beyond the hyperparameters (the reference comparison reads it)
+                "seed": spec.seed,
+                "batch_size": s.batch_size,
+                "betas": list(s.betas),
+                "warmup_frac": s.warmup_frac,
+                "decay_frac": s.decay_frac,
+                "grad_clip": s.grad_clip,
+                "buffer_tokens": buffer_rows(s, total),
+                "buffer_dtype": s.buffer_dtype,
+                "precision": str(cfg.trainer.precision),
+            },
         }
         folder = out_root / spec.name
         sae = sae.cpu()

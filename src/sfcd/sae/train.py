@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 #: config keys that are hyperparameters of an SAE (passed to its class), by architecture
 HPARAMS = {
     "relu": ("l1_coeff", "l1_warmup", "resample_every", "dead_tokens"),
-    "relu_reference": ("l1_coeff", "resample_every", "dead_tokens"),
+    "relu_reference": ("l1_coeff", "resample_every", "resample_tokens", "resample_density", "schedule_scale"),
     "topk": ("k", "aux_coeff", "dead_tokens"),
     "batchtopk": ("k", "aux_coeff", "dead_tokens"),
     "jumprelu": ("l0_coeff", "bandwidth", "threshold_init"),
@@ -162,7 +162,7 @@ class SAEModule(L.LightningModule):
                 )
             if sae.normalize_input:
                 sae.scale.fill_(math.sqrt(spec.d_in) / norm)
-            if sae.apply_b_dec_to_input:
+            if sae.apply_b_dec_to_input and sae.b_dec_at_median:
                 sae.b_dec.copy_(geometric_median(sample[:4096] * sae.scale))
             if self.cfg.get("init_from"):
                 warm_start(sae, Path(self.cfg.init_from) / spec.name)
@@ -210,30 +210,58 @@ class SAEModule(L.LightningModule):
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
             sae.before_step()
-            every = spec.hparams.get("resample_every", 0)
+            every = sae.resample_period()
             if every and (step + 1) % every == 0 and "per_token_mse" in out:
-                resample.append((sae, x * sae.scale, out["per_token_mse"]))
+                resample.append((spec, sae, x * sae.scale, out["per_token_mse"]))
             self.log(f"{spec.name}/mse", out["mse"].detach(), prog_bar=i == 0)
             self.log(f"{spec.name}/l0", out["l0"].detach(), prog_bar=i == 0)
         opt.step()
         sched.step()
         for sae in self.saes:
             sae.after_step()
-        for sae, x, per_token in resample:
-            self._resample(opt, sae, x, per_token)
+        if resample:
+            self._resample(opt, resample, step)
 
     @torch.no_grad()
-    def _resample(self, opt, sae: SAE, x: torch.Tensor, per_token: torch.Tensor) -> None:
-        dead = sae.tokens_since_fired > sae.hparams.get("dead_tokens", 100_000)
-        if not dead.any():
-            return
-        log.info("resampling %d dead features", int(dead.sum()))
-        sae.resample(dead, x, per_token, self._g)
-        for p, rows in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
-            state = opt.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key][rows] = 0.0
+    def _resample(self, opt, items: list, step: int) -> None:
+        """Resample each SAE's dead features (after the optimiser's step, as both recipes do)."""
+        fresh = [(spec, sae) for spec, sae, *_ in items if sae.resample_criterion == "fresh_density"]
+        density = self.fresh_density(fresh, draw=step + 1) if fresh else {}
+        for spec, sae, x, per_token in items:
+            if sae.resample_criterion == "fresh_density":
+                dead = density[spec.name] < float(sae.hparams["resample_density"])
+            else:
+                dead = sae.tokens_since_fired > sae.hparams.get("dead_tokens", 100_000)
+            n = int(dead.sum())
+            log.info("%s: resampling %d dead features at step %d", spec.name, n, step + 1)
+            if n == 0:
+                continue
+            sae.resample(dead, x, per_token, self._g)
+            if not sae.resample_resets_adam:
+                continue
+            for p, rows in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+                state = opt.state.get(p, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key][rows] = 0.0
+
+    @torch.no_grad()
+    def fresh_density(self, items: list[tuple[SAESpec, SAE]], draw: int) -> dict[str, torch.Tensor]:
+        """Each SAE's feature density over its ``resample_sample_tokens()`` fresh activations (rows of the
+        source outside the training order, the same on every rank), read block by block and encoded in
+        batches of ``sae.batch_size`` rows, so memory is one block and one batch of latents."""
+        n = max(sae.resample_sample_tokens() for _, sae in items)
+        counts = {spec.name: torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_enc.device) for spec, sae in items}
+        seen = 0
+        for block in self.source.fresh(n, draw):
+            rows = len(next(iter(block.values())))
+            for spec, sae in items:
+                take = max(0, min(rows, sae.resample_sample_tokens() - seen))
+                for xb in block[spec.site][:take].split(int(self.cfg.batch_size)):
+                    f = sae.activation(sae.pre_acts(xb.to(sae.W_enc.device, torch.float32) * sae.scale))
+                    counts[spec.name] += (f > 0).sum(0)
+            seen += rows
+        return {spec.name: counts[spec.name] / sae.resample_sample_tokens() for spec, sae in items}
 
 
 def buffer_rows(sae_cfg: DictConfig, total_steps: int) -> int:
