@@ -59,7 +59,7 @@ def test_fast_edges_equal_the_reference_mode(setup):
     model, dicts, bs = setup
     eff = node_effects(model, dicts, bs[0], "ig")
     ((up, down, stop),) = [p for p in edge_pairs(list(dicts)) if p[0].name == "resid.0" and p[1].name == "mlp.1"]
-    assert {s.name for s in stop} == {"attn.1"}
+    assert stop == set()  # attn.1 is not a chosen site, and in parallel blocks mlp.1 does not read it
     nodes = [int(i) for i in eff[down].ie_f.sum((0, 1)).abs().topk(4).indices] + [-1]
     fast = edge_effects(model, dicts, bs[0], up, down, stop, eff, nodes)
     ref = edge_effects(model, dicts, bs[0], up, down, stop, eff, nodes, reference=True)
@@ -77,6 +77,32 @@ def test_full_circuit_is_faithful_and_empty_is_not(setup):
         empty = faithfulness(model, dicts, bs, nothing, ablation)
         assert empty["faithfulness"] == pytest.approx(0.0) and empty["completeness"] == pytest.approx(1.0)
     assert abs(full["F_M"] - full["F_empty"]) > 1e-5  # ablating everything changes the metric
+
+
+def test_mean_ablation_is_one_mean_whatever_the_batching(setup):
+    # catches: a mean per batch (a batch of one pair ablates to its own patch), a mean that ignores examples of
+    # other lengths, the clean prefixes used where patches exist. Independent check: the mean of each example's
+    # own values, computed one example at a time.
+    from sfcd.circuits.effects import site_values
+    from sfcd.circuits.evaluate import Faithfulness
+
+    model, dicts, bs = setup
+    task_pairs = bs[0]
+    g = torch.Generator().manual_seed(0)
+    keep = {s: (torch.rand(d.d_sae, generator=g) < 0.3, False) for s, d in dicts.items()}
+    ones = [
+        type(task_pairs)(task_pairs.clean[i : i + 1], task_pairs.patch[i : i + 1], task_pairs.clean_answer[i : i + 1],
+                         task_pairs.patch_answer[i : i + 1])
+        for i in range(len(task_pairs))
+    ]
+    by_12, by_1 = Faithfulness(model, dicts, bs, "mean"), Faithfulness(model, dicts, ones, "mean")
+    a, b = by_12(keep), by_1(keep)
+    assert a["faithfulness"] == pytest.approx(b["faithfulness"], abs=2e-4)  # float32 sums in another order
+    assert a["F_empty"] == pytest.approx(b["F_empty"], abs=2e-4) and abs(a["F_M"] - a["F_empty"]) > 1e-3
+    for s in dicts:
+        per_example = torch.stack([site_values(model, dicts, o.patch)[s][0][0] for o in ones]).mean(0)
+        torch.testing.assert_close(by_1.ablations[0][s][0][0], per_example, atol=1e-5, rtol=1e-4)
+    assert by_12.ablation_info["over"] == "patch prefixes" and by_12.ablation_info["n_examples"] == len(task_pairs)
 
 
 def run_circuit(test_run, *overrides: str) -> tuple[dict, dict]:

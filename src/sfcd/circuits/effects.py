@@ -16,7 +16,7 @@ from torch import nn
 from sfcd.circuits.data import PairBatch, metric
 from sfcd.circuits.splice import Splice, last_logits
 from sfcd.errors import ConfigError
-from sfcd.models.sites import Site
+from sfcd.models.sites import Site, reaches
 
 METHODS = ("attrib", "ig", "exact")
 
@@ -66,8 +66,10 @@ def node_effects(
     batch: PairBatch,
     method: str = "ig",
     steps: int = 10,
+    edge_grads: bool = False,
 ) -> dict[Site, SiteEffects]:
-    """Indirect effects of every feature and error node at every site, for one batch."""
+    """Indirect effects of every feature and error node at every site, for one batch. ``edge_grads`` with
+    ``method="exact"``: also IG's gradients (the edges' downstream gradients; exact patching has none)."""
     if method not in METHODS:
         raise ConfigError(f"unknown circuit method {method!r}; expected one of {list(METHODS)}")
     sites = list(dicts)
@@ -80,7 +82,7 @@ def node_effects(
     deltas = {s: (patch[s][0] - clean[s][0], patch[s][1] - clean[s][1]) for s in sites}
     if method == "attrib":
         grads = _grads_at(model, dicts, batch, sites, {s: clean[s] for s in sites})
-    elif method == "ig":
+    elif method == "ig" or edge_grads:  # exact effects have no gradients: edges use IG's, as the paper does
         grads = {}
         B = len(batch)
         alphas = torch.arange(steps, dtype=torch.float32, device=batch.clean.device) / steps  # 0, 0.1, ..., 0.9
@@ -125,18 +127,47 @@ def _exact(model, dicts, batch: PairBatch, s: Site, clean: tuple, patch: tuple) 
 
 
 # ------------------------------------------------------------------------------------------------------- edges
-def edge_pairs(sites: list[Site]) -> list[tuple[Site, Site, set[Site]]]:
-    """(upstream, downstream, stop) for parallel-attention blocks; resid_{-1} is ``embed``. The stop sites
-    (where gradients are cut, so that paths through them do not count) need no dictionary."""
-    by_name = {s.name: s for s in sites}
+def _carries_all(up: Site, mid: Site, down: Site) -> bool:
+    """Whether every path from ``up`` to ``down`` (``down`` None: the logits) passes through ``mid``: a
+    ``resid`` site (the whole stream), ``mlp_act.l`` on the way into ``mlp.l``, ``mlp.l`` on the way out of
+    ``mlp_act.l``."""
+    if mid.kind == "resid":
+        return True
+    if mid.kind == "mlp_act":
+        return down is not None and down.kind == "mlp" and down.layer == mid.layer
+    return mid.kind == "mlp" and up.kind == "mlp_act" and up.layer == mid.layer
+
+
+def edge_pairs(sites: list[Site], parallel: bool = True) -> list[tuple[Site, Site, set[Site]]]:
+    """(upstream, downstream, stop) for the chosen ``sites`` of a residual network. An edge joins U to D when
+    U's output is an input of D (:func:`reaches`; ``parallel`` blocks have no attn -> mlp path in a layer) and no
+    chosen site between them carries every such path; the gradient is stopped at the chosen sites between them
+    that lie on a path, whose own edges carry those paths. With the paper's sites in parallel blocks this gives
+    its rules (resid_{l-1} -> attn_l, mlp_l, resid_l; attn_l, mlp_l -> resid_l; ``embed`` is resid_{-1});
+    sequential blocks add attn_l -> mlp_l; a partial list joins each site to the next chosen ones it reaches."""
+    order = sorted(sites, key=lambda s: s.order)
     pairs = []
-    for l in sorted({s.layer for s in sites if s.layer >= 0}):
-        prev = by_name.get("embed") if l == 0 else by_name.get(f"resid.{l - 1}")
-        attn, mlp, resid = (by_name.get(f"{k}.{l}") for k in ("attn", "mlp", "resid"))
-        a, m = Site(f"attn.{l}", "attn", l), Site(f"mlp.{l}", "mlp", l)
-        cand = [(prev, attn, set()), (prev, mlp, {a}), (prev, resid, {a, m}), (attn, resid, {m}), (mlp, resid, set())]
-        pairs += [(u, d, stop) for u, d, stop in cand if u is not None and d is not None]
+    for i, up in enumerate(order):
+        for down in order[i + 1 :]:
+            if not reaches(up, down, parallel):
+                continue
+            on_path = {s for s in order if reaches(up, s, parallel) and reaches(s, down, parallel)}
+            if not any(_carries_all(up, s, down) for s in on_path):
+                pairs.append((up, down, on_path))
     return pairs
+
+
+def y_pairs(sites: list[Site], parallel: bool = True) -> list[tuple[Site, set[Site]]]:
+    """(site, stop) for the chosen sites whose output reaches the logits past every chosen site after it: each
+    gets an edge to the metric y, with the gradient stopped at the chosen sites after it that it reaches (an
+    empty stop: the edge is the site's node effect, as the paper's last resid -> y)."""
+    order = sorted(sites, key=lambda s: s.order)
+    out = []
+    for i, up in enumerate(order):
+        after = {s for s in order[i + 1 :] if reaches(up, s, parallel)}
+        if not any(_carries_all(up, s, None) for s in after):
+            out.append((up, after))
+    return out
 
 
 def edge_effects(
@@ -182,6 +213,18 @@ def edge_effects(
                 scalar = (gd_e * ed).sum() if k < 0 else (gd_f[..., k] * fd[..., k]).sum()
                 rows.append(_upstream_weights(scalar, fu, eu, eff[up]))
     return torch.stack(rows) if rows else torch.zeros(0, fu.shape[-1] + 1, device=fu.device)
+
+
+def y_edge_effects(
+    model, dicts: dict[Site, nn.Module], batch: PairBatch, up: Site, stop: set[Site], eff: dict[Site, SiteEffects]
+) -> torch.Tensor:
+    """Edge weights [F_up + 1] from ``up``'s nodes to the metric y, summed over this batch's examples and
+    positions: the metric's gradient at the clean input with the gradient stopped at ``stop`` (the chosen sites
+    after ``up`` that carry the other paths), times ``up``'s delta."""
+    sp = Splice({up: dicts[up]}, leaves={up}, values={up: (eff[up].f_clean, eff[up].err_clean)}, stop=stop)
+    with sp.applied(model):
+        m = metric(last_logits(model, batch.clean), batch).sum()
+        return _upstream_weights(m, sp.states[up].f, sp.states[up].err, eff[up])
 
 
 def _upstream_weights(scalar: torch.Tensor, fu: torch.Tensor, eu: torch.Tensor, up: SiteEffects) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sfcd.circuits.data import PairBatch, batches
-from sfcd.circuits.effects import METHODS, edge_effects, edge_pairs, node_effects
+from sfcd.circuits.effects import METHODS, edge_effects, edge_pairs, node_effects, y_edge_effects, y_pairs
 from sfcd.circuits.evaluate import ABLATIONS, Faithfulness
 from sfcd.circuits.picture import draw_circuit, draw_curve
 from sfcd.circuits.splice import Identity
@@ -24,7 +24,7 @@ from sfcd.errors import ConfigError, MissingArtifactError
 from sfcd.io import read_json, save_safetensors, write_json
 from sfcd.models.eval_stage import task_path
 from sfcd.models.loading import checkpoint
-from sfcd.models.sites import Site, site_dim
+from sfcd.models.sites import Site, parallel_blocks, site_dim
 from sfcd.paths import RunDir
 from sfcd.sae.io import load_sae
 from sfcd.sae.stage import check_sae_fits, expand_sites
@@ -71,7 +71,8 @@ def load_dictionaries(run: RunDir, step: int, model, sites: list[Site], kind: st
 
 def all_effects(model, dicts, bs: list[PairBatch], c: DictConfig) -> tuple[list[dict], dict, int]:
     """Per-batch effects, and node effects aggregated: {site: (features [F] or [T, F], error [] or [T])}."""
-    per_batch = [node_effects(model, dicts, b, c.method, c.steps) for b in bs]
+    edge_grads = bool(c.get("edges")) and c.method == "exact"
+    per_batch = [node_effects(model, dicts, b, c.method, c.steps, edge_grads) for b in bs]
     n = sum(len(b) for b in bs)
     agg = {}
     for s in dicts:
@@ -186,10 +187,8 @@ def find_circuit(cfg: DictConfig) -> Path:
     edges, t_edges = [], 0.0
     if c.edges:
         t1 = time.perf_counter()
-        edges = circuit_edges(model, dicts, bs, per_batch, sites, keep, n, c.reference_edges)
+        edges = circuit_edges(model, dicts, bs, per_batch, sites, keep, n, c.reference_edges, nodes)
         t_edges = time.perf_counter() - t1
-        last = sites[-1]
-        edges += [{"from": nd["id"], "to": "y", "weight": nd["effect"]} for nd in nodes if nd["site"] == last.name]
     evaluator = Faithfulness(model, dicts, eval_bs, c.ablation)
     result = evaluator(keep)
     curves = {"features": sweep(evaluator, agg, c, c.error_nodes)}
@@ -213,6 +212,9 @@ def find_circuit(cfg: DictConfig) -> Path:
         "dictionary": c.dictionary,
         "error_nodes": c.error_nodes,
         "ablation": c.ablation,
+        "ablation_used": evaluator.ablation_info,
+        "parallel_blocks": parallel_blocks(model),
+        "edge_gradients": "ig" if c.method == "exact" else c.method,
         "n_examples": n,
         "dropped": dict(task.dropped),
         "F_M": result["F_M"],
@@ -247,10 +249,23 @@ def find_circuit(cfg: DictConfig) -> Path:
     return out
 
 
-def circuit_edges(model, dicts, bs, per_batch, sites, keep, n: int, reference: bool) -> list[dict]:
-    """Edges between the circuit's nodes, summed over examples and positions, averaged over examples."""
+def circuit_edges(model, dicts, bs, per_batch, sites, keep, n: int, reference: bool, nodes: list[dict]) -> list[dict]:
+    """Edges between the circuit's nodes (:func:`edge_pairs`) and to the metric y (:func:`y_pairs`), summed
+    over examples and positions, averaged over examples."""
     out = []
-    for up, down, stop in edge_pairs(sites):
+    parallel = parallel_blocks(model)
+    for up, stop in y_pairs(sites, parallel):
+        mine = [nd for nd in nodes if nd["site"] == up.name]
+        if not mine:
+            continue
+        if not stop:  # nothing chosen after it: the edge to y is its node effect (the paper's last resid -> y)
+            out += [{"from": nd["id"], "to": "y", "weight": nd["effect"]} for nd in mine]
+            continue
+        w = sum(y_edge_effects(model, dicts, b, up, stop, eff) for b, eff in zip(bs, per_batch, strict=True)) / n
+        for nd in mine:
+            j = -1 if nd["feature"] is None else nd["feature"]
+            out.append({"from": nd["id"], "to": "y", "weight": float(w[j])})
+    for up, down, stop in edge_pairs(sites, parallel):
         down_mask, down_err = keep[down]
         up_mask, up_err = keep[up]
         down_nodes = [int(i) for i in (down_mask.any(0) if down_mask.ndim == 2 else down_mask).nonzero().flatten()]

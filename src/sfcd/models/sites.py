@@ -58,6 +58,26 @@ def architecture(model) -> str:
     return kind
 
 
+def parallel_blocks(model) -> bool:
+    """Whether attention and MLP of a layer read the same residual stream (GPT-NeoX's ``use_parallel_residual``,
+    Pythia's default) rather than the MLP reading the stream after attention (GPT-2, GPT-NeoX without it)."""
+    return architecture(model) == "gpt_neox" and bool(getattr(model.config, "use_parallel_residual", True))
+
+
+def reaches(up: Site, down: Site, parallel: bool) -> bool:
+    """Whether ``up``'s output is an input of ``down`` (through the residual stream or the MLP's inside)."""
+    if up.order >= down.order:
+        return False
+    if down.layer > up.layer or up.kind in ("embed", "resid"):
+        return True
+    # the same layer: attn -> mlp_act/mlp only in sequential blocks; mlp_act -> mlp; anything -> resid
+    if down.kind == "resid":
+        return True
+    if up.kind == "attn":
+        return not parallel
+    return up.kind == "mlp_act" and down.kind == "mlp"
+
+
 def n_layers(model) -> int:
     return model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer
 

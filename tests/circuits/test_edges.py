@@ -1,0 +1,163 @@
+"""Which edges a circuit has (parallel and sequential blocks, partial site lists) and what they weigh, checked
+against finite differences of the model itself on tiny random GPT-NeoX and GPT-2 models (float64)."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+from sfcd.circuits.data import PairBatch, metric
+from sfcd.circuits.effects import edge_effects, edge_pairs, node_effects, y_edge_effects, y_pairs
+from sfcd.circuits.splice import Identity
+from sfcd.models.sites import hooks, parallel_blocks, parse_site, site_dim
+
+V = 40
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = GPTNeoXConfig(
+            vocab_size=V,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            use_parallel_residual=kind == "neox-parallel",
+        )
+        model = GPTNeoXForCausalLM(cfg)
+    model = model.double().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def pairs(seed=1, B=3, T=6) -> PairBatch:
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, V, (B, T), generator=g)
+    patch = clean.clone()
+    patch[:, 1] = torch.randint(0, V, (B,), generator=g)  # the pair differs at one position, as agreement pairs
+    return PairBatch(clean, patch, torch.randint(0, V, (B,), generator=g), torch.randint(0, V, (B,), generator=g))
+
+
+def names(ps):
+    return sorted((u.name, d.name, tuple(sorted(x.name for x in st))) for u, d, st in ps)
+
+
+def S(*ns):
+    return [parse_site(n) for n in ns]
+
+
+FULL = S("embed", "attn.0", "mlp.0", "resid.0", "attn.1", "mlp.1", "resid.1")
+
+
+def test_edge_rules_are_the_papers_for_parallel_blocks_and_add_attn_to_mlp_for_sequential_ones():
+    # the paper's rules for parallel blocks (resid_{l-1} -> attn_l, mlp_l, resid_l; attn_l, mlp_l -> resid_l;
+    # embed is resid_{-1}); its stop at attn_l for resid_{l-1} -> mlp_l, and at mlp_l for attn_l -> resid_l, cut
+    # no path there and are left out. Catches: the attn -> mlp edge missing in sequential blocks (GPT-2), edges
+    # across a chosen resid site, a partial list joining only neighbours, only the last site reaching y
+    par = {(u, d) for u, d, _ in names(edge_pairs(FULL, parallel=True))}
+    paper = set()
+    for l, prev in ((0, "embed"), (1, "resid.0")):
+        paper |= {(prev, f"attn.{l}"), (prev, f"mlp.{l}"), (prev, f"resid.{l}")}
+        paper |= {(f"attn.{l}", f"resid.{l}"), (f"mlp.{l}", f"resid.{l}")}
+    assert par == paper
+    seq = {(u, d): st for u, d, st in names(edge_pairs(FULL, parallel=False))}
+    assert set(seq) == paper | {("embed", "mlp.0")} | {("attn.0", "mlp.0"), ("attn.1", "mlp.1")}
+    assert seq[("resid.0", "mlp.1")] == ("attn.1",) and seq[("attn.1", "resid.1")] == ("mlp.1",)
+    assert seq[("resid.0", "resid.1")] == ("attn.1", "mlp.1")
+    assert [(u.name, st) for u, st in y_pairs(FULL)] == [("resid.1", set())]
+    # partial: each chosen site to the chosen ones it reaches first; y from every site not covered by a resid
+    part = S("resid.0", "mlp.1")
+    assert names(edge_pairs(part)) == [("resid.0", "mlp.1", ())]
+    assert sorted((u.name, tuple(x.name for x in st)) for u, st in y_pairs(part)) == [
+        ("mlp.1", ()),
+        ("resid.0", ("mlp.1",)),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "neox-sequential", "neox-parallel"])
+def test_attn_to_mlp_edge_equals_finite_differences(kind):
+    # the edge weight attn.0 -> mlp.0 (summed over upstream nodes) is the derivative of g_D . mlp.0 along the
+    # attention output's clean -> patch change; a finite difference through the model says whether the edge
+    # exists (sequential) or not (parallel), and its size
+    model = tiny(kind)
+    assert parallel_blocks(model) == (kind == "neox-parallel")
+    up, down = parse_site("attn.0"), parse_site("mlp.0")
+    dicts = {s: Identity(site_dim(model, s)) for s in (up, down)}
+    batch = pairs()
+    eff = node_effects(model, dicts, batch, "attrib")
+    listed = [p for p in edge_pairs([up, down], parallel_blocks(model)) if p[:2] == (up, down)]
+    nodes = [0, 3, 7]
+    g = eff[down].grad_f
+    delta = eff[up].delta_f
+
+    def S_of(h):
+        got = {}
+
+        def set_attn(x):
+            return eff[up].f_clean + h * delta
+
+        def grab(x):
+            got["mlp"] = x
+
+        with torch.no_grad(), hooks(model, {up: set_attn, down: grab}):
+            model(batch.clean)
+        return torch.stack([(g[..., k] * got["mlp"][..., k]).sum() for k in nodes])
+
+    h = 1e-5
+    fd = (S_of(h) - S_of(-h)) / (2 * h)
+    if kind == "neox-parallel":
+        assert listed == [] and fd.abs().max() < 1e-12  # no path, and no edge
+        return
+    assert len(listed) == 1 and fd.abs().max() > 1e-6  # small random weights: small, but far from 0
+    w = edge_effects(model, dicts, batch, up, down, listed[0][2], eff, nodes)
+    torch.testing.assert_close(w[:, :-1].sum(1), fd, rtol=1e-5, atol=1e-9)
+
+
+def test_y_edge_of_a_site_with_chosen_sites_after_it_equals_finite_differences():
+    # partial list [resid.0, mlp.1]: resid.0 reaches y directly and through mlp.1; its edge to y counts the
+    # direct paths only (mlp.1 held at its clean value), as the derivative of the metric shows
+    model = tiny("neox-parallel")
+    up, mid = parse_site("resid.0"), parse_site("mlp.1")
+    dicts = {s: Identity(site_dim(model, s)) for s in (up, mid)}
+    batch = pairs(seed=2)
+    eff = node_effects(model, dicts, batch, "attrib")
+    ((site, stop),) = [p for p in y_pairs([up, mid]) if p[0] == up]
+    assert stop == {mid}
+    w = y_edge_effects(model, dicts, batch, up, stop, eff)
+    with torch.no_grad():
+        got = {}
+        with hooks(model, {mid: lambda x: got.setdefault("mlp", x)}):
+            model(batch.clean)
+
+    def m(h):
+        fns = {up: lambda x: eff[up].f_clean + h * eff[up].delta_f, mid: lambda x: got["mlp"]}
+        with torch.no_grad(), hooks(model, fns):
+            return metric(model(batch.clean).logits[:, -1], batch).sum()
+
+    h = 1e-5
+    fd = (m(h) - m(-h)) / (2 * h)
+    assert abs(fd) > 1e-4
+    assert w.sum().item() == pytest.approx(fd.item(), rel=1e-6)
+    # and it is not the node effect (which also counts the path through mlp.1)
+    assert abs(w.sum().item() - eff[up].ie_f.sum().item()) > 1e-3 * abs(fd.item())
+
+
+def test_exact_node_effects_give_edges_from_ig_gradients():
+    # method=exact with edges crashed (no gradients); now the edges use IG's gradients, as the paper does
+    model = tiny("gpt2")
+    sites = S("attn.0", "mlp.0")
+    dicts = {s: Identity(site_dim(model, s)) for s in sites}
+    batch = pairs(seed=3)
+    ex = node_effects(model, dicts, batch, "exact", edge_grads=True)
+    ig = node_effects(model, dicts, batch, "ig")
+    (pair,) = edge_pairs(sites, parallel=False)
+    a = edge_effects(model, dicts, batch, *pair, ex, [0, 1])
+    b = edge_effects(model, dicts, batch, *pair, ig, [0, 1])
+    torch.testing.assert_close(a, b)
+    assert a.abs().max() > 0
+    assert not torch.allclose(ex[sites[1]].ie_f, ig[sites[1]].ie_f)  # the node effects are exact's own
