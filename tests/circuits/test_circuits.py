@@ -91,8 +91,12 @@ def test_mean_ablation_is_one_mean_whatever_the_batching(setup):
     g = torch.Generator().manual_seed(0)
     keep = {s: (torch.rand(d.d_sae, generator=g) < 0.3, False) for s, d in dicts.items()}
     ones = [
-        type(task_pairs)(task_pairs.clean[i : i + 1], task_pairs.patch[i : i + 1], task_pairs.clean_answer[i : i + 1],
-                         task_pairs.patch_answer[i : i + 1])
+        type(task_pairs)(
+            task_pairs.clean[i : i + 1],
+            task_pairs.patch[i : i + 1],
+            task_pairs.clean_answer[i : i + 1],
+            task_pairs.patch_answer[i : i + 1],
+        )
         for i in range(len(task_pairs))
     ]
     by_12, by_1 = Faithfulness(model, dicts, bs, "mean"), Faithfulness(model, dicts, ones, "mean")
