@@ -146,7 +146,13 @@ def test_circuit_stage_end_to_end(test_run, test_saes):
     assert (out / "circuit.svg").read_text().lstrip().startswith("<?xml")
 
 
-def test_per_position_aggregation(test_run, test_saes):
+def test_per_position_circuit(test_run, test_saes, tmp_path):
+    # catches: edges pointing at node ids that do not exist (ids without @pos), edges summed over positions,
+    # an error node kept at every position because it passed at one, edges from a later position to an earlier
+    # one, a picture without positions; mixed lengths or a test split of another length taken silently
+    from sfcd.circuits.stage import find_circuit
+    from sfcd.io import write_jsonl
+
     c, eff = run_circuit(
         test_run,
         "circuit.aggregation=none",
@@ -154,11 +160,45 @@ def test_per_position_aggregation(test_run, test_saes):
         "circuit.n_examples=8",
         "circuit.baselines=false",
         "circuit.sweep_points=3",
-        "circuit.task=simple",
-        "circuit.node_threshold=0.001",
+        "circuit.task=nounpp",
+        "circuit.node_threshold=0.0001",  # the micro model's effects before the last position are small
     )
-    assert eff["resid.0.features"].ndim == 2 and eff["resid.0.error"].ndim == 1  # [positions, features]
-    assert all(n["position"] is not None for n in c["nodes"] if n["feature"] is not None)
+    T = eff["resid.0.features"].shape[0]
+    assert eff["resid.0.features"].ndim == 2 and eff["resid.0.error"].shape == (T,)  # [positions, features]
+    assert len(c["metadata"]["positions"]) == T
+    ids = {n["id"] for n in c["nodes"]}
+    assert all(n["position"] is not None and n["id"].endswith(f"@{n['position']}") for n in c["nodes"])
+    for site in ("resid.0", "mlp.1"):
+        err = eff[f"{site}.error"]
+        assert {n["position"] for n in c["nodes"] if n["site"] == site and n["feature"] is None} == {
+            t for t in range(T) if abs(err[t]) > 0.0001
+        }
+    assert c["edges"] and all(e["from"] in ids and e["to"] in ids | {"y"} for e in c["edges"])
+    inner = [e for e in c["edges"] if e["to"] != "y"]
+    # resid.0 -> mlp.1 in parallel blocks: the MLP is position-wise, so only same-position edges are non-zero
+    # (the others, exact zeros, are left out and counted)
+    assert inner and all(e["from"].split("@")[1] == e["to"].split("@")[1] for e in inner)
+    assert c["metadata"]["edges_zero_left_out"] > 0
+    assert {e["from"] for e in c["edges"] if e["to"] == "y"} == ids  # both sites reach y (resid.0 past mlp.1)
+    out = RunDir(test_run.run_dir).root / "circuits" / "nounpp" / "step24"
+    assert (out / "circuit.svg").stat().st_size > 1000
+
+    mixed = tmp_path / "mixed.jsonl"
+    write_jsonl(
+        mixed,
+        [
+            {"clean_prefix": "The boy", "patch_prefix": "The boys", "clean_answer": " is", "patch_answer": " are"},
+            {
+                "clean_prefix": "The boy near the car",
+                "patch_prefix": "The boys near the car",
+                "clean_answer": " is",
+                "patch_answer": " are",
+            },
+        ],
+    )
+    base = ["experiment=test", f"run_dir={test_run.run_dir}", "circuit.sites=[resid.0]", "circuit.aggregation=none"]
+    with pytest.raises(InputError, match=r"one length.*found 3 tokens \(1 pairs\), 6 tokens \(1 pairs\)"):
+        find_circuit(compose([*base, f"circuit.task={mixed}"]))
 
 
 def test_nopair_task_and_neuron_dictionary(test_run, test_saes, tmp_path):

@@ -161,3 +161,43 @@ def test_exact_node_effects_give_edges_from_ig_gradients():
     torch.testing.assert_close(a, b)
     assert a.abs().max() > 0
     assert not torch.allclose(ex[sites[1]].ie_f, ig[sites[1]].ie_f)  # the node effects are exact's own
+
+
+def test_per_position_edges_equal_finite_differences_at_one_position():
+    # the weight of upstream position t_u -> downstream (node k, position t_d): moving only position t_u of the
+    # upstream site along its delta. Catches: positions swapped or summed, a later position reaching an earlier
+    # one, per-position rows that do not add up to the summed edge
+    model = tiny("neox-parallel")
+    up, down = parse_site("resid.0"), parse_site("attn.1")
+    dicts = {s: Identity(site_dim(model, s)) for s in (up, down)}
+    batch = pairs(seed=4)
+    T = batch.clean.shape[1]
+    eff = node_effects(model, dicts, batch, "attrib")
+    ((_, _, stop),) = [p for p in edge_pairs([up, down]) if p[:2] == (up, down)]
+    k = 5
+    w = edge_effects(model, dicts, batch, up, down, stop, eff, [(k, t) for t in range(T)], per_position=True)
+    assert w.shape == (T, T, site_dim(model, up) + 1)
+    summed = edge_effects(model, dicts, batch, up, down, stop, eff, [k])
+    torch.testing.assert_close(w.sum((0, 1)), summed[0])
+    later = torch.ones(T, T, dtype=torch.bool).triu(1)  # [t_d, t_u] with t_u > t_d
+    assert w[later].abs().max() == 0
+
+    def s_of(h, t_u, t_d):
+        got = {}
+        move = torch.zeros(1, T, 1, dtype=torch.float64)
+        move[0, t_u] = h
+
+        def fns_up(x):
+            return eff[up].f_clean + move * eff[up].delta_f
+
+        with torch.no_grad(), hooks(model, {up: fns_up, down: lambda x: got.setdefault("d", x)}):
+            model(batch.clean)
+        return (eff[down].grad_f[:, t_d, k] * got["d"][:, t_d, k]).sum()
+
+    h = 1e-5
+    checked = 0
+    for t_d, t_u in ((T - 1, 1), (T - 1, T - 1), (3, 1), (2, 0)):
+        fd = (s_of(h, t_u, t_d) - s_of(-h, t_u, t_d)) / (2 * h)
+        assert w[t_d, t_u, :-1].sum().item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-12)
+        checked += abs(fd.item()) > 1e-6
+    assert checked >= 2

@@ -29,19 +29,23 @@ class PairBatch:
 def batches(
     task: Task, n: int, batch_size: int, same_length: bool = False, device: torch.device | str = "cpu"
 ) -> list[PairBatch]:
-    """Up to ``n`` pairs of ``task`` in batches of one prefix length each (``same_length``: only the most
-    common length, as per-position aggregation needs), on ``device``."""
+    """Up to ``n`` pairs of ``task`` in batches of one prefix length each, on ``device``; ``same_length``
+    (per-position aggregation) refuses pairs of several lengths, naming them."""
     if not task.pairs:
         raise InputError(f"{task.summary()}: no usable pairs")
     nopair = {p.patch_ids is None for p in task.pairs}
     if len(nopair) > 1:
         raise InputError(f"task {task.name} mixes pairs with and without patch prefixes; split it into two files")
     groups: dict[int, list] = defaultdict(list)
-    for p in task.pairs[:n] if not same_length else task.pairs:
+    for p in task.pairs[:n]:
         groups[len(p.clean_ids)].append(p)
-    if same_length:
-        length = max(groups, key=lambda k: len(groups[k]))
-        groups = {length: groups[length][:n]}
+    if same_length and len(groups) > 1:
+        found = ", ".join(f"{k} tokens ({len(v)} pairs)" for k, v in sorted(groups.items()))
+        raise InputError(
+            f"task {task.name}: per-position circuits (circuit.aggregation=none) need prefixes of one length, so "
+            f"that position t is the same place in every example; found {found}. Use circuit.aggregation=sum, "
+            "or a task file of one template"
+        )
     out = []
     for _, pairs in sorted(groups.items()):
         for b in range(0, len(pairs), batch_size):

@@ -178,11 +178,14 @@ def edge_effects(
     down: Site,
     stop: set[Site],
     eff: dict[Site, SiteEffects],
-    down_nodes: list[int],
+    down_nodes: list,
     reference: bool = False,
+    per_position: bool = False,
 ) -> torch.Tensor:
-    """Edge weights [len(down_nodes), F_up + 1] (last column: up's error node) summed over this batch's
-    examples and positions. ``down_nodes`` are feature indices of ``down``, with -1 for its error node.
+    """Edge weights from ``up``'s nodes (last column: its error node) to each of ``down_nodes``, summed over
+    this batch's examples: [len(down_nodes), F_up + 1] summed over positions too, or with ``per_position``
+    [len(down_nodes), T, F_up + 1] per upstream position. ``down_nodes`` are feature indices of ``down`` (-1:
+    its error node), or (index, position) pairs for one downstream position each.
 
     Fast mode: one backward per downstream node of the summed scalar g_D . D_k (the sum over examples and
     positions is linear). Reference mode: one backward per (example, position, downstream node).
@@ -200,39 +203,50 @@ def edge_effects(
         fd, ed = sp.states[down].f, sp.states[down].err
         gd_f, gd_e = eff[down].grad_f, eff[down].grad_err
         rows = []
-        for k in down_nodes:
+        for node in down_nodes:
+            k, t = node if isinstance(node, tuple) else (node, None)
+            val = (gd_e * ed).sum(-1) if k < 0 else gd_f[..., k] * fd[..., k]  # [B, T]
+            if t is not None:
+                val = val[:, t : t + 1]
             if reference:
-                w = torch.zeros(fu.shape[-1] + 1, device=fu.device)
-                B, T = fd.shape[:2]
-                for b in range(B):
-                    for t in range(T):
-                        scalar = (gd_e[b, t] * ed[b, t]).sum() if k < 0 else gd_f[b, t, k] * fd[b, t, k]
-                        w += _upstream_weights(scalar, fu, eu, eff[up])
-                rows.append(w)
+                w = sum(_upstream_weights(v, fu, eu, eff[up], per_position) for v in val.flatten())
             else:
-                scalar = (gd_e * ed).sum() if k < 0 else (gd_f[..., k] * fd[..., k]).sum()
-                rows.append(_upstream_weights(scalar, fu, eu, eff[up]))
-    return torch.stack(rows) if rows else torch.zeros(0, fu.shape[-1] + 1, device=fu.device)
+                w = _upstream_weights(val.sum(), fu, eu, eff[up], per_position)
+            rows.append(w)
+    shape = (fu.shape[1],) if per_position else ()
+    return torch.stack(rows) if rows else torch.zeros(0, *shape, fu.shape[-1] + 1, device=fu.device)
 
 
 def y_edge_effects(
-    model, dicts: dict[Site, nn.Module], batch: PairBatch, up: Site, stop: set[Site], eff: dict[Site, SiteEffects]
+    model,
+    dicts: dict[Site, nn.Module],
+    batch: PairBatch,
+    up: Site,
+    stop: set[Site],
+    eff: dict[Site, SiteEffects],
+    per_position: bool = False,
 ) -> torch.Tensor:
-    """Edge weights [F_up + 1] from ``up``'s nodes to the metric y, summed over this batch's examples and
-    positions: the metric's gradient at the clean input with the gradient stopped at ``stop`` (the chosen sites
-    after ``up`` that carry the other paths), times ``up``'s delta."""
+    """Edge weights [F_up + 1] (``per_position``: [T, F_up + 1]) from ``up``'s nodes to the metric y, summed
+    over this batch's examples (and positions): the metric's gradient at the clean input with the gradient
+    stopped at ``stop`` (the chosen sites after ``up`` that carry the other paths), times ``up``'s delta."""
     sp = Splice({up: dicts[up]}, leaves={up}, values={up: (eff[up].f_clean, eff[up].err_clean)}, stop=stop)
     with sp.applied(model):
         m = metric(last_logits(model, batch.clean), batch).sum()
-        return _upstream_weights(m, sp.states[up].f, sp.states[up].err, eff[up])
+        return _upstream_weights(m, sp.states[up].f, sp.states[up].err, eff[up], per_position)
 
 
-def _upstream_weights(scalar: torch.Tensor, fu: torch.Tensor, eu: torch.Tensor, up: SiteEffects) -> torch.Tensor:
+def _upstream_weights(
+    scalar: torch.Tensor, fu: torch.Tensor, eu: torch.Tensor, up: SiteEffects, per_position: bool = False
+) -> torch.Tensor:
+    """grad(scalar) . delta for every upstream feature and the error node, summed over examples (and positions
+    unless ``per_position``): [F + 1] or [T, F + 1]."""
+    shape = (fu.shape[1], fu.shape[-1] + 1) if per_position else (fu.shape[-1] + 1,)
     if not scalar.requires_grad:
-        return torch.zeros(fu.shape[-1] + 1, device=fu.device)
+        return torch.zeros(shape, device=fu.device)
     gf, ge = torch.autograd.grad(scalar, [fu, eu], retain_graph=True, allow_unused=True)
     gf = torch.zeros_like(fu) if gf is None else gf
     ge = torch.zeros_like(eu) if ge is None else ge
-    w_f = (gf * up.delta_f).sum((0, 1))
-    w_e = (ge * up.delta_err).sum()
-    return torch.cat([w_f, w_e.view(1)]).detach()
+    dims = 0 if per_position else (0, 1)
+    w_f = (gf * up.delta_f).sum(dims)
+    w_e = (ge * up.delta_err).sum(-1).sum(dims)
+    return torch.cat([w_f, w_e.unsqueeze(-1)], -1).detach()

@@ -76,16 +76,17 @@ def circuit_metric(
     model, dicts: dict[Site, nn.Module], batch: PairBatch, keep: dict[Site, tuple[torch.Tensor, bool]], ablation: dict
 ) -> torch.Tensor:
     """Per example, logit[clean answer] - logit[patch answer] (nopair: logit[answer]) on the clean input with
-    each site's features outside ``keep[site][0]`` (bool [F]) and its error node (unless ``keep[site][1]``)
-    set to their ablation values."""
+    each site's features outside ``keep[site][0]`` (bool [F], or [T, F] per position) and its error node
+    outside ``keep[site][1]`` (a bool, or bool [T] per position) set to their ablation values."""
 
     def setter(s: Site):
         mask, keep_err = keep[s]
         af, ae = ablation[s]
+        ke = torch.as_tensor(keep_err, device=mask.device)
+        ke = ke[:, None] if ke.ndim == 1 else ke  # per position: [T, 1] against err [B, T, d]
 
         def fn(f, err):
-            f2 = torch.where(mask, f, af.expand_as(f))
-            return f2, (err if keep_err else ae.expand_as(err))
+            return torch.where(mask, f, af.expand_as(f)), torch.where(ke, err, ae.expand_as(err))
 
         return fn
 
@@ -130,7 +131,7 @@ class Faithfulness:
         return total / self.n
 
     def __call__(self, keep: dict) -> dict[str, float]:
-        complement = {s: (~m, not e) for s, (m, e) in keep.items()}
+        complement = {s: (~m, ~torch.as_tensor(e, device=m.device)) for s, (m, e) in keep.items()}
         r = {"F_C": self._mean(keep), "F_M": self.F_M, "F_empty": self.F_empty, "F_M_minus_C": self._mean(complement)}
         denom = self.F_M - self.F_empty
         ok = abs(denom) > 1e-9

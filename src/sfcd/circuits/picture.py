@@ -17,6 +17,11 @@ def _save(fig, stem: Path) -> list[Path]:
     return out
 
 
+def _text(token: str) -> str:
+    """A token as plain text on a plot: escapes shown (newlines, tabs), no mathtext."""
+    return repr(token)[1:-1].replace("$", r"\$")
+
+
 def draw_circuit(circuit: dict, stem: Path, edge_threshold: float) -> list[Path]:
     """Nodes filled by sign (blue +, red -) and size of their effect; error nodes as triangles; edges coloured
     by sign with width by size; one row per site in forward order; the metric ``y`` on top."""
@@ -31,12 +36,27 @@ def draw_circuit(circuit: dict, stem: Path, edge_threshold: float) -> list[Path]
     by_site: dict[str, list[dict]] = {s: [] for s in sites}
     for n in circuit["nodes"]:
         by_site[n["site"]].append(n)
+    tokens = circuit["metadata"].get("positions")
     pos = {"y": (0.0, rows["y"])}
-    for s, nodes in by_site.items():
-        nodes.sort(key=lambda n: -abs(n["effect"]))
-        for i, n in enumerate(nodes):
-            pos[n["id"]] = (i - (len(nodes) - 1) / 2, rows[s])
-    width = max([len(v) for v in by_site.values()] + [4])
+    if tokens:  # per position: one column per token, the nodes of a (site, position) side by side in it
+        cells: dict[tuple[str, int], list[dict]] = {}
+        for n in circuit["nodes"]:
+            cells.setdefault((n["site"], n["position"]), []).append(n)
+        col = 0.8 * max([len(v) for v in cells.values()] + [1]) + 0.6
+        for (s, t), nodes in cells.items():
+            nodes.sort(key=lambda n: -abs(n["effect"]))
+            for i, n in enumerate(nodes):
+                pos[n["id"]] = (t * col + 0.8 * (i - (len(nodes) - 1) / 2), rows[s])
+        pos["y"] = ((len(tokens) - 1) * col, rows["y"])
+        width = len(tokens) * col
+        xlim = (-col / 2 - 0.4, width - col / 2 + 0.4)
+    else:
+        for s, nodes in by_site.items():
+            nodes.sort(key=lambda n: -abs(n["effect"]))
+            for i, n in enumerate(nodes):
+                pos[n["id"]] = (i - (len(nodes) - 1) / 2, rows[s])
+        width = max([len(v) for v in by_site.values()] + [4])
+        xlim = (-width / 2 - 0.8, width / 2 + 0.8)
     fig, ax = plt.subplots(figsize=(min(2 + 0.9 * width, 30), 1.2 * len(rows) + 1))
     emax = max([abs(n["effect"]) for n in circuit["nodes"]] + [1e-9])
     wmax = max([abs(e["weight"]) for e in circuit["edges"]] + [1e-9])
@@ -61,12 +81,15 @@ def draw_circuit(circuit: dict, stem: Path, edge_threshold: float) -> list[Path]
         label = "ε" if n["feature"] is None else str(n["feature"])
         ax.annotate(label, (x, y), ha="center", va="center", fontsize=7, zorder=3)
         if n.get("label"):
-            ax.annotate(n["label"], (x, y - 0.32), ha="center", va="top", fontsize=6, color="dimgray", zorder=3)
-    ax.scatter([0], [rows["y"]], s=700, marker="s", color="lightgray", edgecolors="black", zorder=2)
-    ax.annotate("y", (0, rows["y"]), ha="center", va="center", fontsize=9, zorder=3)
+            ax.annotate(_text(n["label"]), (x, y - 0.32), ha="center", va="top", fontsize=6, color="dimgray", zorder=3)
+    ax.scatter([pos["y"][0]], [rows["y"]], s=700, marker="s", color="lightgray", edgecolors="black", zorder=2)
+    ax.annotate("y", pos["y"], ha="center", va="center", fontsize=9, zorder=3)
     ax.set_yticks(range(len(rows)), [*sites, "metric"])
-    ax.set_xticks([])
-    ax.set_xlim(-width / 2 - 0.8, width / 2 + 0.8)
+    if tokens:
+        ax.set_xticks([t * col for t in range(len(tokens))], [_text(tok) for tok in tokens], fontsize=8)
+    else:
+        ax.set_xticks([])
+    ax.set_xlim(*xlim)
     ax.set_title(
         f"{circuit['metadata']['task']} @ step {circuit['metadata']['step']}: "
         f"{len(circuit['nodes'])} nodes, faithfulness {circuit['metadata']['faithfulness']:.2f}",

@@ -20,7 +20,7 @@ from sfcd.circuits.picture import draw_circuit, draw_curve
 from sfcd.circuits.splice import Identity
 from sfcd.data.tasks import load_task
 from sfcd.devices import work_device
-from sfcd.errors import ConfigError, MissingArtifactError
+from sfcd.errors import ConfigError, InputError, MissingArtifactError
 from sfcd.io import read_json, save_safetensors, write_json
 from sfcd.models.eval_stage import task_path
 from sfcd.models.loading import checkpoint
@@ -87,16 +87,12 @@ def all_effects(model, dicts, bs: list[PairBatch], c: DictConfig) -> tuple[list[
 
 
 def keep_masks(agg: dict, tau: float, error_nodes: bool) -> dict:
-    out = {}
-    for s, (f, err) in agg.items():
-        mask = f.abs() > tau
-        keep_err = bool(error_nodes and (err.abs() > tau).any())
-        out[s] = (mask, keep_err)
-    return out
+    """{site: (features kept, error nodes kept)}: bool [F] and a 0-d bool, or per position [T, F] and [T]."""
+    return {s: (f.abs() > tau, (err.abs() > tau) & error_nodes) for s, (f, err) in agg.items()}
 
 
 def n_nodes(keep: dict) -> int:
-    return sum(int(m.sum()) + int(e) for m, e in keep.values())
+    return sum(int(m.sum()) + int(e.sum()) for m, e in keep.values())
 
 
 def sweep(evaluator: Faithfulness, agg: dict, c: DictConfig, error_nodes: bool) -> list[dict]:
@@ -150,6 +146,13 @@ def find_circuit(cfg: DictConfig) -> Path:
     other = run.task_file(c.task, "test" if c.split == "train" else "train")
     eval_task = load_task(other, tokenizer, task.name) if other.exists() and not Path(c.task).exists() else task
     eval_bs = batches(eval_task, c.n_examples, c.batch_size, same, device)
+    if same and eval_bs[0].clean.shape[1] != bs[0].clean.shape[1]:
+        raise InputError(
+            f"task {task.name}: per-position circuits are found on {bs[0].clean.shape[1]}-token prefixes but "
+            f"evaluated on {eval_bs[0].clean.shape[1]}-token ones ({other}); positions would not match. "
+            "Use circuit.aggregation=sum or task files of one template"
+        )
+    positions = [tokenizer.decode([int(i)]) for i in bs[0].clean[0]] if same else None
 
     t0 = time.perf_counter()
     per_batch, agg, n = all_effects(model, dicts, bs, c)
@@ -173,14 +176,15 @@ def find_circuit(cfg: DictConfig) -> Path:
                     "label": labels.get(s, {}).get(feat, ""),
                 }
             )
-        if keep_err:
+        for idx in keep_err.nonzero().tolist():  # [] for the one error node, [t] per position
+            pos = idx[0] if idx else None
             nodes.append(
                 {
-                    "id": f"{s.name}/eps",
+                    "id": f"{s.name}/eps" + ("" if pos is None else f"@{pos}"),
                     "site": s.name,
                     "feature": None,
-                    "position": None,
-                    "effect": float(err.sum()),
+                    "position": pos,
+                    "effect": float(err[tuple(idx)]),
                     "label": "",
                 }
             )
@@ -189,6 +193,8 @@ def find_circuit(cfg: DictConfig) -> Path:
         t1 = time.perf_counter()
         edges = circuit_edges(model, dicts, bs, per_batch, sites, keep, n, c.reference_edges, nodes)
         t_edges = time.perf_counter() - t1
+        n_zero = sum(e["weight"] == 0 for e in edges)
+        edges = [e for e in edges if e["weight"] != 0]
     evaluator = Faithfulness(model, dicts, eval_bs, c.ablation)
     result = evaluator(keep)
     curves = {"features": sweep(evaluator, agg, c, c.error_nodes)}
@@ -215,6 +221,10 @@ def find_circuit(cfg: DictConfig) -> Path:
         "ablation_used": evaluator.ablation_info,
         "parallel_blocks": parallel_blocks(model),
         "edge_gradients": "ig" if c.method == "exact" else c.method,
+        "edges_kept": "every non-zero edge between kept nodes (and to y); exact zeros left out"
+        + (", and per position only from a position to itself or a later one" if same else ""),
+        "edges_zero_left_out": n_zero if c.edges else 0,
+        "positions": positions,
         "n_examples": n,
         "dropped": dict(task.dropped),
         "F_M": result["F_M"],
@@ -249,11 +259,25 @@ def find_circuit(cfg: DictConfig) -> Path:
     return out
 
 
+def _node_id(site: Site, k: int, t: int | None) -> str:
+    return f"{site.name}/{'eps' if k < 0 else k}" + ("" if t is None else f"@{t}")
+
+
+def _kept(keep: dict, site: Site) -> list[tuple[int, int | None]]:
+    """The kept nodes of ``site`` as (feature or -1 for the error node, position or None)."""
+    mask, err = keep[site]
+    if mask.ndim == 1:
+        return [(int(k), None) for k in mask.nonzero().flatten()] + ([(-1, None)] if bool(err) else [])
+    return [(int(k), int(t)) for t, k in mask.nonzero().tolist()] + [(-1, int(t)) for t in err.nonzero().flatten()]
+
+
 def circuit_edges(model, dicts, bs, per_batch, sites, keep, n: int, reference: bool, nodes: list[dict]) -> list[dict]:
-    """Edges between the circuit's nodes (:func:`edge_pairs`) and to the metric y (:func:`y_pairs`), summed
-    over examples and positions, averaged over examples."""
+    """Edges between the circuit's nodes (:func:`edge_pairs`) and to the metric y (:func:`y_pairs`), averaged
+    over examples: summed over positions, or per position (``keep`` masks of shape [T, F]: from each upstream
+    (node, position) to each downstream (node, position), the downstream position at or after the upstream one)."""
     out = []
     parallel = parallel_blocks(model)
+    per_pos = next(iter(keep.values()))[0].ndim == 2
     for up, stop in y_pairs(sites, parallel):
         mine = [nd for nd in nodes if nd["site"] == up.name]
         if not mine:
@@ -261,31 +285,27 @@ def circuit_edges(model, dicts, bs, per_batch, sites, keep, n: int, reference: b
         if not stop:  # nothing chosen after it: the edge to y is its node effect (the paper's last resid -> y)
             out += [{"from": nd["id"], "to": "y", "weight": nd["effect"]} for nd in mine]
             continue
-        w = sum(y_edge_effects(model, dicts, b, up, stop, eff) for b, eff in zip(bs, per_batch, strict=True)) / n
+        w = sum(y_edge_effects(model, dicts, b, up, stop, eff, per_pos) for b, eff in zip(bs, per_batch, strict=True))
+        w = w / n
         for nd in mine:
             j = -1 if nd["feature"] is None else nd["feature"]
-            out.append({"from": nd["id"], "to": "y", "weight": float(w[j])})
+            out.append({"from": nd["id"], "to": "y", "weight": float(w[nd["position"], j] if per_pos else w[j])})
     for up, down, stop in edge_pairs(sites, parallel):
-        down_mask, down_err = keep[down]
-        up_mask, up_err = keep[up]
-        down_nodes = [int(i) for i in (down_mask.any(0) if down_mask.ndim == 2 else down_mask).nonzero().flatten()]
-        down_nodes += [-1] if down_err else []
-        up_feats = (up_mask.any(0) if up_mask.ndim == 2 else up_mask).nonzero().flatten().tolist()
-        if not down_nodes or not (up_feats or up_err):
+        down_nodes, up_nodes = _kept(keep, down), _kept(keep, up)
+        if not down_nodes or not up_nodes:
             continue
-        w = (
-            sum(
-                edge_effects(model, dicts, b, up, down, stop, eff, down_nodes, reference)
-                for b, eff in zip(bs, per_batch, strict=True)
-            )
-            / n
+        w = sum(
+            edge_effects(model, dicts, b, up, down, stop, eff, down_nodes, reference, per_pos)
+            for b, eff in zip(bs, per_batch, strict=True)
         )
-        for r, k in enumerate(down_nodes):
-            to = f"{down.name}/{'eps' if k < 0 else k}"
-            for j in up_feats:
-                out.append({"from": f"{up.name}/{j}", "to": to, "weight": float(w[r, j])})
-            if up_err:
-                out.append({"from": f"{up.name}/eps", "to": to, "weight": float(w[r, -1])})
+        w = w / n
+        for r, (k, t) in enumerate(down_nodes):
+            to = _node_id(down, k, t)
+            for j, tu in up_nodes:
+                if per_pos and tu > t:
+                    continue  # a later position cannot reach an earlier one
+                weight = float(w[r, tu, j] if per_pos else w[r, j])
+                out.append({"from": _node_id(up, j, tu), "to": to, "weight": weight})
     return out
 
 
