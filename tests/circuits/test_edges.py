@@ -201,3 +201,74 @@ def test_per_position_edges_equal_finite_differences_at_one_position():
         assert w[t_d, t_u, :-1].sum().item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-12)
         checked += abs(fd.item()) > 1e-6
     assert checked >= 2
+
+
+def finite_difference(model, batch, up, eff, fns_after, scalar, h=1e-5, move=None):
+    """d scalar / dh with ``up``'s output set to clean + h * delta (``move``: a [T] mask of the positions moved),
+    other hooks ``fns_after``; ``scalar(captured)`` reads what the hooks captured."""
+
+    def at(hh):
+        got = {}
+        d = eff[up].delta_f if move is None else eff[up].delta_f * move[None, :, None]
+        fns = {up: lambda x: eff[up].f_clean + hh * d, **{s: fn(got) for s, fn in fns_after.items()}}
+        with torch.no_grad(), hooks(model, fns):
+            got["logits"] = model(batch.clean).logits[:, -1]
+        return scalar(got)
+
+    return (at(h) - at(-h)) / (2 * h)
+
+
+def grab(name):
+    return lambda got: lambda x: got.setdefault(name, x)
+
+
+def test_paper_edge_items_equal_finite_differences_of_the_items_above_threshold():
+    # edge_items=paper: only the downstream node's (example, position) items whose own effect passes the node
+    # threshold are differentiated. Catches: the threshold ignored (both rules equal), applied to the upstream
+    # side, or to the aggregated effect
+    model = tiny("neox-sequential")
+    up, down = parse_site("attn.0"), parse_site("mlp.0")
+    dicts = {s: Identity(site_dim(model, s)) for s in (up, down)}
+    batch = pairs(seed=5, B=4)
+    eff = node_effects(model, dicts, batch, "attrib")
+    k = 2
+    ie = eff[down].ie_f[..., k]
+    tau = ie.abs().flatten().median().item()
+    chosen = ie.abs() > tau
+    assert 0 < int(chosen.sum()) < chosen.numel()
+    ((_, _, stop),) = [p for p in edge_pairs([up, down], parallel=False)]
+    paper = edge_effects(model, dicts, batch, up, down, stop, eff, [k], item_threshold=tau)[0]
+    every = edge_effects(model, dicts, batch, up, down, stop, eff, [k])[0]
+    g = eff[down].grad_f[..., k]
+    fd_paper = finite_difference(
+        model, batch, up, eff, {down: grab("d")}, lambda got: (g * got["d"][..., k])[chosen].sum()
+    )
+    fd_all = finite_difference(model, batch, up, eff, {down: grab("d")}, lambda got: (g * got["d"][..., k]).sum())
+    assert paper[:-1].sum().item() == pytest.approx(fd_paper.item(), rel=1e-5)
+    assert every[:-1].sum().item() == pytest.approx(fd_all.item(), rel=1e-5)
+    assert abs(fd_paper.item() - fd_all.item()) > 1e-3 * abs(fd_all.item())
+
+
+def test_resid_to_resid_edge_counts_only_the_direct_path():
+    # resid.0 -> resid.1 with attn.1 and mlp.1 stopped: only the residual connection itself; finite differences
+    # with attn.1 and mlp.1 held at their clean outputs. Without the stops the edge would be the total effect
+    model = tiny("neox-parallel")
+    up, down = parse_site("resid.0"), parse_site("resid.1")
+    dicts = {s: Identity(site_dim(model, s)) for s in (up, down)}
+    batch = pairs(seed=6)
+    eff = node_effects(model, dicts, batch, "attrib")
+    (pair,) = [p for p in edge_pairs(FULL) if p[:2] == (up, down)]
+    a1, m1 = parse_site("attn.1"), parse_site("mlp.1")
+    assert pair[2] == {a1, m1}
+    with torch.no_grad():
+        clean = {}
+        with hooks(model, {a1: lambda x: clean.setdefault("a", x), m1: lambda x: clean.setdefault("m", x)}):
+            model(batch.clean)
+    k = 4
+    g = eff[down].grad_f[..., k]
+    w = edge_effects(model, dicts, batch, *pair, eff, [k])[0]
+    frozen = {a1: lambda got: lambda x: clean["a"], m1: lambda got: lambda x: clean["m"], down: grab("d")}
+    fd = finite_difference(model, batch, up, eff, frozen, lambda got: (g * got["d"][..., k]).sum())
+    total = finite_difference(model, batch, up, eff, {down: grab("d")}, lambda got: (g * got["d"][..., k]).sum())
+    assert w[:-1].sum().item() == pytest.approx(fd.item(), rel=1e-5)
+    assert abs(total.item() - fd.item()) > 1e-3 * abs(fd.item())  # the stops matter here

@@ -181,6 +181,7 @@ def edge_effects(
     down_nodes: list,
     reference: bool = False,
     per_position: bool = False,
+    item_threshold: float | None = None,
 ) -> torch.Tensor:
     """Edge weights from ``up``'s nodes (last column: its error node) to each of ``down_nodes``, summed over
     this batch's examples: [len(down_nodes), F_up + 1] summed over positions too, or with ``per_position``
@@ -189,6 +190,8 @@ def edge_effects(
 
     Fast mode: one backward per downstream node of the summed scalar g_D . D_k (the sum over examples and
     positions is linear). Reference mode: one backward per (example, position, downstream node).
+    ``item_threshold`` (the paper's rule): only the downstream node's (example, position) items whose own node
+    effect exceeds it in size take part; otherwise all of them.
     """
     sp = Splice(
         {up: dicts[up], down: dicts[down]},
@@ -206,6 +209,9 @@ def edge_effects(
         for node in down_nodes:
             k, t = node if isinstance(node, tuple) else (node, None)
             val = (gd_e * ed).sum(-1) if k < 0 else gd_f[..., k] * fd[..., k]  # [B, T]
+            if item_threshold is not None:
+                ie = eff[down].ie_err if k < 0 else eff[down].ie_f[..., k]
+                val = torch.where(ie.abs() > item_threshold, val, torch.zeros_like(val))
             if t is not None:
                 val = val[:, t : t + 1]
             if reference:

@@ -43,6 +43,8 @@ def check_config(c: DictConfig) -> None:
         raise ConfigError(f"unknown circuit.aggregation {c.aggregation!r}; expected sum or none")
     if c.ablation not in ABLATIONS:
         raise ConfigError(f"unknown circuit.ablation {c.ablation!r}; expected one of {list(ABLATIONS)}")
+    if c.edge_items not in ("all", "paper"):
+        raise ConfigError(f"unknown circuit.edge_items {c.edge_items!r}; expected all or paper")
     if c.dictionary not in ("sae", "neurons"):
         raise ConfigError(f"unknown circuit.dictionary {c.dictionary!r}; expected sae or neurons")
     if c.n_examples < 1 or c.batch_size < 1 or c.steps < 1:
@@ -191,7 +193,8 @@ def find_circuit(cfg: DictConfig) -> Path:
     edges, t_edges = [], 0.0
     if c.edges:
         t1 = time.perf_counter()
-        edges = circuit_edges(model, dicts, bs, per_batch, sites, keep, n, c.reference_edges, nodes)
+        items = c.node_threshold if c.edge_items == "paper" else None
+        edges = circuit_edges(model, dicts, bs, per_batch, sites, keep, n, c.reference_edges, nodes, items)
         t_edges = time.perf_counter() - t1
         n_zero = sum(e["weight"] == 0 for e in edges)
         edges = [e for e in edges if e["weight"] != 0]
@@ -221,6 +224,11 @@ def find_circuit(cfg: DictConfig) -> Path:
         "ablation_used": evaluator.ablation_info,
         "parallel_blocks": parallel_blocks(model),
         "edge_gradients": "ig" if c.method == "exact" else c.method,
+        "edge_items": {
+            "all": "a kept node's edges sum over all of its (example, position) items",
+            "paper": f"a kept node's edges sum over its (example, position) items whose own effect exceeds "
+            f"{c.node_threshold} (feature-circuits' rule)",
+        }[c.edge_items],
         "edges_kept": "every non-zero edge between kept nodes (and to y); exact zeros left out"
         + (", and per position only from a position to itself or a later one" if same else ""),
         "edges_zero_left_out": n_zero if c.edges else 0,
@@ -271,7 +279,9 @@ def _kept(keep: dict, site: Site) -> list[tuple[int, int | None]]:
     return [(int(k), int(t)) for t, k in mask.nonzero().tolist()] + [(-1, int(t)) for t in err.nonzero().flatten()]
 
 
-def circuit_edges(model, dicts, bs, per_batch, sites, keep, n: int, reference: bool, nodes: list[dict]) -> list[dict]:
+def circuit_edges(
+    model, dicts, bs, per_batch, sites, keep, n: int, reference: bool, nodes: list[dict], items: float | None = None
+) -> list[dict]:
     """Edges between the circuit's nodes (:func:`edge_pairs`) and to the metric y (:func:`y_pairs`), averaged
     over examples: summed over positions, or per position (``keep`` masks of shape [T, F]: from each upstream
     (node, position) to each downstream (node, position), the downstream position at or after the upstream one)."""
@@ -295,7 +305,7 @@ def circuit_edges(model, dicts, bs, per_batch, sites, keep, n: int, reference: b
         if not down_nodes or not up_nodes:
             continue
         w = sum(
-            edge_effects(model, dicts, b, up, down, stop, eff, down_nodes, reference, per_pos)
+            edge_effects(model, dicts, b, up, down, stop, eff, down_nodes, reference, per_pos, items)
             for b, eff in zip(bs, per_batch, strict=True)
         )
         w = w / n
