@@ -154,6 +154,8 @@ class CircuitConfig:
     batch_size: int = 32  # pairs per batch
     sites: list[str] = field(default_factory=lambda: ["all"])  # dictionary sites ("all": embed + attn/mlp/resid)
     dictionary: str = "sae"  # sae | neurons (identity dictionaries: the neuron baseline)
+    dictionaries: Any = None  # the run's SAEs (None), a folder (sfcd/SAELens, the paper's ae.pt release, sparsify)
+    # or a mapping site -> folder; see sfcd/circuits/dictionaries.py
     error_nodes: bool = True  # false: circuits without error nodes (they are always ablated)
     edges: bool = True  # compute edges between circuit nodes
     reference_edges: bool = False  # compute edges with one backward per (example, position, node), to check

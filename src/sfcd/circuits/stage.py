@@ -14,20 +14,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sfcd.circuits.data import PairBatch, batches
+from sfcd.circuits.dictionaries import dictionary_folders, load_dictionaries
 from sfcd.circuits.effects import METHODS, edge_effects, edge_pairs, node_effects, y_edge_effects, y_pairs
 from sfcd.circuits.evaluate import ABLATIONS, Faithfulness
 from sfcd.circuits.picture import draw_circuit, draw_curve
-from sfcd.circuits.splice import Identity
 from sfcd.data.tasks import load_task
 from sfcd.devices import work_device
-from sfcd.errors import ConfigError, InputError, MissingArtifactError
+from sfcd.errors import ConfigError, InputError
 from sfcd.io import read_json, save_safetensors, write_json
 from sfcd.models.eval_stage import task_path
 from sfcd.models.loading import checkpoint
-from sfcd.models.sites import Site, parallel_blocks, site_dim
+from sfcd.models.sites import Site, parallel_blocks
 from sfcd.paths import RunDir
-from sfcd.sae.io import load_sae
-from sfcd.sae.stage import check_sae_fits, expand_sites
+from sfcd.sae.stage import expand_sites
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +48,6 @@ def check_config(c: DictConfig) -> None:
         raise ConfigError(f"unknown circuit.dictionary {c.dictionary!r}; expected sae or neurons")
     if c.n_examples < 1 or c.batch_size < 1 or c.steps < 1:
         raise ConfigError("circuit.n_examples, circuit.batch_size and circuit.steps must be >= 1")
-
-
-def load_dictionaries(run: RunDir, step: int, model, sites: list[Site], kind: str) -> dict[Site, torch.nn.Module]:
-    """The dictionary of each site, on the model's device."""
-    device = next(model.parameters()).device
-    if kind == "neurons":
-        return {s: Identity(site_dim(model, s)).to(device) for s in sites}
-    folder = run.root / "saes" / f"step{step}"
-    missing = [s.name for s in sites if not (folder / s.name / "metrics.json").exists()]
-    if missing:
-        raise MissingArtifactError(
-            f"no SAEs for sites {missing} in {folder}; train them with "
-            f"`sfcd sae run_dir={run.root} step={step} sae.sites=[{','.join(missing)}]`"
-        )
-    dicts = {}
-    for s in sites:
-        sae = load_sae(folder / s.name)
-        check_sae_fits(sae, model, s)
-        dicts[s] = sae.eval().to(device)
-    return dicts
 
 
 def all_effects(model, dicts, bs: list[PairBatch], c: DictConfig) -> tuple[list[dict], dict, int]:
@@ -139,7 +118,7 @@ def find_circuit(cfg: DictConfig) -> Path:
     for p in model.parameters():
         p.requires_grad_(False)
     sites = sorted(expand_sites(list(c.sites), model), key=lambda s: s.order)
-    dicts = load_dictionaries(run, step, model, sites, c.dictionary)
+    dicts = load_dictionaries(run, step, model, sites, c.dictionary, c.dictionaries)
     path = task_path(run, c.task, c.split)
     task = load_task(path, tokenizer, Path(c.task).stem)
     log.info(task.summary())
@@ -219,6 +198,9 @@ def find_circuit(cfg: DictConfig) -> Path:
         "node_threshold": c.node_threshold,
         "edge_threshold": c.edge_threshold,
         "dictionary": c.dictionary,
+        "dictionaries": {s.name: str(f) for s, f in dictionary_folders(c.dictionaries, run, step, sites).items()}
+        if c.dictionary == "sae"
+        else "neurons",
         "error_nodes": c.error_nodes,
         "ablation": c.ablation,
         "ablation_used": evaluator.ablation_info,
@@ -328,7 +310,7 @@ def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -
     device = work_device(cfg.trainer)
     model.to(device)
     sites = sorted(expand_sites(list(c.sites), model), key=lambda x: x.order)
-    dicts = load_dictionaries(run, step, model, sites, c.dictionary)
+    dicts = load_dictionaries(run, step, model, sites, c.dictionary, c.dictionaries)
     split = "test" if c.split == "train" else "train"
     path = run.task_file(task, split) if run.task_file(task, split).exists() else task_path(run, task, c.split)
     bs = batches(load_task(path, tokenizer, task), c.n_examples, c.batch_size, device=device)

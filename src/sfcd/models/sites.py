@@ -58,6 +58,17 @@ def architecture(model) -> str:
     return kind
 
 
+def site_of_module(path: str) -> str | None:
+    """The site whose output is the module at ``path`` (``gpt_neox.layers.3.mlp`` -> ``mlp.3``), for any known
+    architecture; None when no site is."""
+    for paths in _PATHS.values():
+        for kind, template in paths.items():
+            m = re.match("^" + re.escape(template).replace(r"\{l\}", r"(\d+)") + "$", path)
+            if m:
+                return kind if kind == "embed" else f"{kind}.{m.group(1)}"
+    return None
+
+
 def parallel_blocks(model) -> bool:
     """Whether attention and MLP of a layer read the same residual stream (GPT-NeoX's ``use_parallel_residual``,
     Pythia's default) rather than the MLP reading the stream after attention (GPT-2, GPT-NeoX without it)."""

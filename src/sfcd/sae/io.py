@@ -185,12 +185,19 @@ def load_saelens(folder: Path) -> SAE:
 
 
 def load_dictionary_learning(folder: Path) -> SAE:
-    """dictionary_learning's ``ae.pt`` + ``config.json`` (AutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK)."""
-    config = _read_json(folder / "config.json")
-    trainer = config.get("trainer", {})
-    cls_name = trainer.get("dict_class")
-    if not cls_name:
-        raise InputError(f"{folder / 'config.json'} lacks trainer.dict_class; expected a dictionary_learning config")
+    """dictionary_learning's ``ae.pt`` + ``config.json`` (AutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK,
+    BatchTopKSAE, MatryoshkaBatchTopKSAE). Without ``config.json`` (the Sparse Feature Circuits release) the
+    class is told by the state dict's keys: only AutoEncoder and JumpReluAutoEncoder are unambiguous."""
+    if (folder / "config.json").exists():
+        config = _read_json(folder / "config.json")
+        trainer = config.get("trainer", {})
+        cls_name = trainer.get("dict_class")
+        if not cls_name:
+            raise InputError(
+                f"{folder / 'config.json'} lacks trainer.dict_class; expected a dictionary_learning config"
+            )
+    else:
+        trainer, cls_name = {}, None
     try:
         state = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)
     except Exception as e:
@@ -199,6 +206,19 @@ def load_dictionary_learning(folder: Path) -> SAE:
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
     path = folder / "ae.pt"
+    if cls_name is None:
+        keys = set(state) if isinstance(state, dict) else set()
+        by_keys = {
+            frozenset({"bias", "encoder.weight", "encoder.bias", "decoder.weight"}): "AutoEncoder",
+            frozenset({"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}): "JumpReluAutoEncoder",
+        }
+        cls_name = by_keys.get(frozenset(keys))
+        if cls_name is None:
+            raise InputError(
+                f"{path}: no config.json, and its keys {sorted(keys)[:8]} are not a dictionary_learning AutoEncoder "
+                "(bias, encoder.weight, encoder.bias, decoder.weight) or JumpReluAutoEncoder; add the config.json "
+                "that dictionary_learning saved beside it"
+            )
     if cls_name == "AutoEncoder":
         _expect_keys(state, {"bias", "encoder.weight", "encoder.bias", "decoder.weight"}, path, "AutoEncoder")
         return _build_linear(ReLUSAE, state, "bias", path, l1_coeff=0.0)

@@ -1,0 +1,150 @@
+"""Where a circuit's dictionaries come from: the run's own SAEs, or dictionaries a researcher brings.
+
+``circuit.dictionaries`` is unset (the run's ``saes/step<N>/<site>``), a folder, or a mapping site -> folder.
+A folder may hold, one subfolder per site:
+- sfcd's or SAELens's layout, named by sfcd site (``resid.0``) or read from each ``cfg.json``'s ``hook_name``
+  (TransformerLens names: ``blocks.<l>.hook_resid_post``, ``hook_attn_out``, ``hook_mlp_out``, ``hook_embed``);
+- the Sparse Feature Circuits release (dictionary_learning): ``embed``, ``attn_out_layer<i>``,
+  ``mlp_out_layer<i>``, ``resid_out_layer<i>``, each holding ``<set>/ae.pt`` (with or without ``config.json``);
+- sparsify's: subfolders named by the module they read (``gpt_neox.layers.<l>``, ``...layers.<l>.mlp``, ...).
+Each dictionary is loaded with :func:`sfcd.sae.io.load_sae` and checked against the site's width.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sfcd.circuits.splice import Identity
+from sfcd.errors import ConfigError, InputError, MissingArtifactError
+from sfcd.io import read_json
+from sfcd.models.sites import Site, parse_site, site_dim, site_of_module
+from sfcd.paths import RunDir
+from sfcd.sae.io import load_sae
+from sfcd.sae.stage import check_sae_fits
+
+_PAPER = re.compile(r"^(embed)$|^(attn_out|mlp_out|resid_out)_layer(\d+)$")
+_PAPER_KIND = {"attn_out": "attn", "mlp_out": "mlp", "resid_out": "resid"}
+_TL = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|attn_out|mlp_out)$")
+_TL_KIND = {"resid_post": "resid", "attn_out": "attn", "mlp_out": "mlp"}
+
+
+def _paper_site(name: str) -> str | None:
+    m = _PAPER.match(name)
+    if not m:
+        return None
+    return "embed" if m.group(1) else f"{_PAPER_KIND[m.group(2)]}.{m.group(3)}"
+
+
+def _hook_site(folder: Path) -> str | None:
+    """A SAELens folder's site from its ``cfg.json``: sfcd's own ``sfcd_site`` or a TransformerLens hook name."""
+    cfg_path = folder / "cfg.json"
+    if not cfg_path.exists():
+        return None
+    cfg = read_json(cfg_path)
+    meta = cfg.get("metadata", {}) if isinstance(cfg.get("metadata"), dict) else {}
+    if meta.get("sfcd_site") or cfg.get("sfcd_site"):
+        return meta.get("sfcd_site") or cfg.get("sfcd_site")
+    hook = meta.get("hook_name") or cfg.get("hook_name") or ""
+    if hook == "hook_embed":
+        return "embed"
+    m = _TL.match(hook)
+    return f"{_TL_KIND[m.group(2)]}.{m.group(1)}" if m else None
+
+
+def _holds_sae(folder: Path) -> bool:
+    return any((folder / f).exists() for f in ("sae_weights.safetensors", "ae.pt", "sae.safetensors"))
+
+
+def _paper_set(folder: Path) -> Path:
+    """``<site>/<set>/ae.pt``: the one set folder (or ``ae.pt`` right in the site folder)."""
+    if _holds_sae(folder):
+        return folder
+    sets = sorted(p for p in folder.iterdir() if p.is_dir() and _holds_sae(p))
+    if len(sets) != 1:
+        found = ", ".join(p.name for p in sets) or "none"
+        raise InputError(
+            f"{folder}: expected one dictionary set folder holding ae.pt (the paper's layout "
+            f"<site>/<set>/ae.pt), found {found}; point circuit.dictionaries at the set with a mapping "
+            "site -> folder"
+        )
+    return sets[0]
+
+
+def folders_in(root: Path) -> dict[str, Path]:
+    """The dictionaries in ``root`` by sfcd site name, whatever the layout (see the module's docstring)."""
+    if not root.is_dir():
+        raise MissingArtifactError(f"circuit.dictionaries: {root} is not a folder")
+    out: dict[str, Path] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        site = _paper_site(sub.name)
+        if site is not None:
+            out[site] = _paper_set(sub)
+            continue
+        if not _holds_sae(sub):
+            continue
+        try:
+            site = parse_site(sub.name).name
+        except ConfigError:
+            site = site_of_module(sub.name) or _hook_site(sub)
+        if site is not None:
+            out[site] = sub
+    if not out:
+        raise InputError(
+            f"circuit.dictionaries: no dictionary layout recognised in {root}; expected one subfolder per site "
+            "named by sfcd site (resid.0), by the paper's names (embed, attn_out_layer<i>, mlp_out_layer<i>, "
+            "resid_out_layer<i>, each with <set>/ae.pt), by module path (sparsify: gpt_neox.layers.<l>), or "
+            "SAELens folders whose cfg.json names a hook"
+        )
+    return out
+
+
+def dictionary_folders(spec, run: RunDir, step: int, sites: list[Site]) -> dict[Site, Path]:
+    """The folder of each site's dictionary: ``spec`` None (the run's SAEs at ``step``), a folder, or a
+    mapping site -> folder. A site without one is an error naming what there is."""
+    if spec is None:
+        folder = run.root / "saes" / f"step{step}"
+        missing = [s.name for s in sites if not (folder / s.name / "metrics.json").exists()]
+        if missing:
+            raise MissingArtifactError(
+                f"no SAEs for sites {missing} in {folder}; train them with "
+                f"`sfcd sae run_dir={run.root} step={step} sae.sites=[{','.join(missing)}]`, or bring "
+                "dictionaries with circuit.dictionaries=<folder>"
+            )
+        return {s: folder / s.name for s in sites}
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, dict):
+        found = {parse_site(str(k)).name: Path(str(v)) for k, v in spec.items()}
+        where = "the circuit.dictionaries mapping"
+    else:
+        found = folders_in(Path(str(spec)))
+        where = str(spec)
+    missing = [s.name for s in sites if s.name not in found]
+    if missing:
+        raise MissingArtifactError(
+            f"circuit.dictionaries: no dictionary for sites {missing} in {where} (it has {sorted(found)}); "
+            "add them or choose circuit.sites among those"
+        )
+    return {s: found[s.name] for s in sites}
+
+
+def load_dictionaries(
+    run: RunDir, step: int, model, sites: list[Site], kind: str, spec=None
+) -> dict[Site, torch.nn.Module]:
+    """The dictionary of each site, on the model's device (``kind="neurons"``: identity dictionaries)."""
+    device = next(model.parameters()).device
+    if kind == "neurons":
+        return {s: Identity(site_dim(model, s)).to(device) for s in sites}
+    dicts = {}
+    for s, folder in dictionary_folders(spec, run, step, sites).items():
+        sae = load_sae(folder)
+        try:
+            check_sae_fits(sae, model, s)
+        except InputError as e:
+            raise InputError(f"{folder}: {e}") from None
+        dicts[s] = sae.eval().to(device)
+    return dicts
