@@ -70,6 +70,7 @@ def test_study_writes_the_development_and_a_report_that_renders(reference_study,
     assert "<h1>sfcd study: test</h1>" in dom and dom.count("data:image/png;base64,") >= 7  # plots + a circuit
     assert "<h2>Circuits at step 24</h2>" in dom
     assert "features/step24/resid.1/index.html" in dom and "circuits/nounpp/step24/circuit.svg" in dom
+    assert 'href="circuits/nounpp/step24/circuit.html"' in dom  # the report links the interactive view
 
 
 def test_study_killed_mid_stage_resumes_to_the_same_artifacts(reference_study, tmp_path):

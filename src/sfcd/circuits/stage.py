@@ -17,6 +17,7 @@ from sfcd.circuits.data import PairBatch, batches
 from sfcd.circuits.dictionaries import dictionary_folders, load_dictionaries
 from sfcd.circuits.effects import METHODS, edge_effects, edge_pairs, node_effects, y_edge_effects, y_pairs
 from sfcd.circuits.evaluate import ABLATIONS, Faithfulness
+from sfcd.circuits.page import write_circuit_page
 from sfcd.circuits.picture import draw_circuit, draw_curve
 from sfcd.data.tasks import load_task
 from sfcd.devices import work_device
@@ -236,6 +237,7 @@ def find_circuit(cfg: DictConfig) -> Path:
     write_json(out / "faithfulness.json", curves)
     draw_curve(curves, out / "faithfulness", f"{task.name} @ step {step}")
     draw_circuit(circuit, out / "circuit", c.edge_threshold)
+    write_circuit_page(out, circuit, run.root / "features" / f"step{step}")
     write_json(out / "circuit.json", circuit)  # last: marks the circuit complete
     log.info(
         "circuit %s @ step %d: %d nodes, %d edges, faithfulness %.3f, completeness %.3f",

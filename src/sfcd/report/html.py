@@ -102,7 +102,12 @@ def render(root: Path, title: str, plots: dict[str, Path], dev: dict, links: dic
     if pictures:
         parts.append(f"<h2>Circuits at step {dev['steps'][-1]}</h2>")
         for p in pictures:
-            parts.append(f"<h3>{html.escape(p.parent.parent.name)}</h3>{_img(p, p.parent.parent.name)}")
+            page = p.parent / "circuit.html"
+            view = f"<p>{_link(page, root, 'interactive view (thresholds, feature contexts, dashboards)')}</p>"
+            parts.append(
+                f"<h3>{html.escape(p.parent.parent.name)}</h3>{view if page.exists() else ''}"
+                f"{_img(p, p.parent.parent.name)}"
+            )
     for heading, paths in links.items():
         parts.append(f"<h2>{html.escape(heading)}</h2><ul>")
         parts += [f"<li>{_link(p, root, str(p.relative_to(root)))}</li>" for p in paths]
