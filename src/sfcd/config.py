@@ -159,6 +159,7 @@ class CircuitConfig:
     error_nodes: bool = True  # false: circuits without error nodes (they are always ablated)
     edges: bool = True  # compute edges between circuit nodes
     reference_edges: bool = False  # compute edges with one backward per (example, position, node), to check
+    ig_batch: int = 256  # sequences per integrated-gradients forward pass (interpolation points are chunked)
     edge_items: str = "all"  # all: a kept node's edges sum over all its (example, position) items; paper: only
     # over the items whose own effect passes node_threshold (feature-circuits' rule, before aggregation)
     ablation: str = "mean"  # mean (over the patch batch) | zero | resample

@@ -314,3 +314,27 @@ def test_ground_truths_for_nodes_and_error_edges(test_run, test_saes, setup):
     fd = (s_of(1e-6) - s_of(-1e-6)) / 2e-6
     assert abs(w[-1].item()) > 1e-6
     assert w[-1].item() == pytest.approx(fd.item(), rel=1e-5)
+
+
+def test_compact_effects_give_the_same_edges(setup):
+    # what the stage keeps per batch for edges is sparse, and the downstream gradients only where the feature is
+    # active on the clean input; catches: a gradient needed elsewhere (a downstream feature that moves while
+    # inactive), an index lost in the sparse round trip, per-position or paper-item edges reading the wrong entries
+    from sfcd.circuits.effects import compact
+
+    model, dicts, bs = setup
+    eff = node_effects(model, dicts, bs[0], "ig")
+    small = compact(eff)
+    ((up, down, stop),) = [p for p in edge_pairs(list(dicts)) if p[0].name == "resid.0" and p[1].name == "mlp.1"]
+    nodes = [int(i) for i in eff[down].ie_f.sum((0, 1)).abs().topk(4).indices] + [-1]
+    tau = float(eff[down].ie_f.abs().flatten().kthvalue(eff[down].ie_f.numel() - 50).values)
+    T = bs[0].clean.shape[1]
+    for kw in ({}, {"item_threshold": tau}, {"per_position": True}):
+        down_nodes = [(k, t) for k in nodes for t in (T - 2, T - 1)] if kw.get("per_position") else nodes
+        a = edge_effects(model, dicts, bs[0], up, down, stop, eff, down_nodes, **kw)
+        b = edge_effects(model, dicts, bs[0], up, down, stop, small, down_nodes, **kw)
+        assert a.abs().max() > 1e-4
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    dense_size = sum(t.numel() for e in eff.values() for t in (e.f_clean, e.delta_f, e.grad_f, e.ie_f))
+    sparse_size = sum(t._nnz() for e in small.values() for t in (e.f_clean, e.delta_f, e.grad_f, e.ie_f))
+    assert sparse_size < dense_size / 4

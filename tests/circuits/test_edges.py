@@ -272,3 +272,18 @@ def test_resid_to_resid_edge_counts_only_the_direct_path():
     total = finite_difference(model, batch, up, eff, {down: grab("d")}, lambda got: (g * got["d"][..., k]).sum())
     assert w[:-1].sum().item() == pytest.approx(fd.item(), rel=1e-5)
     assert abs(total.item() - fd.item()) > 1e-3 * abs(fd.item())  # the stops matter here
+
+
+def test_ig_in_chunks_of_interpolation_points_equals_one_pass():
+    # circuit.ig_batch bounds the sequences per IG forward pass; catches a chunk dropped, counted twice, or the
+    # mean taken per chunk
+    model = tiny("neox-parallel")
+    sites = S("resid.0", "mlp.1")
+    dicts = {s: Identity(site_dim(model, s)) for s in sites}
+    batch = pairs(seed=7)
+    whole = node_effects(model, dicts, batch, "ig", steps=10)
+    chunked = node_effects(model, dicts, batch, "ig", steps=10, ig_batch=3 * len(batch))  # 3 + 3 + 3 + 1 points
+    for s in sites:
+        torch.testing.assert_close(chunked[s].ie_f, whole[s].ie_f)
+        torch.testing.assert_close(chunked[s].grad_err, whole[s].grad_err)
+    assert whole[sites[0]].ie_f.abs().max() > 1e-6

@@ -67,6 +67,7 @@ def node_effects(
     method: str = "ig",
     steps: int = 10,
     edge_grads: bool = False,
+    ig_batch: int | None = None,
 ) -> dict[Site, SiteEffects]:
     """Indirect effects of every feature and error node at every site, for one batch. ``edge_grads`` with
     ``method="exact"``: also IG's gradients (the edges' downstream gradients; exact patching has none)."""
@@ -86,12 +87,18 @@ def node_effects(
         grads = {}
         B = len(batch)
         alphas = torch.arange(steps, dtype=torch.float32, device=batch.clean.device) / steps  # 0, 0.1, ..., 0.9
+        per = max(1, (ig_batch or steps * B) // B)  # interpolation points per forward pass (bounds memory)
         for s in sites:  # each site separately: the others run as in the clean forward
-            a = alphas.repeat_interleave(B).view(-1, 1, 1)
-            fc, ec = clean[s][0].repeat(steps, 1, 1), clean[s][1].repeat(steps, 1, 1)
-            df, de = deltas[s][0].repeat(steps, 1, 1), deltas[s][1].repeat(steps, 1, 1)
-            g = _grads_at(model, {s: dicts[s]}, batch, [s], {s: (fc + a * df, ec + a * de)}, reps=steps)[s]
-            grads[s] = (g[0].view(steps, B, *g[0].shape[1:]).mean(0), g[1].view(steps, B, *g[1].shape[1:]).mean(0))
+            gf, ge = torch.zeros_like(clean[s][0]), torch.zeros_like(clean[s][1])
+            for a0 in range(0, steps, per):
+                k = min(per, steps - a0)
+                a = alphas[a0 : a0 + k].repeat_interleave(B).view(-1, 1, 1)
+                fc, ec = clean[s][0].repeat(k, 1, 1), clean[s][1].repeat(k, 1, 1)
+                df, de = deltas[s][0].repeat(k, 1, 1), deltas[s][1].repeat(k, 1, 1)
+                g = _grads_at(model, {s: dicts[s]}, batch, [s], {s: (fc + a * df, ec + a * de)}, reps=k)[s]
+                gf += g[0].view(k, B, *g[0].shape[1:]).sum(0)
+                ge += g[1].view(k, B, *g[1].shape[1:]).sum(0)
+            grads[s] = (gf / steps, ge / steps)
     else:
         grads = {s: (None, None) for s in sites}
     for s in sites:
@@ -124,6 +131,32 @@ def _exact(model, dicts, batch: PairBatch, s: Site, clean: tuple, patch: tuple) 
         e[:, t] = ep[:, t]
         ie_err[:, t] = metric(last_logits(model, batch.clean, Splice({s: dicts[s]}, values={s: (fc, e)})), batch) - m0
     return ie_f, ie_err
+
+
+def compact(eff: dict[Site, SiteEffects]) -> dict[Site, SiteEffects]:
+    """What edges need of one batch's effects, sparse: activations, deltas and node effects as sparse tensors
+    (a dictionary's codes are sparse; deltas and effects vanish where neither input activates a feature), the
+    features' gradients kept only where the feature is active on the clean input (elsewhere a downstream
+    feature's value does not move, so its edges do not read the gradient). Errors stay dense ([B, T, d])."""
+    out = {}
+    for s, e in eff.items():
+        active = e.f_clean != 0
+        grad = None if e.grad_f is None else torch.where(active, e.grad_f, torch.zeros_like(e.grad_f)).to_sparse()
+        out[s] = SiteEffects(
+            e.f_clean.to_sparse(),
+            e.err_clean,
+            e.delta_f.to_sparse(),
+            e.delta_err,
+            grad,
+            e.grad_err,
+            e.ie_f.to_sparse(),
+            e.ie_err,
+        )
+    return out
+
+
+def dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.to_dense() if t is not None and t.is_sparse else t
 
 
 # ------------------------------------------------------------------------------------------------------- edges
@@ -193,10 +226,11 @@ def edge_effects(
     ``item_threshold`` (the paper's rule): only the downstream node's (example, position) items whose own node
     effect exceeds it in size take part; otherwise all of them.
     """
+    e_up = _dense_up(eff[up])
     sp = Splice(
         {up: dicts[up], down: dicts[down]},
         leaves={up},
-        values={up: (eff[up].f_clean, eff[up].err_clean)},
+        values={up: (e_up.f_clean, e_up.err_clean)},
         graph={down},
         stop=stop,
     )
@@ -204,20 +238,21 @@ def edge_effects(
         model(batch.clean)
         fu, eu = sp.states[up].f, sp.states[up].err
         fd, ed = sp.states[down].f, sp.states[down].err
-        gd_f, gd_e = eff[down].grad_f, eff[down].grad_err
+        gd_f, gd_e = dense(eff[down].grad_f), eff[down].grad_err
+        ie_down = dense(eff[down].ie_f) if item_threshold is not None else None
         rows = []
         for node in down_nodes:
             k, t = node if isinstance(node, tuple) else (node, None)
             val = (gd_e * ed).sum(-1) if k < 0 else gd_f[..., k] * fd[..., k]  # [B, T]
             if item_threshold is not None:
-                ie = eff[down].ie_err if k < 0 else eff[down].ie_f[..., k]
+                ie = eff[down].ie_err if k < 0 else ie_down[..., k]
                 val = torch.where(ie.abs() > item_threshold, val, torch.zeros_like(val))
             if t is not None:
                 val = val[:, t : t + 1]
             if reference:
-                w = sum(_upstream_weights(v, fu, eu, eff[up], per_position) for v in val.flatten())
+                w = sum(_upstream_weights(v, fu, eu, e_up, per_position) for v in val.flatten())
             else:
-                w = _upstream_weights(val.sum(), fu, eu, eff[up], per_position)
+                w = _upstream_weights(val.sum(), fu, eu, e_up, per_position)
             rows.append(w)
     shape = (fu.shape[1],) if per_position else ()
     return torch.stack(rows) if rows else torch.zeros(0, *shape, fu.shape[-1] + 1, device=fu.device)
@@ -235,10 +270,16 @@ def y_edge_effects(
     """Edge weights [F_up + 1] (``per_position``: [T, F_up + 1]) from ``up``'s nodes to the metric y, summed
     over this batch's examples (and positions): the metric's gradient at the clean input with the gradient
     stopped at ``stop`` (the chosen sites after ``up`` that carry the other paths), times ``up``'s delta."""
-    sp = Splice({up: dicts[up]}, leaves={up}, values={up: (eff[up].f_clean, eff[up].err_clean)}, stop=stop)
+    e_up = _dense_up(eff[up])
+    sp = Splice({up: dicts[up]}, leaves={up}, values={up: (e_up.f_clean, e_up.err_clean)}, stop=stop)
     with sp.applied(model):
         m = metric(last_logits(model, batch.clean), batch).sum()
-        return _upstream_weights(m, sp.states[up].f, sp.states[up].err, eff[up], per_position)
+        return _upstream_weights(m, sp.states[up].f, sp.states[up].err, e_up, per_position)
+
+
+def _dense_up(e: SiteEffects) -> SiteEffects:
+    """The upstream side of an edge computation, dense (its activations and deltas)."""
+    return SiteEffects(dense(e.f_clean), e.err_clean, dense(e.delta_f), e.delta_err, None, None, e.ie_f, e.ie_err)
 
 
 def _upstream_weights(

@@ -15,7 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from sfcd.circuits.data import PairBatch, batches
 from sfcd.circuits.dictionaries import dictionary_folders, load_dictionaries
-from sfcd.circuits.effects import METHODS, edge_effects, edge_pairs, node_effects, y_edge_effects, y_pairs
+from sfcd.circuits.effects import (
+    METHODS,
+    compact,
+    edge_effects,
+    edge_pairs,
+    node_effects,
+    y_edge_effects,
+    y_pairs,
+)
 from sfcd.circuits.evaluate import ABLATIONS, Faithfulness
 from sfcd.circuits.page import write_circuit_page
 from sfcd.circuits.picture import draw_circuit, draw_curve
@@ -51,21 +59,26 @@ def check_config(c: DictConfig) -> None:
         raise ConfigError("circuit.n_examples, circuit.batch_size and circuit.steps must be >= 1")
 
 
-def all_effects(model, dicts, bs: list[PairBatch], c: DictConfig) -> tuple[list[dict], dict, int]:
-    """Per-batch effects, and node effects aggregated: {site: (features [F] or [T, F], error [] or [T])}."""
+def all_effects(
+    model, dicts, bs: list[PairBatch], c: DictConfig, for_edges: bool = True
+) -> tuple[list[dict], dict, int]:
+    """Node effects aggregated batch by batch: {site: (features [F] or [T, F], error [] or [T])}; and, when
+    edges follow (``for_edges``), each batch's effects in the compact form edges read (:func:`compact`: the
+    sparse activations, deltas and gradients), so memory does not hold four dense [B, T, F] tensors per site
+    and batch."""
     edge_grads = bool(c.get("edges")) and c.method == "exact"
-    per_batch = [node_effects(model, dicts, b, c.method, c.steps, edge_grads) for b in bs]
+    per_batch, sums = [], {}
+    for b in bs:
+        eff = node_effects(model, dicts, b, c.method, c.steps, edge_grads, c.get("ig_batch"))
+        dims = (0, 1) if c.aggregation == "sum" else 0
+        for s, e in eff.items():
+            f, err = e.ie_f.sum(dims), e.ie_err.sum(dims)
+            old = sums.get(s)
+            sums[s] = (f.detach(), err.detach()) if old is None else (old[0] + f.detach(), old[1] + err.detach())
+        per_batch.append(compact(eff) if for_edges and c.get("edges") else None)
+        del eff
     n = sum(len(b) for b in bs)
-    agg = {}
-    for s in dicts:
-        if c.aggregation == "sum":
-            f = sum(e[s].ie_f.sum((0, 1)) for e in per_batch) / n
-            err = sum(e[s].ie_err.sum() for e in per_batch) / n
-        else:
-            f = sum(e[s].ie_f.sum(0) for e in per_batch) / n
-            err = sum(e[s].ie_err.sum(0) for e in per_batch) / n
-        agg[s] = (f.detach(), err.detach())
-    return per_batch, agg, n
+    return per_batch, {s: (f / n, err / n) for s, (f, err) in sums.items()}, n
 
 
 def keep_masks(agg: dict, tau: float, error_nodes: bool) -> dict:
@@ -184,7 +197,7 @@ def find_circuit(cfg: DictConfig) -> Path:
     if c.baselines and c.dictionary == "sae":
         curves["features, no error nodes"] = sweep(evaluator, agg, c, False)
         neurons = load_dictionaries(run, step, model, sites, "neurons")
-        _, nagg, _ = all_effects(model, neurons, bs, c)
+        _, nagg, _ = all_effects(model, neurons, bs, c, for_edges=False)
         curves["neurons"] = sweep(Faithfulness(model, neurons, eval_bs, c.ablation), nagg, c, True)
     needed = {
         k: min([p for p in v if p["faithfulness"] >= 0.8], key=lambda p: p["n_nodes"], default=None)
