@@ -261,6 +261,6 @@ def test_reference_stage_trains_and_compares_what_it_ran(test_run, tmp_path, cap
     assert m["training"]["seed"] == 49 and m["hparams"]["schedule_scale"] == 0.0001
     md = (out / "reference_comparison.md").read_text()
     assert "| batch | 4,096 activations | 1,024 activations | recipe |" in md
-    assert "| decoder | " in md and "| initialisation | " in md
+    assert "| decoder | " in md and "| initialisation | " in md and "step24 on its run" in md  # the model it read
     assert "every 3 steps: features with density < 3.16e-06 over 328 fresh tokens" in md
     assert "mlp_act.0@seed=49, mlp_act.0@seed=50" in md

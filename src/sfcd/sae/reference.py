@@ -157,7 +157,8 @@ def write_comparison(folders: list[Path], out_dir: Path) -> Path:
         "ce_loss_score": ", ".join(f"{m['ce_loss_score']:.3f}" for m in metrics),
         "l0": ", ".join(f"{m['l0']:.1f}" for m in metrics),
     }
-    model_name = read_json(folders[0] / "cfg.json").get("model_name") if (folders[0] / "cfg.json").exists() else None
+    saved = read_json(folders[0] / "cfg.json") if (folders[0] / "cfg.json").exists() else {}
+    model_name = saved.get("model_name") or (saved.get("metadata") or {}).get("model_name")
     mine = our_recipe({**metrics[0], **({"model_name": model_name} if model_name else {})})
     lines = [
         "# One-layer reference: sfcd's run vs the reference",
