@@ -43,6 +43,14 @@ def pairs(seed=1, B=3, T=6) -> PairBatch:
     return PairBatch(clean, patch, torch.randint(0, V, (B,), generator=g), torch.randint(0, V, (B,), generator=g))
 
 
+def identity_setup(kind: str, sites, seed: int, B: int = 3):
+    """A tiny model with identity dictionaries (neurons) at ``sites``, a batch of pairs, attribution effects."""
+    model = tiny(kind)
+    dicts = {s: Identity(site_dim(model, s)) for s in sites}
+    batch = pairs(seed=seed, B=B)
+    return model, dicts, batch, node_effects(model, dicts, batch, "attrib")
+
+
 def names(ps):
     return sorted((u.name, d.name, tuple(sorted(x.name for x in st))) for u, d, st in ps)
 
@@ -121,11 +129,8 @@ def test_attn_to_mlp_edge_equals_finite_differences(kind):
 def test_y_edge_of_a_site_with_chosen_sites_after_it_equals_finite_differences():
     # partial list [resid.0, mlp.1]: resid.0 reaches y directly and through mlp.1; its edge to y counts the
     # direct paths only (mlp.1 held at its clean value), as the derivative of the metric shows
-    model = tiny("neox-parallel")
     up, mid = parse_site("resid.0"), parse_site("mlp.1")
-    dicts = {s: Identity(site_dim(model, s)) for s in (up, mid)}
-    batch = pairs(seed=2)
-    eff = node_effects(model, dicts, batch, "attrib")
+    model, dicts, batch, eff = identity_setup("neox-parallel", (up, mid), 2)
     ((site, stop),) = [p for p in y_pairs([up, mid]) if p[0] == up]
     assert stop == {mid}
     w = y_edge_effects(model, dicts, batch, up, stop, eff)
@@ -226,11 +231,8 @@ def test_paper_edge_items_equal_finite_differences_of_the_items_above_threshold(
     # edge_items=paper: only the downstream node's (example, position) items whose own effect passes the node
     # threshold are differentiated. Catches: the threshold ignored (both rules equal), applied to the upstream
     # side, or to the aggregated effect
-    model = tiny("neox-sequential")
     up, down = parse_site("attn.0"), parse_site("mlp.0")
-    dicts = {s: Identity(site_dim(model, s)) for s in (up, down)}
-    batch = pairs(seed=5, B=4)
-    eff = node_effects(model, dicts, batch, "attrib")
+    model, dicts, batch, eff = identity_setup("neox-sequential", (up, down), 5, B=4)
     k = 2
     ie = eff[down].ie_f[..., k]
     tau = ie.abs().flatten().median().item()
@@ -252,11 +254,8 @@ def test_paper_edge_items_equal_finite_differences_of_the_items_above_threshold(
 def test_resid_to_resid_edge_counts_only_the_direct_path():
     # resid.0 -> resid.1 with attn.1 and mlp.1 stopped: only the residual connection itself; finite differences
     # with attn.1 and mlp.1 held at their clean outputs. Without the stops the edge would be the total effect
-    model = tiny("neox-parallel")
     up, down = parse_site("resid.0"), parse_site("resid.1")
-    dicts = {s: Identity(site_dim(model, s)) for s in (up, down)}
-    batch = pairs(seed=6)
-    eff = node_effects(model, dicts, batch, "attrib")
+    model, dicts, batch, eff = identity_setup("neox-parallel", (up, down), 6)
     (pair,) = [p for p in edge_pairs(FULL) if p[:2] == (up, down)]
     a1, m1 = parse_site("attn.1"), parse_site("mlp.1")
     assert pair[2] == {a1, m1}
