@@ -318,7 +318,8 @@ def circuit_edges(
 
 def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -> dict[str, float]:
     """Faithfulness and completeness at checkpoint ``step`` of the circuit whose nodes are ``node_ids``
-    (``<site>/<feature>`` or ``<site>/eps``, in that checkpoint's feature indices), on the task's eval split."""
+    (``<site>/<feature>`` or ``<site>/eps``, in that checkpoint's feature indices; a per-position id counts at
+    every position), on the task's eval split."""
     c = cfg.circuit
     run = RunDir(cfg.run_dir)
     model, tokenizer, step = checkpoint(cfg, step)
@@ -336,5 +337,5 @@ def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -
             site, _, feat = nid.partition("/")
             if site == s_.name and feat != "eps":
                 mask[int(feat.split("@")[0])] = True
-        keep[s_] = (mask, f"{s_.name}/eps" in node_ids)
+        keep[s_] = (mask, any(nid.split("@")[0] == f"{s_.name}/eps" for nid in node_ids))  # @pos summed
     return Faithfulness(model, dicts, bs, c.ablation)(keep)
