@@ -132,19 +132,18 @@ def dictionary_folders(spec, run: RunDir, step: int, sites: list[Site]) -> dict[
     return {s: found[s.name] for s in sites}
 
 
-def load_dictionaries(
-    run: RunDir, step: int, model, sites: list[Site], kind: str, spec=None
-) -> dict[Site, torch.nn.Module]:
-    """The dictionary of each site, on the model's device (``kind="neurons"``: identity dictionaries)."""
+def load_dictionaries(model, sites: list[Site], folders: dict[Site, Path] | None) -> dict[Site, torch.nn.Module]:
+    """The dictionary of each site from ``folders`` (see :func:`dictionary_folders`), on the model's device;
+    ``folders=None``: identity dictionaries (the neuron baseline)."""
     device = next(model.parameters()).device
-    if kind == "neurons":
+    if folders is None:
         return {s: Identity(site_dim(model, s)).to(device) for s in sites}
     dicts = {}
-    for s, folder in dictionary_folders(spec, run, step, sites).items():
-        sae = load_sae(folder)
+    for s in sites:
+        sae = load_sae(folders[s])
         try:
             check_sae_fits(sae, model, s)
         except InputError as e:
-            raise InputError(f"{folder}: {e}") from None
+            raise InputError(f"{folders[s]}: {e}") from None
         dicts[s] = sae.eval().to(device)
     return dicts

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from sfcd.features.dashboard import embed_json
-from sfcd.io import read_json, write_text
+from sfcd.io import write_text
 
 _CSS = """
 body{font:14px system-ui,sans-serif;margin:0;display:flex;height:100vh}
@@ -116,26 +116,14 @@ readHash(); slider('node-slider', NR, 'node'); slider('edge-slider', ER, 'edge')
 """
 
 
-def node_info(circuit: dict, features_dir: Path) -> dict[str, dict]:
-    """For each feature node whose site has ``features.json`` under ``features_dir``: density and its top
-    contexts as text (up to 3, the activating token marked with brackets)."""
-    out: dict[str, dict] = {}
-    for site in circuit["sites"]:
-        path = features_dir / site / "features.json"
-        if not path.exists():
-            continue
-        data = read_json(path)
-        tokens, by_id = data["tokens"], {f["id"]: f for f in data["features"]}
-        for n in circuit["nodes"]:
-            f = by_id.get(n["feature"]) if n["site"] == site and n["feature"] is not None else None
-            if f is None:
-                continue
-            contexts = []
-            for c in f["top"][:3]:
-                words = [tokens.get(str(i), f"#{i}") for i in c["ids"]]
-                words[c["at"]] = "[" + words[c["at"]] + "]"
-                contexts.append("".join(words))
-            out[n["id"]] = {"density": float(f["density"]), "contexts": contexts}
+def node_info(circuit: dict, notes: dict) -> dict[str, dict]:
+    """Density and top contexts of each feature node that has features-stage data (``notes``: {site name:
+    :func:`sfcd.features.api.feature_notes`})."""
+    out = {}
+    for n in circuit["nodes"]:
+        note = notes.get(n["site"], {}).get(n["feature"]) if n["feature"] is not None else None
+        if note is not None:
+            out[n["id"]] = {"density": note["density"], "contexts": note["contexts"]}
     return out
 
 
@@ -156,12 +144,13 @@ def render(circuit: dict, info: dict, links: dict[str, str]) -> str:
     )
 
 
-def write_circuit_page(out: Path, circuit: dict, features_dir: Path) -> Path:
-    """``out/circuit.html`` for ``circuit`` (the data of ``circuit.json``), linking the dashboards of
+def write_circuit_page(out: Path, circuit: dict, features_dir: Path, notes: dict) -> Path:
+    """``out/circuit.html`` for ``circuit`` (the data of ``circuit.json``), with ``notes`` ({site name:
+    :func:`sfcd.features.api.feature_notes`}) for hovering, linking the dashboards of
     ``features_dir/<site>/index.html`` where they exist."""
     links = {
         s: os.path.relpath(features_dir / s / "index.html", out)
         for s in circuit["sites"]
         if (features_dir / s / "index.html").exists()
     }
-    return write_text(out / "circuit.html", render(circuit, node_info(circuit, features_dir), links))
+    return write_text(out / "circuit.html", render(circuit, node_info(circuit, notes), links))

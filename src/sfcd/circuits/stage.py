@@ -30,7 +30,8 @@ from sfcd.circuits.picture import draw_circuit, draw_curve
 from sfcd.data.tasks import load_task
 from sfcd.devices import work_device
 from sfcd.errors import ConfigError, InputError
-from sfcd.io import read_json, save_safetensors, write_json
+from sfcd.features.api import feature_notes
+from sfcd.io import save_safetensors, write_json
 from sfcd.models.eval_stage import task_path
 from sfcd.models.loading import checkpoint
 from sfcd.models.sites import Site, parallel_blocks
@@ -108,20 +109,6 @@ def sweep(evaluator: Faithfulness, agg: dict, c: DictConfig, error_nodes: bool) 
     return pts
 
 
-def _labels(run: RunDir, step: int, site: str) -> dict[int, str]:
-    p = run.root / "features" / f"step{step}" / site / "features.json"
-    if not p.exists():
-        return {}
-    data = read_json(p)
-    tok = data["tokens"]
-    out = {}
-    for f in data["features"]:
-        if f["top"]:
-            c = f["top"][0]
-            out[f["id"]] = tok.get(str(c["ids"][c["at"]]), "")
-    return out
-
-
 def find_circuit(cfg: DictConfig) -> Path:
     c = cfg.circuit
     check_config(c)
@@ -132,7 +119,8 @@ def find_circuit(cfg: DictConfig) -> Path:
     for p in model.parameters():
         p.requires_grad_(False)
     sites = sorted(expand_sites(list(c.sites), model), key=lambda s: s.order)
-    dicts = load_dictionaries(run, step, model, sites, c.dictionary, c.dictionaries)
+    folders = dictionary_folders(c.dictionaries, run, step, sites) if c.dictionary == "sae" else None
+    dicts = load_dictionaries(model, sites, folders)
     path = task_path(run, c.task, c.split)
     task = load_task(path, tokenizer, Path(c.task).stem)
     log.info(task.summary())
@@ -152,7 +140,8 @@ def find_circuit(cfg: DictConfig) -> Path:
     t0 = time.perf_counter()
     per_batch, agg, n = all_effects(model, dicts, bs, c)
     t_nodes = time.perf_counter() - t0
-    labels = {s: _labels(run, step, s.name) for s in sites} if c.dictionary == "sae" else {}
+    features_dir = run.root / "features" / f"step{step}"
+    notes = {s.name: feature_notes(features_dir / s.name) for s in sites} if c.dictionary == "sae" else {}
     keep = keep_masks(agg, c.node_threshold, c.error_nodes)
     nodes = []
     for s in sites:
@@ -168,7 +157,7 @@ def find_circuit(cfg: DictConfig) -> Path:
                     "feature": feat,
                     "position": pos,
                     "effect": float(f[tuple(idx)]),
-                    "label": labels.get(s, {}).get(feat, ""),
+                    "label": notes.get(s.name, {}).get(feat, {}).get("label", ""),
                 }
             )
         for idx in keep_err.nonzero().tolist():  # [] for the one error node, [t] per position
@@ -196,7 +185,7 @@ def find_circuit(cfg: DictConfig) -> Path:
     curves = {"features": sweep(evaluator, agg, c, c.error_nodes)}
     if c.baselines and c.dictionary == "sae":
         curves["features, no error nodes"] = sweep(evaluator, agg, c, False)
-        neurons = load_dictionaries(run, step, model, sites, "neurons")
+        neurons = load_dictionaries(model, sites, None)
         _, nagg, _ = all_effects(model, neurons, bs, c, for_edges=False)
         curves["neurons"] = sweep(Faithfulness(model, neurons, eval_bs, c.ablation), nagg, c, True)
     needed = {
@@ -212,9 +201,7 @@ def find_circuit(cfg: DictConfig) -> Path:
         "node_threshold": c.node_threshold,
         "edge_threshold": c.edge_threshold,
         "dictionary": c.dictionary,
-        "dictionaries": {s.name: str(f) for s, f in dictionary_folders(c.dictionaries, run, step, sites).items()}
-        if c.dictionary == "sae"
-        else "neurons",
+        "dictionaries": {s.name: str(f) for s, f in folders.items()} if folders is not None else "neurons",
         "error_nodes": c.error_nodes,
         "ablation": c.ablation,
         "ablation_used": evaluator.ablation_info,
@@ -250,7 +237,7 @@ def find_circuit(cfg: DictConfig) -> Path:
     write_json(out / "faithfulness.json", curves)
     draw_curve(curves, out / "faithfulness", f"{task.name} @ step {step}")
     draw_circuit(circuit, out / "circuit", c.edge_threshold)
-    write_circuit_page(out, circuit, run.root / "features" / f"step{step}")
+    write_circuit_page(out, circuit, features_dir, notes)
     write_json(out / "circuit.json", circuit)  # last: marks the circuit complete
     log.info(
         "circuit %s @ step %d: %d nodes, %d edges, faithfulness %.3f, completeness %.3f",
@@ -326,7 +313,8 @@ def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -
     device = work_device(cfg.trainer)
     model.to(device)
     sites = sorted(expand_sites(list(c.sites), model), key=lambda x: x.order)
-    dicts = load_dictionaries(run, step, model, sites, c.dictionary, c.dictionaries)
+    folders = dictionary_folders(c.dictionaries, run, step, sites) if c.dictionary == "sae" else None
+    dicts = load_dictionaries(model, sites, folders)
     split = "test" if c.split == "train" else "train"
     path = run.task_file(task, split) if run.task_file(task, split).exists() else task_path(run, task, c.split)
     bs = batches(load_task(path, tokenizer, task), c.n_examples, c.batch_size, device=device)

@@ -40,3 +40,26 @@ def feature(run_dir: str | Path, step: int, sae: str, feature_id: int, text: boo
         for key in ("logits_pos", "logits_neg"):
             rec[key] = [(tok.get(str(i), f"#{i}"), v) for i, v in rec[key]]
     return rec
+
+
+def feature_notes(sae_dir: Path) -> dict[int, dict]:
+    """What a circuit shows of each live feature of ``features/step<N>/<sae>/`` (empty when the features stage
+    has not run there): its label (the top context's activating token), density and top 3 contexts as text,
+    the activating token in brackets."""
+    path = sae_dir / "features.json"
+    if not path.exists():
+        return {}
+    data = read_json(path)
+    tokens, out = data["tokens"], {}
+    for f in data["features"]:
+        if not f["top"]:
+            continue
+        contexts = []
+        for c in f["top"][:3]:
+            words = [tokens.get(str(i), f"#{i}") for i in c["ids"]]
+            words[c["at"]] = "[" + words[c["at"]] + "]"
+            contexts.append("".join(words))
+        top = f["top"][0]
+        label = tokens.get(str(top["ids"][top["at"]]), "")
+        out[f["id"]] = {"label": label, "density": float(f["density"]), "contexts": contexts}
+    return out
