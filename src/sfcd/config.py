@@ -165,6 +165,30 @@ class CircuitConfig:
     ablation: str = "mean"  # mean (over the patch batch) | zero | resample
     sweep_points: int = 15  # node thresholds in logspace(-4, 0) for the faithfulness curve
     baselines: bool = True  # also sweep neurons and no-error-node circuits for the curve
+    out_dir: str | None = None  # where the circuit is written (None: circuits/<task>/step<N>)
+
+
+@dataclass
+class CrosscoderConfig:
+    steps: list[int] = field(default_factory=list)  # checkpoints read jointly, in order (empty: study.steps)
+    sites: list[str] = field(default_factory=lambda: ["resid"])  # sites (a kind alone: every layer's; one
+    # crosscoder per site)
+    architecture: str = "batchtopk"  # batchtopk (Minder et al.'s recommendation) | l1 (sum of decoder norms)
+    expansion: int = 8  # latents = expansion * d (the width of one checkpoint's activations)
+    k: int = 16  # batchtopk: active latents per token (on average over the batch)
+    l1_coeff: float = 2.0  # l1: coefficient of sum_i f_i sum_m ||W_dec,i^m|| (normalised inputs)
+    l1_warmup: float = 0.05  # l1: fraction of steps over which the coefficient ramps up
+    lr: float = 0.001  # Adam learning rate
+    batch_size: int = 1024  # tokens per step (each K x d)
+    n_tokens: int = 250_000  # training tokens (memory does not grow with it)
+    buffer_tokens: int = 131_072  # tokens held at once (one streamed chunk of K x d per token)
+    eval_tokens: int = 16_384  # held-out tokens for FVE, densities and Latent Scaling
+    ce_tokens: int = 8_192  # held-out tokens for each checkpoint's CE loss score with its reconstruction spliced in
+    seed: int = 0  # initialisation and batch order
+    checkpoint_every: int = 200  # steps between resumable states
+    presence: float = 0.3  # present at a checkpoint: decoder norm >= this x the latent's largest norm
+    scaling_flag: float = 0.5  # Latent Scaling flag: absent by norm, beta >= this x the strongest checkpoint's
+    circuits: bool = True  # in the study: circuits on the crosscoder's latents at crosscoder.sites, per task
 
 
 @dataclass
@@ -174,6 +198,7 @@ class StudyConfig:
     seed_baseline: bool = True  # a second SAE seed at the last step: the null baseline for shared features
     features_at: str = "last"  # dashboards at: last | all (steps)
     shared_threshold: float = 0.7  # decoder cosine at which matched features count as the same
+    crosscoder: bool = False  # also train crosscoders over study.steps (crosscoder.*) and follow the circuits' latents
 
 
 @dataclass
@@ -191,6 +216,7 @@ class SfcdConfig:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     circuit: CircuitConfig = field(default_factory=CircuitConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    crosscoder: CrosscoderConfig = field(default_factory=CrosscoderConfig)
 
 
 def register() -> None:

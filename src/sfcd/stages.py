@@ -50,6 +50,14 @@ def circuit(cfg: DictConfig) -> None:
     print(f"circuit: {out / 'circuit.json'} (picture {out / 'circuit.svg'}, curve {out / 'faithfulness.png'})")
 
 
+def crosscoder(cfg: DictConfig) -> None:
+    """Crosscoders over K checkpoints (crosscoder.steps, default study.steps) at crosscoder.sites; latents read."""
+    from sfcd.crosscoders.stage import train_crosscoders
+
+    for folder in train_crosscoders(cfg):
+        print(f"crosscoder: {folder} (latents {folder / 'latents.json'}, plot {folder / 'latents.png'})")
+
+
 def study(cfg: DictConfig) -> None:
     """The whole study over study.steps: model, SAEs, features, circuits, development analysis, report.html."""
     from sfcd.study import run_study
@@ -101,6 +109,7 @@ STAGES: dict[str, Callable[[DictConfig], None]] = {
     "sae": sae,
     "features": features,
     "circuit": circuit,
+    "crosscoder": crosscoder,
     "study": study,
     "reference": reference,
     "eval": eval,

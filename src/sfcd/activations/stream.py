@@ -219,6 +219,42 @@ class HarvestSource(ChunkSource):
         return harvest_rows(self.model, self._windows(c), self.sites, self.dims, rows, self.exclude_ids, self.dtype)
 
 
+class ConcatSource(ChunkSource):
+    """Several sources over the same rows (e.g. K checkpoints harvested over the same windows with the same seed
+    and exclusions) joined per name: chunk ``c`` is ``{name: cat([src_1.chunk(c)[name], ...], dim=1)}``, so one
+    row holds every source's activations of one token (a crosscoder's ``K x d``). Memory is one chunk of ``K x d``
+    per name; the sources' own chunks are freed as they are joined."""
+
+    def __init__(self, sources: list[ChunkSource]):
+        if not sources:
+            raise InputError("no sources to join")
+        first = sources[0]
+        for s in sources[1:]:
+            if s.names != first.names or s.chunk_rows != first.chunk_rows:
+                raise InputError("sources joined per row must have the same names and chunk rows")
+        self.sources, self.names, self.chunk_rows = sources, list(first.names), first.chunk_rows
+        self.dims = {n: sum(s.dims[n] for s in sources) for n in self.names}
+        self.device = first.device
+
+    def to(self, device: torch.device) -> ConcatSource:
+        for s in self.sources:
+            s.to(device)
+        self.device = torch.device(device)
+        return self
+
+    def _join(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        rows = {len(p[n]) for p in parts for n in self.names}
+        if len(rows) != 1:  # a harvest that ran out of windows at one source and not at another
+            raise InputError(f"the joined sources gave different numbers of rows {sorted(rows)}; cannot align them")
+        return {n: torch.cat([p[n] for p in parts], dim=1) for n in self.names}
+
+    def chunk(self, c: int) -> dict[str, torch.Tensor]:
+        return self._join([s.chunk(c) for s in self.sources])
+
+    def uncached_rows(self, c: int, rows: int) -> dict[str, torch.Tensor]:
+        return self._join([s.uncached_rows(c, rows) for s in self.sources])
+
+
 class StreamBatches(IterableDataset):
     """For optimizer steps ``start, start + 1, ...``: ``{name: [batch, d]}`` float32 with the same rows at every
     name, on the source's device. Under DDP each rank takes its slice of the global batch (every rank builds

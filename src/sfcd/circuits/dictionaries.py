@@ -6,7 +6,10 @@ A folder may hold, one subfolder per site:
   (TransformerLens names: ``blocks.<l>.hook_resid_post``, ``hook_attn_out``, ``hook_mlp_out``, ``hook_embed``);
 - the Sparse Feature Circuits release (dictionary_learning): ``embed``, ``attn_out_layer<i>``,
   ``mlp_out_layer<i>``, ``resid_out_layer<i>``, each holding ``<set>/ae.pt`` (with or without ``config.json``);
-- sparsify's: subfolders named by the module they read (``gpt_neox.layers.<l>``, ``...layers.<l>.mlp``, ...).
+- sparsify's: subfolders named by the module they read (``gpt_neox.layers.<l>``, ``...layers.<l>.mlp``, ...);
+- sfcd's crosscoders (``crosscoders/<site>/``): at a checkpoint the crosscoder was trained on, the site's dictionary
+  is that checkpoint's :class:`sfcd.crosscoders.view.JointView` (the crosscoder's own latents, the other
+  checkpoints' models run on the same tokens), so a latent id is the same feature at every checkpoint.
 Each dictionary is loaded with :func:`sfcd.sae.io.load_sae` and checked against the site's width.
 """
 
@@ -19,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sfcd.circuits.splice import Identity
+from sfcd.crosscoders.io import block_index, is_crosscoder, load_crosscoder
 from sfcd.errors import ConfigError, InputError, MissingArtifactError
 from sfcd.io import read_json
 from sfcd.models.sites import Site, parse_site, site_dim, site_of_module
@@ -56,7 +60,9 @@ def _hook_site(folder: Path) -> str | None:
 
 
 def _holds_sae(folder: Path) -> bool:
-    return any((folder / f).exists() for f in ("sae_weights.safetensors", "ae.pt", "sae.safetensors"))
+    return any((folder / f).exists() for f in ("sae_weights.safetensors", "ae.pt", "sae.safetensors")) or (
+        is_crosscoder(folder)
+    )
 
 
 def _paper_set(folder: Path) -> Path:
@@ -132,14 +138,21 @@ def dictionary_folders(spec, run: RunDir, step: int, sites: list[Site]) -> dict[
     return {s: found[s.name] for s in sites}
 
 
-def load_dictionaries(model, sites: list[Site], folders: dict[Site, Path] | None) -> dict[Site, torch.nn.Module]:
+def load_dictionaries(
+    model, sites: list[Site], folders: dict[Site, Path] | None, step: int | None = None
+) -> dict[Site, torch.nn.Module]:
     """The dictionary of each site from ``folders`` (see :func:`dictionary_folders`), on the model's device;
-    ``folders=None``: identity dictionaries (the neuron baseline)."""
+    ``folders=None``: identity dictionaries (the neuron baseline). A crosscoder folder gives the view of
+    checkpoint ``step`` (``model``'s), attached to ``model``; the other checkpoints' models are loaded once."""
     device = next(model.parameters()).device
     if folders is None:
         return {s: Identity(site_dim(model, s)).to(device) for s in sites}
     dicts = {}
+    others: dict[int, torch.nn.Module] = {}
     for s in sites:
+        if is_crosscoder(folders[s]):
+            dicts[s] = _crosscoder_view(model, s, folders[s], step, others)
+            continue
         sae = load_sae(folders[s])
         try:
             check_sae_fits(sae, model, s)
@@ -147,3 +160,28 @@ def load_dictionaries(model, sites: list[Site], folders: dict[Site, Path] | None
             raise InputError(f"{folders[s]}: {e}") from None
         dicts[s] = sae.eval().to(device)
     return dicts
+
+
+def _crosscoder_view(model, site: Site, folder: Path, step: int | None, others: dict) -> torch.nn.Module:
+    from sfcd.crosscoders.view import JointView
+    from sfcd.models.loading import load_model
+
+    cc = load_crosscoder(folder)
+    if cc.cfg.get("site") != site.name:
+        raise InputError(f"{folder}: a crosscoder of site {cc.cfg.get('site')}, not {site.name}")
+    if step is None:
+        raise ConfigError(f"{folder} is a crosscoder: its dictionary needs the checkpoint (step)")
+    m = block_index(cc, step)
+    device = next(model.parameters()).device
+    steps = list(cc.cfg["steps"])
+    for j, st in enumerate(steps):
+        if j != m and st not in others:
+            others[st] = load_model(cc.cfg["model_source"], st).to(device)
+            others[st].requires_grad_(False)
+    view = JointView(cc.to(device), m, site, {j: others[st] for j, st in enumerate(steps) if j != m})
+    try:
+        check_sae_fits(view, model, site)
+    except InputError as e:
+        raise InputError(f"{folder}: {e}") from None
+    view.attach(model)
+    return view

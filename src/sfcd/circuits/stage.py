@@ -34,9 +34,8 @@ from sfcd.features.api import feature_notes
 from sfcd.io import save_safetensors, write_json
 from sfcd.models.eval_stage import task_path
 from sfcd.models.loading import checkpoint
-from sfcd.models.sites import Site, parallel_blocks
+from sfcd.models.sites import Site, expand_sites, parallel_blocks
 from sfcd.paths import RunDir
-from sfcd.sae.stage import expand_sites
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ def find_circuit(cfg: DictConfig) -> Path:
         p.requires_grad_(False)
     sites = sorted(expand_sites(list(c.sites), model), key=lambda s: s.order)
     folders = dictionary_folders(c.dictionaries, run, step, sites) if c.dictionary == "sae" else None
-    dicts = load_dictionaries(model, sites, folders)
+    dicts = load_dictionaries(model, sites, folders, step)
     path = task_path(run, c.task, c.split)
     task = load_task(path, tokenizer, Path(c.task).stem)
     log.info(task.summary())
@@ -141,7 +140,8 @@ def find_circuit(cfg: DictConfig) -> Path:
     per_batch, agg, n = all_effects(model, dicts, bs, c)
     t_nodes = time.perf_counter() - t0
     features_dir = run.root / "features" / f"step{step}"
-    notes = {s.name: feature_notes(features_dir / s.name) for s in sites} if c.dictionary == "sae" else {}
+    own = c.dictionary == "sae" and c.dictionaries is None  # the run's dashboards describe the run's own SAEs
+    notes = {s.name: feature_notes(features_dir / s.name) for s in sites} if own else {}
     keep = keep_masks(agg, c.node_threshold, c.error_nodes)
     nodes = []
     for s in sites:
@@ -229,7 +229,7 @@ def find_circuit(cfg: DictConfig) -> Path:
         "config": OmegaConf.to_container(c, resolve=True),
     }
     circuit = {"metadata": meta, "sites": [s.name for s in sites], "nodes": nodes, "edges": edges}
-    out = run.root / "circuits" / task.name / f"step{step}"
+    out = Path(c.out_dir) if c.out_dir else run.root / "circuits" / task.name / f"step{step}"
     save_safetensors(
         out / "node_effects.safetensors",
         {f"{s.name}.{k}": v for s in sites for k, v in zip(("features", "error"), agg[s], strict=True)},
@@ -237,7 +237,7 @@ def find_circuit(cfg: DictConfig) -> Path:
     write_json(out / "faithfulness.json", curves)
     draw_curve(curves, out / "faithfulness", f"{task.name} @ step {step}")
     draw_circuit(circuit, out / "circuit", c.edge_threshold)
-    write_circuit_page(out, circuit, features_dir, notes)
+    write_circuit_page(out, circuit, features_dir if own else out / "no-dashboards", notes)
     write_json(out / "circuit.json", circuit)  # last: marks the circuit complete
     log.info(
         "circuit %s @ step %d: %d nodes, %d edges, faithfulness %.3f, completeness %.3f",
@@ -314,7 +314,7 @@ def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -
     model.to(device)
     sites = sorted(expand_sites(list(c.sites), model), key=lambda x: x.order)
     folders = dictionary_folders(c.dictionaries, run, step, sites) if c.dictionary == "sae" else None
-    dicts = load_dictionaries(model, sites, folders)
+    dicts = load_dictionaries(model, sites, folders, step)
     split = "test" if c.split == "train" else "train"
     path = run.task_file(task, split) if run.task_file(task, split).exists() else task_path(run, task, c.split)
     bs = batches(load_task(path, tokenizer, task), c.n_examples, c.batch_size, device=device)

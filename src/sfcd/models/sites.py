@@ -112,6 +112,27 @@ def parse_site(name: str, model=None) -> Site:
     return Site(name.strip(), m.group(2), int(m.group(3)))
 
 
+#: the kinds ``all`` stands for (with ``embed``)
+DEFAULT_KINDS = ("attn", "mlp", "resid")
+
+
+def expand_sites(names: list[str], model) -> list[Site]:
+    """Site names, with ``all`` meaning ``embed`` and every layer's ``attn``, ``mlp`` and ``resid``, and a kind
+    alone (``resid``, ``attn``, ``mlp``, ``mlp_act``) meaning that kind at every layer."""
+    out: list[str] = []
+    kinds = {"attn", "mlp", "resid", "mlp_act"}
+    for n in names:
+        if n == "all":
+            out += [s for s in valid_sites(model) if s == "embed" or s.split(".")[0] in DEFAULT_KINDS]
+        elif n in kinds:
+            out += [f"{n}.{layer}" for layer in range(n_layers(model))]
+        else:
+            out.append(n)
+    if not out:
+        raise ConfigError("the list of sites is empty; name sites (e.g. sites=[resid.0,mlp.1]) or use [all]")
+    return [parse_site(n, model) for n in dict.fromkeys(out)]
+
+
 def site_module(model, site: Site) -> torch.nn.Module:
     path = _PATHS[architecture(model)][site.kind].format(l=site.layer)
     return model.get_submodule(path)

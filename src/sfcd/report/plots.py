@@ -104,3 +104,25 @@ def circuits_plot(circuits: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(plt, fig, path)
+
+
+def crosscoder_latents_plot(latents: dict, stats: dict, live, path: Path) -> Path:
+    """One crosscoder: live latents emerging at each checkpoint, and the RelDec distribution per checkpoint."""
+    import numpy as np
+
+    steps = latents["steps"]
+    plt, fig, axes = _fig(1, 2, (11, 3.4))
+    labels = [str(s) for s in steps]
+    axes[0].bar(range(len(labels)), [latents["emerged_at"][s] for s in labels], color="C0", tick_label=labels)
+    axes[0].set_xlabel("checkpoint (step) where the latent emerges and stays")
+    axes[0].set_ylabel("live latents")
+    rel = stats["rel"][live].numpy()
+    bins = np.linspace(0, 1, 41)
+    for k, s in enumerate(steps):
+        axes[1].hist(rel[:, k], bins=bins, histtype="step", color=f"C{k}", label=f"step {s}")
+    axes[1].set_xlabel("relative decoder norm at the checkpoint")
+    axes[1].set_ylabel("live latents")
+    axes[1].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"crosscoder at {latents['site']}", fontsize=10)
+    return _save(plt, fig, path)

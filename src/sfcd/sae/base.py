@@ -7,6 +7,7 @@ saved SAE computes the same function with ``normalize_activations: "none"``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -61,6 +62,13 @@ class SAE(nn.Module):
         return self.decode(self.encode(x))
 
     # ------------------------------------------------------------------------------------------ training
+    def fit_input_scale(self, sample: torch.Tensor) -> None:
+        """The input scale from raw activations ``sample`` [n, d_in]: E||x * scale|| = sqrt(d_in)."""
+        norm = sample.norm(dim=1).mean().item()
+        if not math.isfinite(norm) or norm <= 0:
+            raise ValueError(f"mean activation norm {norm}; cannot scale the activations (all zero, NaN or inf?)")
+        self.scale.fill_(math.sqrt(self.d_in) / norm)
+
     def training_loss(self, x_scaled: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
         """Loss terms on a batch of scaled inputs; ``loss`` is optimised. ``progress`` runs 0 -> 1 over training.
 

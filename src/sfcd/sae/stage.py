@@ -20,10 +20,10 @@ from sfcd.activations.harvest import harvest_rows, token_windows
 from sfcd.activations.stream import ArraySource, HarvestSource, check_buffer_fits
 from sfcd.data.tokens import read_tokens
 from sfcd.devices import work_device
-from sfcd.errors import ConfigError, InputError
+from sfcd.errors import InputError
 from sfcd.io import read_json, write_json
 from sfcd.models.loading import checkpoint
-from sfcd.models.sites import Site, parse_site, site_dim, valid_sites
+from sfcd.models.sites import Site, expand_sites, parse_site, site_dim
 from sfcd.paths import RunDir
 from sfcd.sae import evaluate as E
 from sfcd.sae.base import SAE
@@ -31,21 +31,6 @@ from sfcd.sae.io import TRANSFORMER_LENS_KWARGS, save_sae
 from sfcd.sae.train import SAEModule, buffer_rows, make_specs, prepare_state_dir, settings_of, train_module
 
 log = logging.getLogger(__name__)
-
-DEFAULT_KINDS = ("attn", "mlp", "resid")
-
-
-def expand_sites(names: list[str], model) -> list[Site]:
-    """Site names, with ``all`` meaning ``embed`` and every layer's ``attn``, ``mlp`` and ``resid``."""
-    out: list[str] = []
-    for n in names:
-        if n == "all":
-            out += [s for s in valid_sites(model) if s == "embed" or s.split(".")[0] in DEFAULT_KINDS]
-        else:
-            out.append(n)
-    if not out:
-        raise ConfigError("sae.sites is empty; name sites (e.g. sae.sites=[resid.0,mlp.1]) or use [all]")
-    return [parse_site(n, model) for n in dict.fromkeys(out)]
 
 
 def check_sae_fits(sae: SAE, model, site: Site) -> None:

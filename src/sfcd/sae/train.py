@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,13 +154,11 @@ class SAEModule(L.LightningModule):
             else:
                 sample = torch.from_numpy(np.asarray(data[spec.site][:8192], dtype=np.float32))
             sample = sample[torch.isfinite(sample).all(1)]  # a bad row is reported at its training step
-            norm = sample.norm(dim=1).mean().item()
-            if not math.isfinite(norm) or norm <= 0:
-                raise SfcdError(
-                    f"activations at {spec.site} have mean norm {norm}; cannot scale them (all zero, NaN or inf?)"
-                )
             if sae.normalize_input:
-                sae.scale.fill_(math.sqrt(spec.d_in) / norm)
+                try:
+                    sae.fit_input_scale(sample)
+                except ValueError as e:
+                    raise SfcdError(f"activations at {spec.site}: {e}") from None
             if sae.apply_b_dec_to_input and sae.b_dec_at_median:
                 sae.b_dec.copy_(geometric_median(sample[:4096] * sae.scale))
             if self.cfg.get("init_from"):

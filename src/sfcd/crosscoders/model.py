@@ -1,0 +1,134 @@
+"""Acausal crosscoders over K checkpoints (Lindsey et al. 2024): one latent vector per token, read from and
+written to every checkpoint's activations at one site.
+
+A crosscoder is an SAE on the K checkpoints' activations concatenated, ``x = [a^1, ..., a^K]`` (``d_in = K*d``):
+``f = act(sum_m a^m W_enc^m + b_enc)`` is that SAE's encoder, and ``a_hat^m = f W_dec^m + b_dec^m`` its decoder read
+block by block. What differs from an SAE is per block: each checkpoint is normalised by its own scale
+(E||a^m|| = sqrt(d)), and the sparsity and the latent selection weigh a latent by the *sum* of its per-checkpoint
+decoder norms (so a latent can live in some checkpoints only). So the stream, the Lightning loop, resume and DDP
+are the SAE's (:class:`sfcd.sae.train.SAEModule`), with these classes as the dictionaries.
+
+- :class:`BatchTopKCrosscoder` (the default; Minder et al. 2025): keep the ``k * batch`` largest
+  ``relu(pre_i) * sum_m ||W_dec,i^m||`` over the batch; at inference a threshold on that score (the running mean
+  of the smallest kept one) makes it a JumpReLU with per-latent threshold ``theta / sum_m ||W_dec,i^m||``.
+  AuxK on dead latents as the TopK SAE.
+- :class:`L1Crosscoder`: ReLU, loss ``sum_m ||a^m - a_hat^m||^2 + l1 * sum_i f_i sum_m ||W_dec,i^m||``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sfcd.sae.base import SAE, linear_warmup, mse
+from sfcd.sae.sparse_ops import gather_pre, sparse_decode
+from sfcd.sae.topk import TopKSAE
+
+
+class Crosscoder(TopKSAE):
+    """The shared part: K blocks of ``d`` inputs (``hparams["n_blocks"]``), a per-block input scale."""
+
+    architecture = ""
+    apply_b_dec_to_input = False
+    unit_norm_decoder = False
+    b_dec_at_median = False
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, **hparams):
+        SAE.__init__(self, d_in, d_sae, seed, **hparams)
+        K = self.n_blocks
+        if K < 2 or d_in % K:
+            raise ValueError(f"a crosscoder needs n_blocks >= 2 dividing d_in; got n_blocks={K}, d_in={d_in}")
+        # each block's decoder row starts at norm dec_init_norm (Bayazit et al. 0.08), the encoder its transpose
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(d_sae, K, self.d, generator=g)
+        w = w / w.norm(dim=2, keepdim=True) * float(hparams.get("dec_init_norm", 0.08))
+        with torch.no_grad():
+            self.W_dec.copy_(w.reshape(d_sae, d_in))
+            self.W_enc.copy_(w.reshape(d_sae, d_in).t())
+        self.scale = torch.ones(d_in)  # per block, repeated over the block's d inputs (a buffer: replaced)
+        self.register_buffer("threshold", torch.tensor(0.0))
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.hparams["n_blocks"])
+
+    @property
+    def d(self) -> int:
+        return self.d_in // self.n_blocks
+
+    def block_scales(self) -> torch.Tensor:
+        return self.scale.view(self.n_blocks, self.d)[:, 0]
+
+    def fit_input_scale(self, sample: torch.Tensor) -> None:
+        """Each checkpoint's scale from its own block of ``sample`` [n, K*d]: E||a^m * s_m|| = sqrt(d)."""
+        norms = sample.view(len(sample), self.n_blocks, self.d).norm(dim=2).mean(0)
+        if not torch.isfinite(norms).all() or (norms <= 0).any():
+            raise ValueError(f"mean activation norms per checkpoint {norms.tolist()}; cannot scale them")
+        self.scale.copy_((math.sqrt(self.d) / norms).repeat_interleave(self.d))
+
+    def decoder_norms(self) -> torch.Tensor:
+        """[d_sae, K]: each latent's decoder norm at each checkpoint (in the normalised units it trains in)."""
+        return self.W_dec.view(self.d_sae, self.n_blocks, self.d).norm(dim=2)
+
+    def export(self):
+        raise NotImplementedError("crosscoders are written by sfcd.crosscoders.io.save_crosscoder")
+
+
+class BatchTopKCrosscoder(Crosscoder):
+    architecture = "crosscoder_batchtopk"
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(pre)
+        return z * (z * self.decoder_norms().sum(1) > self.threshold)
+
+    def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        norms = self.decoder_norms().sum(1)
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x, self.W_enc)
+            score = torch.relu(pre) * norms.detach()
+            m = min(self.d_sae, int(self.hparams.get("candidate_mult", 4)) * self.k)
+            cand, idx = score.topk(m, dim=-1)  # each row's candidates; the batch's top k*B come from these
+            kth = cand.flatten().topk(min(self.k * x.shape[0], cand.numel())).values[-1]
+            keep = (cand >= kth) & (cand > 0)
+            if keep.any():
+                smallest = cand[keep].min()
+                mom = self.hparams.get("threshold_momentum", 0.99)
+                self.threshold.copy_(smallest if self.threshold == 0 else mom * self.threshold + (1 - mom) * smallest)
+        vals = torch.relu(gather_pre(x, self.W_enc, self.b_enc, idx, pre)) * keep
+        x_hat = sparse_decode(idx, vals, self.W_dec) + self.b_dec
+        rec = mse(x_hat, x)
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        fired[idx[vals > 0]] = True
+        aux = self.aux_loss(x, x, x_hat, pre, True)
+        return {
+            "loss": rec + self.hparams.get("aux_coeff", 1 / 32) * aux,
+            "mse": rec,
+            "aux": aux,
+            "l0": (vals > 0).float().sum(-1).mean(),
+            "fired": fired,
+        }
+
+
+class L1Crosscoder(Crosscoder):
+    architecture = "crosscoder_l1"
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre)
+
+    def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+        f = torch.relu(torch.addmm(self.b_enc, x, self.W_enc))
+        x_hat = f @ self.W_dec + self.b_dec
+        rec = mse(x_hat, x)
+        sparsity = (f * self.decoder_norms().sum(1)).sum(-1).mean()
+        coeff = float(self.hparams.get("l1_coeff", 2.0)) * linear_warmup(progress, self.hparams.get("l1_warmup", 0.05))
+        return {
+            "loss": rec + coeff * sparsity,
+            "mse": rec,
+            "l1": sparsity,
+            "l0": (f > 0).float().sum(-1).mean(),
+            "fired": (f > 0).any(0),
+        }
+
+
+CROSSCODERS: dict[str, type[Crosscoder]] = {"batchtopk": BatchTopKCrosscoder, "l1": L1Crosscoder}
