@@ -1,0 +1,187 @@
+"""The crosscoder stage on the test run: K checkpoints streamed on the same tokens, files, the joint view inside
+each checkpoint's forward pass, circuits on shared latents, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sfcd.config import compose
+from sfcd.errors import ConfigError, InputError
+
+STEPS = [8, 16, 24]
+
+
+def _cfg(test_run, *extra):
+    return compose(
+        [
+            "experiment=test",
+            f"run_dir={test_run.run_dir}",
+            "crosscoder.sites=[resid.0]",
+            f"crosscoder.steps=[{','.join(map(str, STEPS))}]",
+            "crosscoder.n_tokens=8192",
+            "crosscoder.buffer_tokens=4096",
+            "crosscoder.eval_tokens=2048",
+            "crosscoder.ce_tokens=512",
+            "crosscoder.checkpoint_every=2",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def crosscoder_folder(test_run):
+    from sfcd.crosscoders.stage import train_crosscoders
+
+    return train_crosscoders(_cfg(test_run))[0]
+
+
+def _models(test_run, steps):
+    from sfcd.models.loading import load_model
+
+    return [load_model(test_run.run_dir, s) for s in steps]
+
+
+def test_stage_writes_a_loadable_crosscoder_and_its_reading(test_run, crosscoder_folder):
+    from sfcd.crosscoders.io import load_crosscoder
+    from sfcd.crosscoders.stage import train_crosscoders
+    from sfcd.io import read_json
+
+    cc = load_crosscoder(crosscoder_folder)
+    assert cc.cfg["steps"] == STEPS and cc.cfg["site"] == "resid.0" and cc.n_blocks == 3
+    latents = read_json(crosscoder_folder / "latents.json")
+    rows = latents["per_checkpoint"]
+    assert [r["step"] for r in rows] == STEPS
+    for r in rows:
+        assert np.isfinite(r["fve"]) and np.isfinite(r["ce_loss_score"]) and 0 <= r["present"] <= 1
+    assert sum(latents["emerged_at"].values()) <= latents["n_live"]
+    for s in STEPS:
+        assert (crosscoder_folder / f"step{s}" / "sae_weights.safetensors").exists()
+    assert (crosscoder_folder / "latents.png").stat().st_size > 1000
+    before = (crosscoder_folder / "metrics.json").stat().st_mtime_ns
+    train_crosscoders(_cfg(test_run))  # complete: skipped
+    assert (crosscoder_folder / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_stream_rows_are_the_same_tokens_at_every_checkpoint(test_run):
+    """Bug caught: checkpoints harvested over different windows (a seed, an exclusion or an order differing
+    per source), which would pair one token's activation at step 8 with another token's at step 24."""
+    from sfcd.activations.stream import ConcatSource, HarvestSource
+    from sfcd.data.tokens import read_tokens
+    from sfcd.models.sites import parse_site
+    from sfcd.paths import RunDir
+
+    run = RunDir(test_run.run_dir)
+    tokens = read_tokens(run.tokens("train"))
+    site = parse_site("resid.0")
+    m8, m24 = _models(test_run, [8, 24])
+    d = m8.config.hidden_size
+
+    def src(m):
+        return HarvestSource(m, tokens, [site], {"resid.0": d}, 32, 2048, seed=3, exclude_ids={0})
+
+    same = ConcatSource([src(m24), src(m24)]).chunk(1)["resid.0"]
+    assert torch.equal(same[:, :d], same[:, d:])  # the same model twice: identical blocks
+    joined = ConcatSource([src(m8), src(m24)]).chunk(1)["resid.0"]
+    assert torch.equal(joined[:, :d], src(m8).chunk(1)["resid.0"])
+    assert torch.equal(joined[:, d:], same[:, :d])
+
+
+def test_joint_view_is_the_crosscoder_inside_each_checkpoint_forward(test_run, crosscoder_folder):
+    """The view of checkpoint m, spliced into m's model, encodes what the crosscoder encodes from the K models'
+    activations on the same tokens, computed here separately with run_with_cache. Two batches in turn: the
+    other checkpoints' terms follow the tokens (a stale cache would fail the second)."""
+    from sfcd.crosscoders.io import load_crosscoder
+    from sfcd.crosscoders.view import JointView
+    from sfcd.models.sites import hooks, parse_site, run_with_cache
+
+    cc = load_crosscoder(crosscoder_folder)
+    site = parse_site("resid.0")
+    models = _models(test_run, STEPS)
+    g = torch.Generator().manual_seed(0)
+    m = 1
+    view = JointView(cc, m, site, {j: models[j] for j in range(3) if j != m})
+    handle = view.attach(models[m])
+    try:
+        for _ in range(2):
+            ids = torch.randint(5, 200, (3, 12), generator=g)
+            seen = {}
+
+            def grab(a, seen=seen):
+                seen["f"] = view.encode(a)
+
+            with torch.no_grad(), hooks(models[m], {site: grab}):
+                models[m](ids)
+            acts = torch.cat([run_with_cache(md, ids, [site])["resid.0"] for md in models], dim=-1)
+            want = cc.encode(acts)
+            assert torch.allclose(seen["f"], want, atol=1e-5)
+            assert torch.allclose(
+                view.decode(want), cc.decode(want)[..., m * cc.d : (m + 1) * cc.d], atol=1e-5
+            )  # decode: block m in raw units
+    finally:
+        handle.remove()
+    with pytest.raises(Exception, match="forward pass"):
+        view.encode(torch.zeros(2, 5, cc.d))  # not from its model's forward: a clear error
+
+
+def test_circuit_on_shared_latents_follows_the_same_ids(test_run, crosscoder_folder, tmp_path):
+    """The circuit stage takes the crosscoder as the dictionary at any of its checkpoints; the last circuit's
+    latent ids are then scored at an earlier checkpoint."""
+    from sfcd.circuits.stage import faithfulness_of, find_circuit
+    from sfcd.io import read_json
+
+    common = [
+        f"circuit.dictionaries={crosscoder_folder.parent}",
+        "circuit.sites=[resid.0]",
+        "circuit.method=attrib",
+        "circuit.baselines=false",
+        "circuit.edges=false",
+    ]
+    outs = {}
+    for s in (16, 24):
+        cfg = _cfg(test_run, f"step={s}", f"circuit.out_dir={tmp_path / str(s)}", *common)
+        outs[s] = read_json(find_circuit(cfg) / "circuit.json")
+    ids = {n["id"] for n in outs[24]["nodes"] if n["feature"] is not None}
+    assert all(i.startswith("resid.0/") for i in ids)
+    assert outs[24]["metadata"]["dictionaries"]["resid.0"] == str(crosscoder_folder)
+    assert all(n["label"] == "" for n in outs[24]["nodes"])  # the run's SAE dashboards do not describe latents
+    r = faithfulness_of(_cfg(test_run, *common), 16, "nounpp", ids)
+    assert np.isfinite(r["faithfulness"])
+    with pytest.raises(Exception, match="not one of them"):
+        find_circuit(_cfg(test_run, "step=0", f"circuit.out_dir={tmp_path / '0'}", *common))
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "message"),
+    [
+        ("crosscoder.steps=[8,8,24]", ConfigError, "more than once"),
+        ("crosscoder.steps=[24]", ConfigError, "K >= 2"),
+        ("crosscoder.steps=[24,8]", ConfigError, "training order"),
+        ("crosscoder.sites=[resid.7]", ConfigError, "unknown site"),
+        ("crosscoder.steps=[8,999]", InputError, "not checkpoints"),
+        ("crosscoder.architecture=relu", ConfigError, "batchtopk"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(test_run, override, error, message):
+    from sfcd.crosscoders.stage import train_crosscoders
+
+    with pytest.raises(error, match=message) as e:
+        train_crosscoders(_cfg(test_run, override))
+    assert "\n" not in str(e.value)
+
+
+def test_checkpoints_of_different_widths_are_refused():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from sfcd.crosscoders.stage import _sites_and_width
+
+    def tiny(h):
+        c = GPTNeoXConfig(
+            vocab_size=50, hidden_size=h, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * h
+        )
+        return GPTNeoXForCausalLM(c)
+
+    c = compose(["experiment=test", "crosscoder.sites=[resid.0]"]).crosscoder
+    with pytest.raises(InputError, match=r"different widths across checkpoints \{1: 16, 2: 32\}"):
+        _sites_and_width(c, [tiny(16), tiny(32)], [1, 2])
