@@ -40,7 +40,7 @@ def artifacts(run_dir) -> dict:
 @pytest.fixture(scope="module")
 def reference_study(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("study") / "ref"
-    p = study(run_dir)
+    p = study(run_dir, "study.crosscoder=true")  # the killed study below runs without: its artifacts are the same
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err
     return run_dir
@@ -71,6 +71,15 @@ def test_study_writes_the_development_and_a_report_that_renders(reference_study,
     assert "<h2>Circuits at step 24</h2>" in dom
     assert "features/step24/resid.1/index.html" in dom and "circuits/nounpp/step24/circuit.svg" in dom
     assert 'href="circuits/nounpp/step24/circuit.html"' in dom  # the report links the interactive view
+    # study.crosscoder: a crosscoder per resid site over the three steps, circuits on its latents, the section
+    cc = json.loads((run / "crosscoders" / "development.json").read_text())
+    assert cc["steps"] == [8, 16, 24] and set(cc["sites"]) == {"resid.0", "resid.1"}
+    rows = cc["circuits"]["nounpp"]["rows"]
+    assert [r["step"] for r in rows] == [8, 16, 24]
+    assert all("share_matched_saes" in r and "final_circuit_faithfulness" in r for r in rows)
+    for s in (8, 16, 24):
+        assert (run / "crosscoders" / "circuits" / "nounpp" / f"step{s}" / "circuit.json").exists()
+    assert "<h2>Crosscoders across checkpoints</h2>" in dom and "share_matched_saes" in dom
 
 
 def test_study_killed_mid_stage_resumes_to_the_same_artifacts(reference_study, tmp_path):

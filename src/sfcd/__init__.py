@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "load_tokenizer", "load_sae", "compose", "RunDir", "SfcdError"]
+__all__ = ["load_model", "load_tokenizer", "load_sae", "load_crosscoder", "compose", "RunDir", "SfcdError"]
 
 _LAZY = {
     "load_model": "sfcd.models.loading",
     "load_tokenizer": "sfcd.models.loading",
     "load_sae": "sfcd.sae.io",
+    "load_crosscoder": "sfcd.crosscoders.io",
     "compose": "sfcd.config",
     "RunDir": "sfcd.paths",
     "SfcdError": "sfcd.errors",

@@ -89,6 +89,24 @@ def run_study(cfg: DictConfig) -> Path:
     }
     if dev["circuits"]:
         plots["circuits"] = circuits_plot(dev["circuits"], d / "circuits.png")
+    if s.crosscoder:
+        from sfcd.crosscoders.development import crosscoder_development
+        from sfcd.crosscoders.stage import train_crosscoders
+        from sfcd.report.plots import crosscoder_circuits_plot
+
+        folders = train_crosscoders(_at(cfg, **{"crosscoder.steps": list(cfg.crosscoder.steps) or steps}))
+        cc_dev = crosscoder_development(
+            _at(cfg, **{"crosscoder.steps": list(cfg.crosscoder.steps) or steps}),
+            run,
+            list(cfg.crosscoder.steps) or steps,
+            [f.name for f in folders],
+            tasks,
+            dev["circuits"],
+        )
+        dev["crosscoder"] = cc_dev
+        if cc_dev["circuits"]:
+            plots["crosscoder_circuits"] = crosscoder_circuits_plot(cc_dev["circuits"], d / "crosscoder_circuits.png")
+        plots |= {f"crosscoder_latents:{f.name}": f / "latents.png" for f in folders}
     links = {
         "Feature dashboards": sorted((run.root / "features").glob("step*/*/index.html")),
         "Circuit pictures": sorted((run.root / "circuits").glob("*/step*/circuit.svg")),

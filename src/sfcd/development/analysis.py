@@ -169,6 +169,14 @@ def circuit_development(
                     idx = nxt
                 maps[site] = idx  # last-step feature -> this step's feature
             last_here = translate(nodes[-1], maps)
+            final_feats = [n.split("@")[0].split("/") for n in nodes[-1] if not n.split("@")[0].endswith("/eps")]
+            by_site: dict[str, list[int]] = {}
+            for site, feat in final_feats:  # per site: the last circuit's features, and those matched here
+                got = by_site.setdefault(site, [0, 0])
+                got[0] += 1
+                got[1] += int(site in maps and len(maps[site]) > int(feat) and maps[site][int(feat)] >= 0)
+            row["final_features_by_site"] = {site: v[0] for site, v in by_site.items()}
+            row["final_features_matched_by_site"] = {site: v[1] for site, v in by_site.items()}
             row["jaccard_final"] = jaccard(set(last_here), set(nodes[k]))
             row["edge_jaccard_final"] = jaccard(set(translate_edges(edges[-1], maps)), set(edges[k]))
             row["weighted_jaccard_final"] = weighted_jaccard(last_here, nodes[k])

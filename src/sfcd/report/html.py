@@ -98,6 +98,8 @@ def render(root: Path, title: str, plots: dict[str, Path], dev: dict, links: dic
                 ],
             )
         )
+    if dev.get("crosscoder"):
+        parts += _crosscoder_section(root, plots, dev["crosscoder"])
     pictures = sorted(root.glob(f"circuits/*/step{dev['steps'][-1]}/circuit.png")) if dev["circuits"] else []
     if pictures:
         parts.append(f"<h2>Circuits at step {dev['steps'][-1]}</h2>")
@@ -114,3 +116,77 @@ def render(root: Path, title: str, plots: dict[str, Path], dev: dict, links: dic
         parts.append("</ul>")
     parts.append("</body></html>\n")
     return write_text(root / "report.html", "".join(parts))
+
+
+def _crosscoder_section(root: Path, plots: dict[str, Path], cc: dict) -> list[str]:
+    """Crosscoders across checkpoints: per site the emergence histogram and RelDec distributions with the
+    per-checkpoint numbers, then the circuits' latents over training beside the matching method."""
+    parts = [
+        "<h2>Crosscoders across checkpoints</h2>",
+        "<p>One dictionary over the checkpoints "
+        + html.escape(", ".join(str(s) for s in cc["steps"]))
+        + ": a latent is the same feature at every checkpoint. Present: decoder norm at least "
+        "presence x its largest; emerged: present from that checkpoint to the last. Absent but scaled: absent "
+        "by norm, yet Latent Scaling finds it in that checkpoint's activations (it only looks exclusive).</p>",
+    ]
+    for site, lat in cc["sites"].items():
+        parts.append(f"<h3>{html.escape(site)}</h3>")
+        key = f"crosscoder_latents:{site}"
+        if key in plots:
+            parts.append(_img(plots[key], key))
+        parts.append(
+            f"<p>{lat['n_live']} live latents; shared by every checkpoint {lat['shared_by_all']:.3f}, "
+            f"persist to the last {lat['persist']:.3f}, die {lat['die']:.3f}, flagged by Latent Scaling "
+            f"{lat['flagged_by_latent_scaling']:.3f}. "
+            + _link(root / "crosscoders" / site / "latents.json", root, "latents.json")
+            + "</p>"
+        )
+        parts.append(
+            _table(
+                lat["per_checkpoint"],
+                [
+                    "step",
+                    "fve",
+                    "fve_alone",
+                    "ce_loss_score",
+                    "present",
+                    "exclusive",
+                    "emerged_here",
+                    "died_here",
+                    "absent_but_scaled",
+                ],
+            )
+        )
+    if cc["circuits"]:
+        parts.append("<h3>The last circuits' latents through training</h3>")
+        if "crosscoder_circuits" in plots:
+            parts.append(_img(plots["crosscoder_circuits"], "crosscoder circuits"))
+        parts.append(
+            "<p>What share of the last circuit exists at earlier checkpoints, by both methods: share_present "
+            "(the crosscoder circuit's latents present there) and share_matched_saes (the last SAE circuit's "
+            "features at the same sites matched there by independent SAEs, decoder cosine above the threshold).</p>"
+        )
+        rows = [{"task": t, **r} for t, v in cc["circuits"].items() for r in v["rows"]]
+        parts.append(
+            _table(
+                rows,
+                [
+                    "task",
+                    "step",
+                    "latents",
+                    "share_present",
+                    "share_emerged_by_now",
+                    "share_matched_saes",
+                    "mean_rel_ie",
+                    "final_circuit_faithfulness",
+                ],
+            )
+        )
+        pages = sorted(root.glob("crosscoders/circuits/*/step*/circuit.html"))
+        if pages:
+            parts.append(
+                "<p>Circuit pages: "
+                + ", ".join(_link(p, root, f"{p.parent.parent.name} @ {p.parent.name}") for p in pages)
+                + "</p>"
+            )
+    return parts

@@ -126,3 +126,29 @@ def crosscoder_latents_plot(latents: dict, stats: dict, live, path: Path) -> Pat
     axes[1].legend(fontsize=7)
     fig.suptitle(f"crosscoder at {latents['site']}", fontsize=10)
     return _save(plt, fig, path)
+
+
+def crosscoder_circuits_plot(circuits: dict, path: Path) -> Path:
+    """Per task, over the crosscoder's checkpoints: the share of the last circuit's latents present (crosscoder)
+    beside the share of the last SAE circuit's features matched (independent SAEs), the last circuit's faithfulness
+    with the same latent ids, and its latents' mean relative indirect effect."""
+    plt, fig, axes = _fig(1, 3, (16, 3.8))
+    for i, (task, v) in enumerate(circuits.items()):
+        rows = v["rows"]
+        x = [_x(r["step"]) for r in rows]
+        axes[0].plot(x, [r["share_present"] for r in rows], "o-", color=f"C{i}", label=f"{task}: crosscoder")
+        if any(r.get("share_matched_saes") is not None for r in rows):
+            axes[0].plot(
+                x, [r.get("share_matched_saes") for r in rows], "s--", color=f"C{i}", alpha=0.6, label=f"{task}: SAEs"
+            )
+        axes[1].plot(x, [r["final_circuit_faithfulness"] for r in rows], "o-", color=f"C{i}", label=task)
+        axes[2].plot(x, [r["mean_rel_ie"] for r in rows], "o-", color=f"C{i}", label=task)
+    axes[0].set_ylabel("share of the last circuit present")
+    axes[1].set_ylabel("faithfulness, same latent ids")
+    axes[2].set_ylabel("mean RelIE of the last circuit's latents")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, path)
