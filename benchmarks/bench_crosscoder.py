@@ -51,7 +51,7 @@ def child(run: str, steps: list[int], out: str) -> None:
 
 
 def demo_costs(run: Path) -> None:
-    for K, steps in STEPS.items():
+    for steps in STEPS.values():
         with tempfile.TemporaryDirectory() as tmp:
             for sub in ("corpus", "model"):  # the run's model and corpus, crosscoders written beside them
                 os.symlink(run.resolve() / sub, Path(tmp) / sub)
@@ -109,7 +109,7 @@ def projection() -> None:
 
     from sfcd.crosscoders.model import BatchTopKCrosscoder
 
-    d, B, k, tokens = 512, 4096, 32, 50_000_000
+    d, k, tokens = 512, 32, 50_000_000
     for K in (4, 8):
         for m in (16_384, 32_768):
             # encoder forward 2 B Kd m; its backward (weights: sparse in k; input grads not needed) ~ 2 B k Kd;
