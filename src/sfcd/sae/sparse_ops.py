@@ -44,7 +44,9 @@ class _GatherPre(torch.autograd.Function):
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             # G^T as CSR [d_sae, B]: rows are latents, sorted by latent; grad_W_enc^T = G^T @ x
-            order = torch.argsort(flat_idx, stable=True)
+            # the same stable order as sorting the int64 indices; float keys (exact below 2^24 latents) because
+            # this torch's CPU sort of int64 is several times slower than of float32
+            order = torch.argsort(flat_idx.float() if d_sae < 2**24 else flat_idx, stable=True)
             counts = torch.bincount(flat_idx, minlength=d_sae)
             crow = torch.zeros(d_sae + 1, dtype=torch.long, device=x.device)
             crow[1:] = counts.cumsum(0)
