@@ -22,11 +22,10 @@ import math
 import torch
 
 from sfcd.sae.base import SAE, linear_warmup, mse
-from sfcd.sae.sparse_ops import dense_from_sparse, gather_pre, sparse_decode
-from sfcd.sae.topk import TopKSAE
+from sfcd.sae.batchtopk import BatchTopKSAE
 
 
-class Crosscoder(TopKSAE):
+class Crosscoder(BatchTopKSAE):
     """The shared part: K blocks of ``d`` inputs (``hparams["n_blocks"]``), a per-block input scale."""
 
     architecture = ""
@@ -57,12 +56,6 @@ class Crosscoder(TopKSAE):
     def d(self) -> int:
         return self.d_in // self.n_blocks
 
-    @property
-    def sparse(self) -> bool:
-        """Sparse kernels for the decoder and the encoder's backward (only the active latents); ``sparse=False``
-        runs the dense reference computation."""
-        return bool(self.hparams.get("sparse", True))
-
     def block_scales(self) -> torch.Tensor:
         return self.scale.view(self.n_blocks, self.d)[:, 0]
 
@@ -84,43 +77,8 @@ class Crosscoder(TopKSAE):
 class BatchTopKCrosscoder(Crosscoder):
     architecture = "crosscoder_batchtopk"
 
-    def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        z = torch.relu(pre)
-        return z * (z * self.decoder_norms().sum(1) > self.threshold)
-
-    def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
-        norms = self.decoder_norms().sum(1)
-        with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x, self.W_enc)
-            score = torch.relu(pre) * norms.detach()
-            m = min(self.d_sae, int(self.hparams.get("candidate_mult", 4)) * self.k)
-            cand, idx = score.topk(m, dim=-1)  # each row's candidates; the batch's top k*B come from these
-            flat = cand.flatten()
-            n_keep = min(self.k * x.shape[0], flat.numel())
-            kth = flat.kthvalue(flat.numel() - n_keep + 1).values  # a selection, not a sort
-            keep = (cand >= kth) & (cand > 0)
-            if keep.any():
-                smallest = cand[keep].min()
-                mom = self.hparams.get("threshold_momentum", 0.99)
-                self.threshold.copy_(smallest if self.threshold == 0 else mom * self.threshold + (1 - mom) * smallest)
-        if self.sparse:
-            vals = torch.relu(gather_pre(x, self.W_enc, self.b_enc, idx, pre)) * keep
-            x_hat = sparse_decode(idx, vals, self.W_dec) + self.b_dec
-        else:
-            pre = torch.addmm(self.b_enc, x, self.W_enc)
-            vals = torch.relu(pre.gather(1, idx)) * keep
-            x_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec + self.b_dec
-        rec = mse(x_hat, x)
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[idx[vals > 0]] = True
-        aux = self.aux_loss(x, x, x_hat, pre, self.sparse)
-        return {
-            "loss": rec + self.hparams.get("aux_coeff", 1 / 32) * aux,
-            "mse": rec,
-            "aux": aux,
-            "l0": (vals > 0).float().sum(-1).mean(),
-            "fired": fired,
-        }
+    def selection_score(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre) * self.decoder_norms().sum(1).detach()
 
 
 class L1Crosscoder(Crosscoder):

@@ -16,7 +16,12 @@ def _fig(rows=1, cols=1, size=(6, 3.6)):
     return plt, *plt.subplots(rows, cols, figsize=size)
 
 
-def _save(plt, fig, path: Path) -> Path:
+def _save(plt, fig, path: Path, steps_axes=()) -> Path:
+    for ax in steps_axes:  # panels over training steps: log x, grid, legend
+        ax.set_xscale("log")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
@@ -98,12 +103,7 @@ def circuits_plot(circuits: dict, path: Path) -> Path:
     axes[0].set_ylabel("circuit size (nodes)")
     axes[1].set_ylabel("Jaccard with the last circuit")
     axes[2].set_ylabel("faithfulness of the last circuit, carried back")
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return _save(plt, fig, path, steps_axes=axes)
 
 
 def crosscoder_latents_plot(latents: dict, stats: dict, live, path: Path) -> Path:
@@ -146,9 +146,4 @@ def crosscoder_circuits_plot(circuits: dict, path: Path) -> Path:
     axes[0].set_ylabel("share of the last circuit present")
     axes[1].set_ylabel("faithfulness, same latent ids")
     axes[2].set_ylabel("mean RelIE of the last circuit's latents")
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return _save(plt, fig, path, steps_axes=axes)

@@ -23,18 +23,23 @@ class BatchTopKSAE(TopKSAE):
         super().__init__(d_in, d_sae, seed, **hparams)
         self.register_buffer("threshold", torch.tensor(0.0))
 
+    def selection_score(self, pre: torch.Tensor) -> torch.Tensor:
+        """What the batch's top ``k * batch`` is taken over, and the inference threshold applies to: the
+        pre-activation (a crosscoder weighs it by its decoder norms)."""
+        return pre
+
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        return pre * (pre > self.threshold)
+        return torch.relu(pre) * (self.selection_score(pre) > self.threshold)
 
     def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
-        xc = x - self.b_dec
+        xc = x - self.b_dec if self.apply_b_dec_to_input else x
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, xc, self.W_enc)
             m = min(self.d_sae, int(self.hparams.get("candidate_mult", 4)) * self.k)
-            cand_vals, idx = pre.topk(m, dim=-1)
-            n_keep = self.k * x.shape[0]
+            cand_vals, idx = self.selection_score(pre).topk(m, dim=-1)  # a row's candidates for the batch's top
             flat = cand_vals.flatten()
-            kth = flat.topk(n_keep).values[-1]
+            n_keep = min(self.k * x.shape[0], flat.numel())
+            kth = flat.kthvalue(flat.numel() - n_keep + 1).values  # a selection, not a sort
             keep = (cand_vals >= kth) & (cand_vals > 0)
         sparse = self.hparams.get("sparse", True)
         if sparse:
