@@ -32,7 +32,8 @@ def _load(path: Path) -> dict:
 
 
 def circuit_cfg(cfg: DictConfig, run: RunDir, task: str, step: int, sites: list[str]) -> DictConfig:
-    """The circuit stage's config for a circuit on the crosscoders' latents (no baselines: they are the SAE
+    """The circuit stage's config for a circuit on the crosscoders' latents: nodes only (the development reads
+    node effects; ``sfcd circuit circuit.dictionaries=<run>/crosscoders`` gives the edges), no baselines (the SAE
     circuits' business)."""
     from sfcd.study import _at
 
@@ -45,6 +46,7 @@ def circuit_cfg(cfg: DictConfig, run: RunDir, task: str, step: int, sites: list[
             "circuit.dictionaries": str(run.root / "crosscoders"),
             "circuit.out_dir": str(run.root / "crosscoders" / "circuits" / task / f"step{step}"),
             "circuit.baselines": False,
+            "circuit.edges": False,
         },
     )
 
