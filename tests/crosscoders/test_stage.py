@@ -185,3 +185,30 @@ def test_checkpoints_of_different_widths_are_refused():
     c = compose(["experiment=test", "crosscoder.sites=[resid.0]"]).crosscoder
     with pytest.raises(InputError, match=r"different widths across checkpoints \{1: 16, 2: 32\}"):
         _sites_and_width(c, [tiny(16), tiny(32)], [1, 2])
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_crosscoder(test_run, caplog):
+    """Bug caught: a resumed crosscoder that restarts its stream, its shuffle or its per-checkpoint scales
+    instead of continuing (the state is the SAE loop's; the joined K-checkpoint stream must continue too)."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from sfcd.crosscoders.stage import train_crosscoders
+    from tests.crash import Crash, CrashAt
+
+    cfg = _cfg(test_run, "crosscoder.sites=[resid.1]")
+    folder = Path(test_run.run_dir) / "crosscoders" / "resid.1"
+    with pytest.raises(Crash):
+        train_crosscoders(cfg, [CrashAt(3)])
+    assert not (folder / "metrics.json").exists()
+    with caplog.at_level("INFO", logger="sfcd.sae.train"):
+        train_crosscoders(cfg)
+    assert "resuming SAE training" in caplog.text  # it continued from the saved state, not from scratch
+    resumed = load_file(str(folder / "crosscoder_weights.safetensors"))
+    shutil.rmtree(folder)
+    train_crosscoders(cfg)
+    whole = load_file(str(folder / "crosscoder_weights.safetensors"))
+    for name, t in whole.items():
+        assert torch.equal(resumed[name], t), name
