@@ -94,15 +94,10 @@ def run_study(cfg: DictConfig) -> Path:
         from sfcd.crosscoders.stage import train_crosscoders
         from sfcd.report.plots import crosscoder_circuits_plot
 
-        folders = train_crosscoders(_at(cfg, **{"crosscoder.steps": list(cfg.crosscoder.steps) or steps}))
-        cc_dev = crosscoder_development(
-            _at(cfg, **{"crosscoder.steps": list(cfg.crosscoder.steps) or steps}),
-            run,
-            list(cfg.crosscoder.steps) or steps,
-            [f.name for f in folders],
-            tasks,
-            dev["circuits"],
-        )
+        cc_steps = list(cfg.crosscoder.steps) or steps
+        cc_cfg = _at(cfg, **{"crosscoder.steps": cc_steps})
+        folders = train_crosscoders(cc_cfg)
+        cc_dev = crosscoder_development(cc_cfg, run, cc_steps, [f.name for f in folders], tasks, dev["circuits"])
         dev["crosscoder"] = cc_dev
         if cc_dev["circuits"]:
             plots["crosscoder_circuits"] = crosscoder_circuits_plot(cc_dev["circuits"], d / "crosscoder_circuits.png")

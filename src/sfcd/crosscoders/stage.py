@@ -120,6 +120,9 @@ def train_crosscoders(cfg: DictConfig, callbacks: list | None = None) -> list[Pa
     if not todo:
         log.info("the crosscoders of %s in %s are complete; skipping", [s.name for s in sites], out_root)
         return [out_root / s.name for s in sites]
+    if (out_root / "circuits").exists():  # found on the crosscoders about to be replaced
+        log.info("removing %s: its circuits were found on earlier crosscoders", out_root / "circuits")
+        shutil.rmtree(out_root / "circuits")
     xcfg = _loop_cfg(cfg)
     K, total = len(steps), max(1, c.n_tokens // c.batch_size)
     rows = buffer_rows(xcfg, total)
