@@ -58,8 +58,9 @@ def crosscoder_development(
 
     root = run.root / "crosscoders"
     site_rows = {s: read_json(root / s / "latents.json") for s in sites}
-    presence = {s: _load(root / s / "latents.safetensors")["present"].bool() for s in sites}
-    emerged = {s: _load(root / s / "latents.safetensors")["emerged"].long() for s in sites}
+    latents = {s: _load(root / s / "latents.safetensors") for s in sites}
+    presence = {s: t["present"].bool() for s, t in latents.items()}
+    emerged = {s: t["emerged"].long() for s, t in latents.items()}
     out: dict = {"steps": steps, "sites": site_rows, "circuits": {}}
     if not cfg.crosscoder.circuits:
         return out

@@ -71,8 +71,7 @@ def crosscoder_steps(cfg: DictConfig) -> list[int]:
 
 def _loop_cfg(cfg: DictConfig) -> DictConfig:
     """``sae.*`` with the training-loop keys of ``crosscoder.*``: what :class:`SAEModule` reads."""
-    merged = OmegaConf.merge(cfg.sae, {k: cfg.crosscoder[k] for k in _LOOP_KEYS}, {"init_from": None, "sweep": {}})
-    return merged
+    return OmegaConf.merge(cfg.sae, {k: cfg.crosscoder[k] for k in _LOOP_KEYS}, {"init_from": None, "sweep": {}})
 
 
 def _sites_and_width(c: DictConfig, models: list, steps: list[int]) -> tuple[list[Site], dict[str, int]]:
@@ -114,7 +113,8 @@ def train_crosscoders(cfg: DictConfig, callbacks: list | None = None) -> list[Pa
 
     def complete(s: Site) -> bool:
         m = out_root / s.name / "metrics.json"
-        return m.exists() and read_json(m).get("steps") == steps and read_json(m).get("architecture") == c.architecture
+        done = read_json(m) if m.exists() else {}
+        return done.get("steps") == steps and done.get("architecture") == c.architecture
 
     todo = [s for s in sites if not complete(s)]
     if not todo:
@@ -187,11 +187,9 @@ def _finish(cc: Crosscoder, site: Site, models, steps, eval_windows, ce_windows,
     beta = acc.latent_scaling()
     summ = summary(stats, beta, live, steps, c.scaling_flag)
     fve = acc.fve()
-    save_crosscoder(cc.cpu(), folder, {**meta, "site": site.name})
-    cc.to(x.device)
+    save_crosscoder(cc, folder, {**meta, "site": site.name})  # both copy the weights to the CPU themselves
     cc.cfg = read_json(folder / "cfg.json")
-    save_checkpoint_saes(cc.cpu(), folder, {"sfcd_site": site.name, "model_name": meta["model_source"]})
-    cc.to(x.device)
+    save_checkpoint_saes(cc, folder, {"sfcd_site": site.name, "model_name": meta["model_source"]})
     for k, row in enumerate(summ["per_checkpoint"]):
         solo, _ = E.reconstruction_metrics(checkpoint_sae(cc, k).to(x.device), x[:, k * cc.d : (k + 1) * cc.d])
         others = {j: models[j] for j in range(K) if j != k}
