@@ -149,11 +149,14 @@ def main(argv: list[str] | None = None) -> int:
                     "study.steps=[8,24]",
                     "study.tasks=[nounpp]",
                     "study.seed_baseline=false",
+                    "study.crosscoder=true",
+                    "crosscoder.sites=[resid.1]",
                     "trainer.precision=bf16-mixed",
                 ]
             )
         )
         circuit = json.loads((run_dir / "circuits" / "nounpp" / "step24" / "circuit.json").read_text())
+        cc = json.loads((run_dir / "crosscoders" / "resid.1" / "metrics.json").read_text())
         emit(
             check="study",
             device=str(device),
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds=round(time.perf_counter() - t, 1),
             circuit_nodes=len(circuit["nodes"]),
             faithfulness=circuit.get("metadata", {}).get("faithfulness"),
+            crosscoder_fve=cc.get("fve"),
             report_bytes=Path(page).stat().st_size,
             peak_memory_gib=round(peak_memory(device) / 2**30, 2),
         )

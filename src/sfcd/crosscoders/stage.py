@@ -161,7 +161,8 @@ def train_crosscoders(cfg: DictConfig, callbacks: list | None = None) -> list[Pa
     written = []
     for spec, cc in zip(specs, module.saes, strict=True):
         site = next(s for s in todo if s.name == spec.site)
-        written.append(_finish(cc.eval(), site, models, steps, eval_windows, ce_windows, excl, c, xcfg, meta, out_root))
+        cc = cc.to(device).eval()  # Lightning's teardown leaves the trained module on the CPU
+        written.append(_finish(cc, site, models, steps, eval_windows, ce_windows, excl, c, xcfg, meta, out_root))
     shutil.rmtree(state_dir, ignore_errors=True)
     return [out_root / s.name for s in sites]
 
