@@ -36,8 +36,16 @@ class CorpusConfig:
     val_tokens: int = 100_000  # held-out tokens
     seed: int = 0  # generator seed
     mixture: dict[str, float] = field(
-        default_factory=lambda: {"simple": 0.2, "pp": 0.25, "orc": 0.2, "src": 0.15, "copy": 0.2}
-    )  # weights of the sentence kinds and of repeated random spans ("copy")
+        default_factory=lambda: {
+            "simple": 0.2,
+            "pp": 0.22,
+            "pp2": 0.03,
+            "orc": 0.2,
+            "orc_pp": 0.02,
+            "src": 0.13,
+            "copy": 0.2,
+        }
+    )  # weights of the sentence kinds and of repeated random spans ("copy"); rare kinds are learned later
     sentences_per_doc: list[int] = field(default_factory=lambda: [1, 6])  # min and max lines per document
     copy_len: list[int] = field(default_factory=lambda: [6, 16])  # min and max words of a repeated span
     vocab_size: int = 1024  # BPE vocabulary of the tokenizer trained on the corpus
@@ -121,6 +129,7 @@ class SAEConfig:
     activations: str | None = None  # train on a plain activation file (.npy/.safetensors [N, d]) instead of a model
     seed: int = 0  # initialisation and batch order
     sweep: dict[str, list[Any]] = field(default_factory=dict)  # grid of hyperparameters trained in one stream
+    per_site: dict[str, Any] = field(default_factory=dict)  # settings by site name or kind: {embed: {k: 2}}
     checkpoint_every: int = 200  # steps between resumable states
     init: str = "random"  # random | previous (study: warm-start from the previous checkpoint's SAE)
     init_from: str | None = None  # a saes/step<N> folder to warm-start from (set by the study for init=previous)
@@ -193,7 +202,10 @@ class CrosscoderConfig:
 
 @dataclass
 class StudyConfig:
-    steps: list[int] = field(default_factory=lambda: [32, 64, 128, 512, 1500])  # checkpoints studied (must exist)
+    steps: list[int] = field(default_factory=list)  # checkpoints studied (empty: chosen from the train log)
+    step_tasks: list[str] = field(default_factory=list)  # tasks whose accuracy crossings choose the steps (empty: all)
+    step_thresholds: list[float] = field(default_factory=lambda: [0.6, 0.9])  # accuracy crossings that choose steps
+    max_steps: int = 5  # at most this many chosen steps (before learning and the last included)
     tasks: list[str] = field(default_factory=lambda: ["simple", "nounpp", "rc", "within_rc"])  # circuit tasks
     seed_baseline: bool = True  # a second SAE seed at the last step: the null baseline for shared features
     features_at: str = "last"  # dashboards at: last | all (steps)

@@ -27,6 +27,27 @@ def _at(cfg: DictConfig, **changes) -> DictConfig:
     return c
 
 
+def study_steps(cfg: DictConfig, run: RunDir) -> dict:
+    """``study.steps`` when given, else the steps :func:`~sfcd.models.train_log.choose_steps` picks from the
+    train log; either way written, with the reasons, to ``development/study_steps.json``."""
+    from sfcd.io import read_csv, write_json
+    from sfcd.models.train_log import choose_steps, tasks_of
+
+    s = cfg.study
+    if list(s.steps):
+        meta = {"steps": sorted(s.steps), "source": "study.steps"}
+    else:
+        rows = read_csv(run.train_log)
+        tasks = list(s.step_tasks) or tasks_of(rows)
+        try:
+            meta = {**choose_steps(rows, tasks, list(s.step_thresholds), s.max_steps), "source": str(run.train_log)}
+        except ValueError as e:
+            raise ConfigError(f"study.step_tasks / step_thresholds / max_steps: {e}") from None
+        log.info("studied steps from the train log: %s", meta["reasons"])
+    write_json(run.root / "development" / "study_steps.json", meta)
+    return meta
+
+
 def run_study(cfg: DictConfig) -> Path:
     from sfcd.circuits.stage import find_circuit
     from sfcd.development.analysis import analyse
@@ -40,8 +61,11 @@ def run_study(cfg: DictConfig) -> Path:
     tasks = list(s.tasks)
     if not tasks:
         raise ConfigError("study.tasks is empty; name at least one task, e.g. study.tasks=[nounpp]")
-    if not list(s.steps):
-        raise ConfigError("study.steps is empty; name the checkpoints to study, e.g. study.steps=[64,128,1500]")
+    if cfg.model.source and not list(s.steps):
+        raise ConfigError(
+            "study.steps is empty and model.source is a loaded model without sfcd's train log to choose them "
+            "from; name the checkpoints to study, e.g. study.steps=[64,128,1500]"
+        )
     run = train_model(cfg) if not cfg.model.source else RunDir(cfg.run_dir)
     have = run.model_steps()
     missing = [x for x in s.steps if x not in have]
@@ -49,7 +73,8 @@ def run_study(cfg: DictConfig) -> Path:
         raise MissingArtifactError(
             f"study.steps {missing} are not checkpoints of {run.model}; the steps there are {have}"
         )
-    steps = sorted(s.steps)
+    steps_meta = study_steps(cfg, run)
+    steps = steps_meta["steps"]
     sites = None
     if cfg.sae.init not in ("random", "previous"):
         raise ConfigError(f"sae.init={cfg.sae.init!r}; expected random or previous")
@@ -73,6 +98,7 @@ def run_study(cfg: DictConfig) -> Path:
                 find_circuit(_at(cfg, step=step, **{"circuit.task": task, "circuit.baselines": step == steps[-1]}))
     seed_suffix = f"@seed={cfg.sae.seed + steps[-1] + 1}" if s.seed_baseline else None
     dev = analyse(run, steps, sites, tasks, s.shared_threshold, seed_suffix, cfg)
+    dev["study_steps"] = steps_meta
     d = run.root / "development"
     plots = {
         "training": training_curves(run.train_log, steps, d / "training.png"),

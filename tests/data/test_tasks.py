@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from sfcd.data.grammar import TASKS
 from sfcd.data.tasks import load_task, read_rows
 from sfcd.errors import InputError
 from sfcd.io import write_jsonl
@@ -10,7 +11,7 @@ from sfcd.paths import RunDir
 
 def test_generated_task_files_round_trip(test_run, tokenizer):
     run = RunDir(test_run.run_dir)
-    for name in ("simple", "nounpp", "rc", "within_rc"):
+    for name in TASKS:
         path = run.task_file(name, "train")
         rows = read_rows(path)
         task = load_task(path, tokenizer)

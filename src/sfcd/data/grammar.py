@@ -1,10 +1,15 @@
 """A seeded generator of English-like text with subject-verb agreement, and of the contrastive task pairs.
 
-Sentence kinds (the main verb always agrees with the subject N):
-``simple``  The N V C.                    ``pp``   The N P the N2 V C.
-``orc``     The N that the N2 V2 V C.     ``src``  The N that V2 the N2 V C.
-(V2 agrees with N2 in ``orc`` and with N in ``src``.) ``copy`` segments hold a random span of words
-that repeats, which rewards in-context copying (induction).
+Sentence kinds (the main verb V always agrees with the subject N):
+``simple``  The N V C.                          ``pp``      The N P the N2 V C.
+``pp2``     The N P the N2 P the N3 V C.        ``src``     The N that CV the N2 V C.
+``orc``     The N that the N2 CV V C.           ``orc_pp``  The N that the N2 P the N3 CV V C.
+``conj``    The N and the N2 V C. (V is plural: a coordinated subject)
+The clause verb CV agrees with N2 in ``orc``/``orc_pp`` and with N in ``src``; it is a transitive verb
+(``praises``) or, as often, one of the paper's answer verbs with a continuation (``has met``, ``is watching``),
+so every verb slot holds is/are, has/have, does/do and goes/go. The subjects of ``orc``/``orc_pp`` are never
+:data:`~sfcd.data.vocab.HELDOUT_SUBJECTS`. ``copy`` segments hold a random span of words that repeats, which
+rewards in-context copying (induction).
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ from dataclasses import dataclass
 
 from sfcd.data import vocab as V
 
-SENTENCE_KINDS = ("simple", "pp", "orc", "src")
-TASKS = ("simple", "nounpp", "rc", "within_rc")
+SENTENCE_KINDS = ("simple", "pp", "pp2", "orc", "orc_pp", "src", "conj")
+#: The paper's four tasks (its templates, vocabulary and answers), then sfcd's own: the transitive within_rc,
+#: and harder agreement (two attractors, a PP inside the clause, an attractor inside the clause, held-out
+#: subjects, a coordinated subject).
+PAPER_TASKS = ("simple", "nounpp", "rc", "within_rc")
+TASKS = (*PAPER_TASKS, "within_rc_transitive", "nounpp2", "rc_pp", "within_rc_pp", "rc_heldout", "conj")
 NUMBERS = ("singular", "plural")
+FLIP = {"singular": "plural", "plural": "singular"}
 
 
 @dataclass(frozen=True)
@@ -44,22 +54,41 @@ def _verb_phrase(rng: random.Random, number: str) -> tuple[str, str]:
     return verb, f"{verb} {rng.choice(V.COMPLEMENTS[pair[0]])}"
 
 
+def _clause_verb(rng: random.Random, number: str) -> str:
+    """The verb of a relative clause: a transitive verb, or an answer verb and its continuation."""
+    if rng.random() < 0.5:
+        return _pick(rng.choice(V.RC_VERBS), number)
+    pair = rng.choice(V.ANSWER_VERBS)
+    return f"{_pick(pair, number)} {rng.choice(V.CLAUSE_CONTINUATIONS[pair[0]])}"
+
+
+def _np(rng: random.Random, nouns: list[tuple[str, str]], number: str | None = None) -> str:
+    return f"the {_pick(rng.choice(nouns), number or _num(rng))}"
+
+
+def _pp(rng: random.Random, number: str | None = None) -> str:
+    return f"{rng.choice(V.PREPOSITIONS)} {_np(rng, V.PP_NOUNS, number)}"
+
+
 def sentence(rng: random.Random, kind: str) -> Sentence:
     """One sentence of ``kind`` (one of :data:`SENTENCE_KINDS`)."""
-    n = _num(rng)
-    subj = _pick(rng.choice(V.SUBJECTS), n)
-    if kind == "simple":
-        head = f"The {subj}"
-    elif kind == "pp":
-        head = f"The {subj} {rng.choice(V.PREPOSITIONS)} the {_pick(rng.choice(V.PP_NOUNS), _num(rng))}"
-    elif kind == "orc":
-        n2 = _num(rng)
-        head = f"The {subj} that the {_pick(rng.choice(V.RC_NOUNS), n2)} {_pick(rng.choice(V.RC_VERBS), n2)}"
-    elif kind == "src":
-        obj = _pick(rng.choice(V.RC_NOUNS), _num(rng))
-        head = f"The {subj} that {_pick(rng.choice(V.RC_VERBS), n)} the {obj}"
-    else:
+    if kind not in SENTENCE_KINDS:
         raise ValueError(f"unknown sentence kind {kind!r}; expected one of {SENTENCE_KINDS}")
+    n = _num(rng)
+    subjects = V.PAPER_SUBJECTS if kind in ("orc", "orc_pp") else V.SUBJECTS
+    head = f"The {_pick(rng.choice(subjects), n)}"
+    if kind == "pp":
+        head += f" {_pp(rng)}"
+    elif kind == "pp2":
+        head += f" {_pp(rng)} {_pp(rng)}"
+    elif kind in ("orc", "orc_pp"):
+        n2 = _num(rng)
+        pp = f" {_pp(rng)}" if kind == "orc_pp" else ""
+        head += f" that {_np(rng, V.RC_NOUNS, n2)}{pp} {_clause_verb(rng, n2)}"
+    elif kind == "src":
+        head += f" that {_clause_verb(rng, n)} {_np(rng, V.RC_NOUNS)}"
+    elif kind == "conj":
+        head, n = f"{head} and {_np(rng, V.PP_NOUNS)}", "plural"
     verb, vp = _verb_phrase(rng, n)
     return Sentence(f"{head} {vp}.", kind, n, verb)
 
@@ -101,37 +130,81 @@ def documents(
 
 
 # ---------------------------------------------------------------------------------------------- task pairs
-def _pair(task: str, rng: random.Random) -> dict[str, str]:
-    n1, n2 = _num(rng), _num(rng)
-    flip = {"singular": "plural", "plural": "singular"}
-    noun = rng.choice(V.SUBJECTS)
-    if task == "within_rc":
-        rc_noun, rc_verb = rng.choice(V.RC_NOUNS), rng.choice(V.RC_VERBS)
-        s = _pick(noun, n1)
-        clean = f"The {s} that the {_pick(rc_noun, n2)}"
-        patch = f"The {s} that the {_pick(rc_noun, flip[n2])}"
-        return dict(
-            clean_prefix=clean,
-            patch_prefix=patch,
-            clean_answer=" " + _pick(rc_verb, n2),
-            patch_answer=" " + _pick(rc_verb, flip[n2]),
-            case=f"{n1}_{n2}",
-        )
+def _prefix(task: str, rng: random.Random, n1: str, n2: str):
+    """The prefix of ``task`` at numbers (n1, n2) as a function of them, so a patch re-renders it with the
+    agreeing noun's number flipped (and, in the attractor tasks, every attractor's with it); the choice of
+    words is drawn once. Returns (render, the answer verb pair, which number the answer agrees with, case)."""
+    noun = rng.choice(V.HELDOUT_SUBJECTS if task == "rc_heldout" else V.PAPER_SUBJECTS)
     answer = rng.choice(V.ANSWER_VERBS)
+    prep, prep2 = rng.choice(V.PREPOSITIONS), rng.choice(V.PREPOSITIONS)
+    pp_noun, pp_noun2, rc_noun = rng.choice(V.PP_NOUNS), rng.choice(V.PP_NOUNS), rng.choice(V.RC_NOUNS)
+    rc_verb = rng.choice(V.RC_VERBS)
     if task == "simple":
-        tail, case = "", n1
-    elif task == "nounpp":
-        tail, case = f" {rng.choice(V.PREPOSITIONS)} the {_pick(rng.choice(V.PP_NOUNS), n2)}", f"{n1}_{n2}"
-    elif task == "rc":
-        tail = f" that the {_pick(rng.choice(V.RC_NOUNS), n2)} {_pick(rng.choice(V.RC_VERBS), n2)}"
-        case = f"{n1}_{n2}"
-    else:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        return (lambda a, b: f"The {_pick(noun, a)}"), answer, 1, n1
+    if task == "nounpp":
+        return (lambda a, b: f"The {_pick(noun, a)} {prep} the {_pick(pp_noun, b)}"), answer, 1, f"{n1}_{n2}"
+    if task in ("rc", "rc_heldout"):
+
+        def rc(a, b):
+            return f"The {_pick(noun, a)} that the {_pick(rc_noun, b)} {_pick(rc_verb, b)}"
+
+        return rc, answer, 1, f"{n1}_{n2}"
+    if task == "within_rc":
+        return (lambda a, b: f"The {_pick(noun, a)} that the {_pick(rc_noun, b)}"), answer, 2, f"{n1}_{n2}"
+    if task == "within_rc_transitive":
+        return (lambda a, b: f"The {_pick(noun, a)} that the {_pick(rc_noun, b)}"), rc_verb, 2, f"{n1}_{n2}"
+    # the attractor tasks: every attractor has the other number than the noun the answer agrees with
+    if task == "nounpp2":
+
+        def nounpp2(a, b):
+            return f"The {_pick(noun, a)} {prep} the {_pick(pp_noun, FLIP[a])} {prep2} the {_pick(pp_noun2, FLIP[a])}"
+
+        return nounpp2, answer, 1, f"{n1}_{FLIP[n1]}_{FLIP[n1]}"
+    if task == "rc_pp":
+
+        def rc_pp(a, b):
+            o = FLIP[a]
+            return (
+                f"The {_pick(noun, a)} that the {_pick(rc_noun, o)} {prep} the {_pick(pp_noun, o)} {_pick(rc_verb, o)}"
+            )
+
+        return rc_pp, answer, 1, f"{n1}_{FLIP[n1]}_{FLIP[n1]}"
+    if task == "within_rc_pp":
+
+        def within_rc_pp(a, b):
+            return f"The {_pick(noun, a)} that the {_pick(rc_noun, b)} {prep} the {_pick(pp_noun, FLIP[b])}"
+
+        return within_rc_pp, answer, 2, f"{n1}_{n2}_{FLIP[n2]}"
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def _conj_pair(rng: random.Random) -> dict[str, str]:
+    """``The N and the N2`` (plural verb) against ``The N P the N2`` (N's number, singular): the connective is
+    what the patch changes, so the first-noun rule that solves the other tasks gets it wrong."""
+    noun, other, answer = rng.choice(V.PAPER_SUBJECTS)[0], rng.choice(V.PP_NOUNS), rng.choice(V.ANSWER_VERBS)
+    n2 = _num(rng)
     return dict(
-        clean_prefix=f"The {_pick(noun, n1)}{tail}",
-        patch_prefix=f"The {_pick(noun, flip[n1])}{tail}",
-        clean_answer=" " + _pick(answer, n1),
-        patch_answer=" " + _pick(answer, flip[n1]),
+        clean_prefix=f"The {noun} and the {_pick(other, n2)}",
+        patch_prefix=f"The {noun} {rng.choice(V.PREPOSITIONS)} the {_pick(other, n2)}",
+        clean_answer=" " + answer[1],
+        patch_answer=" " + answer[0],
+        case=f"conj_{n2}",
+    )
+
+
+def _pair(task: str, rng: random.Random) -> dict[str, str]:
+    if task == "conj":
+        return _conj_pair(rng)
+    n1, n2 = _num(rng), _num(rng)
+    render, answer, agrees, case = _prefix(task, rng, n1, n2)
+    n = n1 if agrees == 1 else n2
+    clean = render(n1, n2)
+    patch = render(FLIP[n1], n2) if agrees == 1 else render(n1, FLIP[n2])
+    return dict(
+        clean_prefix=clean,
+        patch_prefix=patch,
+        clean_answer=" " + _pick(answer, n),
+        patch_answer=" " + _pick(answer, FLIP[n]),
         case=case,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from sfcd.data.grammar import PAPER_TASKS
 from sfcd.io import atomic_path, read_csv, write_csv
 
 BASE_FIELDS = ["step", "tokens", "train_loss", "heldout_loss", "induction_score"]
@@ -21,6 +22,60 @@ def update(path: Path, row: dict, tasks: list[str]) -> list[dict]:
     rows.append({k: row.get(k, "") for k in fields(tasks)})
     write_csv(path, rows, fields(tasks))
     return rows
+
+
+def tasks_of(rows: list[dict]) -> list[str]:
+    """The tasks a train log scores (its ``<task>_accuracy`` columns), in column order."""
+    return [k[: -len("_accuracy")] for k in (rows[0] if rows else {}) if k.endswith("_accuracy")]
+
+
+def crossings(rows: list[dict], tasks: list[str], thresholds: list[float]) -> dict[str, dict[str, int | None]]:
+    """Per task and threshold, the first checkpoint whose accuracy is at least the threshold (None: never)."""
+    out = {}
+    for t in tasks:
+        acc = [(int(r["step"]), float(r[f"{t}_accuracy"])) for r in rows if r.get(f"{t}_accuracy") not in (None, "")]
+        out[t] = {str(th): next((s for s, a in acc if a >= th), None) for th in thresholds}
+    return out
+
+
+def choose_steps(rows: list[dict], tasks: list[str], thresholds: list[float], max_steps: int) -> dict:
+    """The checkpoints where the model's agreement develops, from its train log.
+
+    Candidates: each task's first checkpoint at or above each threshold; the last checkpoint before any task
+    reaches the lowest threshold ("before": nothing learned yet; the first checkpoint if a task starts above it);
+    and the last checkpoint. With more than ``max_steps``, "before" and the last stay, and the other places are
+    given to the steps where the most (task, threshold) crossings fall (ties: the earlier step). Returns the
+    steps, why each was chosen, and the crossings."""
+    if not rows:
+        raise ValueError("the train log has no rows")
+    missing = [t for t in tasks if f"{t}_accuracy" not in rows[0]]
+    if missing:
+        raise ValueError(f"tasks {missing} are not in the train log; it scores {tasks_of(rows)}")
+    if max_steps < 2:
+        raise ValueError(f"max_steps={max_steps}: at least 2 (before learning and the last checkpoint)")
+    steps = [int(r["step"]) for r in rows]
+    cross = crossings(rows, tasks, thresholds)
+    reasons: dict[int, list[str]] = {}
+    for t, by in cross.items():
+        for th, s in by.items():
+            if s is not None:
+                reasons.setdefault(s, []).append(f"{t} >= {th}")
+    low = str(min(thresholds))
+    learned = [by[low] for by in cross.values() if by[low] is not None]
+    before = max([s for s in steps if s < min(learned)], default=steps[0]) if learned else steps[0]
+    keep = {before: ["before any task is learned"], steps[-1]: ["last checkpoint"]}
+    ranked = sorted((s for s in reasons if s not in keep), key=lambda s: (-len(reasons[s]), s))
+    for s in ranked[: max_steps - len(keep)]:
+        keep[s] = []
+    chosen = sorted(keep)
+    return {
+        "steps": chosen,
+        "reasons": {str(s): keep[s] + reasons.get(s, []) for s in chosen},
+        "crossings": cross,
+        "thresholds": list(thresholds),
+        "tasks": list(tasks),
+        "left_out": {str(s): reasons[s] for s in sorted(reasons) if s not in keep},
+    }
 
 
 def plot(path: Path, png: Path, tasks: list[str]) -> Path:
@@ -40,8 +95,8 @@ def plot(path: Path, png: Path, tasks: list[str]) -> Path:
     axes[0].plot(step, col("train_loss"), "o-", label="train")
     axes[0].plot(step, col("heldout_loss"), "s-", label="held-out")
     axes[0].set_ylabel("loss (nats)")
-    for t in tasks:
-        axes[1].plot(step, col(f"{t}_accuracy"), "o-", label=t)
+    for t in tasks:  # the paper's four solid, sfcd's own and the harder tasks dashed
+        axes[1].plot(step, col(f"{t}_accuracy"), "o-" if t in PAPER_TASKS else "s--", ms=3, label=t)
     axes[1].axhline(0.5, color="grey", lw=0.8, ls=":")
     axes[1].set_ylabel("agreement accuracy")
     axes[1].set_ylim(0, 1.02)

@@ -31,6 +31,20 @@ def _link(path: Path, root: Path, text: str) -> str:
     return f'<a href="{html.escape(os.path.relpath(path, root))}">{html.escape(text)}</a>'
 
 
+def _steps_section(root: Path, meta: dict) -> list[str]:
+    """Why the studied checkpoints are these: named in study.steps, or chosen from the train log."""
+    link = _link(root / "development" / "study_steps.json", root, "study_steps.json")
+    if meta.get("source") == "study.steps":
+        return [f"<p>Studied checkpoints {html.escape(str(meta['steps']))}, named in study.steps ({link}).</p>"]
+    rows = [{"step": s, "why": "; ".join(meta["reasons"][str(s)])} for s in meta["steps"]]
+    rows += [{"step": f"{s} (left out)", "why": "; ".join(r)} for s, r in meta.get("left_out", {}).items()]
+    return [
+        f"<p>Studied checkpoints chosen from the train log: where each task's accuracy first reaches "
+        f"{html.escape(str(meta['thresholds']))}, before any is learned, and the last ({link}).</p>",
+        _table(rows, ["step", "why"]),
+    ]
+
+
 def render(root: Path, title: str, plots: dict[str, Path], dev: dict, links: dict[str, list[Path]]) -> Path:
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
@@ -59,6 +73,8 @@ def render(root: Path, title: str, plots: dict[str, Path], dev: dict, links: dic
                 "circuits": "circuit_development.csv",
             }.get(key, "development.json")
             parts.append(f"<p>numbers: {_link(root / 'development' / name, root, name)}</p>")
+        if key == "training" and dev.get("study_steps"):
+            parts += _steps_section(root, dev["study_steps"])
     parts.append("<h2>SAE metrics</h2>")
     parts.append(
         _table(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sfcd.data.grammar import PAPER_TASKS
 from sfcd.io import atomic_path, read_csv
+from sfcd.models.train_log import tasks_of
 
 
 def _fig(rows=1, cols=1, size=(6, 3.6)):
@@ -35,13 +37,14 @@ def _x(step: int) -> float:
 
 def training_curves(train_log: Path, marks: list[int], path: Path) -> Path:
     rows = read_csv(train_log)
-    tasks = [k[: -len("_accuracy")] for k in rows[0] if k.endswith("_accuracy")]
+    tasks = tasks_of(rows)
     plt, fig, axes = _fig(1, 3, (15, 3.8))
     x = [_x(int(r["step"])) for r in rows]
     axes[0].plot(x, [float(r["heldout_loss"]) for r in rows], "o-", label="held-out loss")
     axes[0].plot(x, [float(r["train_loss"]) for r in rows], "s-", label="train loss", alpha=0.6)
-    for t in tasks:
-        axes[1].plot(x, [float(r[f"{t}_accuracy"]) for r in rows], "o-", label=t)
+    for t in tasks:  # the paper's four solid, sfcd's own and the harder tasks dashed
+        style = "o-" if t in PAPER_TASKS else "s--"
+        axes[1].plot(x, [float(r[f"{t}_accuracy"]) for r in rows], style, ms=3, label=t)
     axes[2].plot(x, [float(r["induction_score"]) for r in rows], "o-", color="C3", label="induction score")
     for ax in axes:
         for m in marks:

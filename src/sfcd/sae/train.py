@@ -69,10 +69,19 @@ def make_specs(sae_cfg: DictConfig, site_dims: dict[str, int]) -> list[SAESpec]:
         raise ConfigError(f"sae.sweep keys {sorted(unknown)} cannot be swept; sweepable: {sorted(SWEEPABLE)}")
     keys = sorted(sweep)
     grid = list(itertools.product(*(sweep[k] if isinstance(sweep[k], list) else [sweep[k]] for k in keys)))
+    per_site = OmegaConf.to_container(sae_cfg.per_site, resolve=True) or {}
+    for key, over in per_site.items():
+        bad = set(over or {}) - SWEEPABLE
+        if bad:
+            raise ConfigError(
+                f"sae.per_site.{key} sets {sorted(bad)}, which cannot differ by site; allowed: {sorted(SWEEPABLE)}"
+            )
     specs = []
     for site, d_in in site_dims.items():
+        # the site's own settings: its exact name's entry over its kind's (resid.1 over resid)
+        own = {**(per_site.get(site.split(".")[0]) or {}), **(per_site.get(site) or {})}
         for values in grid:
-            c = {**OmegaConf.to_container(sae_cfg, resolve=True), **dict(zip(keys, values, strict=True))}
+            c = {**OmegaConf.to_container(sae_cfg, resolve=True), **own, **dict(zip(keys, values, strict=True))}
             sae_class(c["architecture"])  # clear error for an unknown architecture
             d_sae = int(c["d_sae"] or c["expansion"] * d_in)
             suffix = ",".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
