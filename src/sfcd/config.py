@@ -38,12 +38,13 @@ class CorpusConfig:
     mixture: dict[str, float] = field(
         default_factory=lambda: {
             "simple": 0.2,
-            "pp": 0.22,
-            "pp2": 0.03,
+            "pp": 0.24,
+            "pp2": 0.01,
             "orc": 0.2,
-            "orc_pp": 0.02,
+            "orc_pp": 0.016,
             "src": 0.13,
-            "copy": 0.2,
+            "conj": 0.025,
+            "copy": 0.3,
         }
     )  # weights of the sentence kinds and of repeated random spans ("copy"); rare kinds are learned later
     sentences_per_doc: list[int] = field(default_factory=lambda: [1, 6])  # min and max lines per document

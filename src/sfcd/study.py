@@ -37,6 +37,11 @@ def study_steps(cfg: DictConfig, run: RunDir) -> dict:
     if list(s.steps):
         meta = {"steps": sorted(s.steps), "source": "study.steps"}
     else:
+        if not run.train_log.exists():
+            raise MissingArtifactError(
+                f"no train log at {run.train_log} to choose the studied steps from; train the model (`sfcd model`) "
+                "or name the checkpoints, e.g. study.steps=[64,128,1500]"
+            )
         rows = read_csv(run.train_log)
         tasks = list(s.step_tasks) or tasks_of(rows)
         try:

@@ -212,3 +212,23 @@ def test_interrupted_training_resumes_to_the_uninterrupted_crosscoder(test_run, 
     whole = load_file(str(folder / "crosscoder_weights.safetensors"))
     for name, t in whole.items():
         assert torch.equal(resumed[name], t), name
+
+
+def test_without_steps_the_crosscoder_reads_the_study_steps_chosen_from_the_train_log(test_run):
+    """Catches: an empty crosscoder.steps and study.steps (the defaults) read as K = 0 instead of the study's
+    checkpoints."""
+    import json
+
+    from sfcd.crosscoders.stage import crosscoder_steps
+    from sfcd.io import read_csv
+    from sfcd.models.train_log import choose_steps
+    from sfcd.paths import RunDir
+
+    run = RunDir(test_run.run_dir)
+    cfg = compose(["experiment=test", f"run_dir={run.root}", "study.steps=[]", "study.max_steps=3"])
+    rows = read_csv(run.train_log)
+    tasks = [k.removesuffix("_accuracy") for k in rows[0] if k.endswith("_accuracy")]
+    want = choose_steps(rows, tasks, [0.6, 0.9], 3)["steps"]
+    assert len(want) >= 2 and want[-1] == 24
+    assert crosscoder_steps(cfg) == want
+    assert json.loads((run.root / "development" / "study_steps.json").read_text())["steps"] == want

@@ -52,11 +52,13 @@ def test_choose_steps_keeps_before_learning_the_crossings_and_the_last():
     assert got["left_out"] == {}
 
 
-def test_too_many_candidates_keep_the_steps_where_most_tasks_cross():
+def test_too_many_candidates_cover_the_most_tasks_first():
     got = choose_steps(planted_rows(), ["a", "b", "c"], [0.6, 0.9], max_steps=4)
-    # 128 has two crossings; 64, 500 and 1000 one each: the earliest of them wins the last place
-    assert got["steps"] == [32, 64, 128, 1500]
-    assert got["left_out"] == {"500": ["b >= 0.9"], "1000": ["c >= 0.6"]}
+    # 128 crosses a and b; then only c is uncrossed: 1000 wins over 64 and 500 (one crossing each, earlier)
+    assert got["steps"] == [32, 128, 1000, 1500]
+    assert got["left_out"] == {"64": ["a >= 0.6"], "500": ["b >= 0.9"]}
+    # with one place left, the step crossing two tasks wins
+    assert choose_steps(planted_rows(), ["a", "b", "c"], [0.6, 0.9], max_steps=3)["steps"] == [32, 128, 1500]
     only_b = choose_steps(planted_rows(), ["b"], [0.6, 0.9], max_steps=5)  # step_tasks narrows the crossings
     assert only_b["steps"] == [64, 128, 500, 1500]
 

@@ -55,8 +55,13 @@ class CrosscoderSpec(SAESpec):
 
 
 def crosscoder_steps(cfg: DictConfig) -> list[int]:
-    """``crosscoder.steps`` (or ``study.steps``), checked: at least two, none twice, in increasing order."""
+    """``crosscoder.steps``, else the study's steps (``study.steps``, or chosen from the train log), checked: at
+    least two, none twice, in increasing order."""
     steps = [int(s) for s in (cfg.crosscoder.steps or cfg.study.steps)]
+    if not steps and not cfg.model.source:
+        from sfcd.study import study_steps
+
+        steps = study_steps(cfg, RunDir(cfg.run_dir).require())["steps"]
     twice = sorted({s for s in steps if steps.count(s) > 1})
     if twice:
         raise ConfigError(f"crosscoder.steps lists step {twice} more than once; list each checkpoint once")

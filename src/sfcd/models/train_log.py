@@ -43,9 +43,10 @@ def choose_steps(rows: list[dict], tasks: list[str], thresholds: list[float], ma
 
     Candidates: each task's first checkpoint at or above each threshold; the last checkpoint before any task
     reaches the lowest threshold ("before": nothing learned yet; the first checkpoint if a task starts above it);
-    and the last checkpoint. With more than ``max_steps``, "before" and the last stay, and the other places are
-    given to the steps where the most (task, threshold) crossings fall (ties: the earlier step). Returns the
-    steps, why each was chosen, and the crossings."""
+    and the last checkpoint. With more than ``max_steps``, "before" and the last stay, and the other places go,
+    one at a time, to the candidate that crosses the most tasks no chosen step crosses yet (ties: the most
+    crossings, then the earlier step), so a task that develops alone, late, keeps its step beside the crowded
+    early ones. Returns the steps, why each was chosen, the crossings and what was left out."""
     if not rows:
         raise ValueError("the train log has no rows")
     missing = [t for t in tasks if f"{t}_accuracy" not in rows[0]]
@@ -64,9 +65,14 @@ def choose_steps(rows: list[dict], tasks: list[str], thresholds: list[float], ma
     learned = [by[low] for by in cross.values() if by[low] is not None]
     before = max([s for s in steps if s < min(learned)], default=steps[0]) if learned else steps[0]
     keep = {before: ["before any task is learned"], steps[-1]: ["last checkpoint"]}
-    ranked = sorted((s for s in reasons if s not in keep), key=lambda s: (-len(reasons[s]), s))
-    for s in ranked[: max_steps - len(keep)]:
-        keep[s] = []
+    crossed_at = {s: {r.split(" >= ")[0] for r in rs} for s, rs in reasons.items()}
+    covered = set().union(*(crossed_at.get(s, set()) for s in keep))
+    pool = [s for s in reasons if s not in keep]
+    while pool and len(keep) < max_steps:
+        best = min(pool, key=lambda s: (-len(crossed_at[s] - covered), -len(reasons[s]), s))
+        keep[best] = []
+        covered |= crossed_at[best]
+        pool.remove(best)
     chosen = sorted(keep)
     return {
         "steps": chosen,
