@@ -52,13 +52,20 @@ def test_choose_steps_keeps_before_learning_the_crossings_and_the_last():
     assert got["left_out"] == {}
 
 
-def test_too_many_candidates_cover_the_most_tasks_first():
+def test_too_many_candidates_keep_where_tasks_are_learned_first():
     got = choose_steps(planted_rows(), ["a", "b", "c"], [0.6, 0.9], max_steps=4)
-    # 128 crosses a and b; then only c is uncrossed: 1000 wins over 64 and 500 (one crossing each, earlier)
-    assert got["steps"] == [32, 128, 1000, 1500]
-    assert got["left_out"] == {"64": ["a >= 0.6"], "500": ["b >= 0.9"]}
-    # with one place left, the step crossing two tasks wins
+    # a is learned (>= 0.9) at 128 and b at 500: those come first; 64 and 1000 only cross 0.6
+    assert got["steps"] == [32, 128, 500, 1500]
+    assert got["left_out"] == {"64": ["a >= 0.6"], "1000": ["c >= 0.6"]}
+    # with one place left: 128 (a learned, b starting) over 500 (b learned alone)
     assert choose_steps(planted_rows(), ["a", "b", "c"], [0.6, 0.9], max_steps=3)["steps"] == [32, 128, 1500]
+    # the demo's case: a task that crosses 0.6 at a crowded step keeps the late step where it is learned
+    rows = planted_rows()
+    for r in rows:
+        r["c_accuracy"] = {True: "0.95", False: r["c_accuracy"]}[int(r["step"]) >= 1000]
+        r["c_accuracy"] = "0.62" if 128 <= int(r["step"]) < 1000 else r["c_accuracy"]
+    assert choose_steps(rows, ["a", "b", "c"], [0.6, 0.9], max_steps=4)["steps"] == [32, 128, 500, 1500]
+    assert choose_steps(rows, ["a", "b", "c"], [0.6, 0.9], max_steps=5)["steps"] == [32, 128, 500, 1000, 1500]
     only_b = choose_steps(planted_rows(), ["b"], [0.6, 0.9], max_steps=5)  # step_tasks narrows the crossings
     assert only_b["steps"] == [64, 128, 500, 1500]
 

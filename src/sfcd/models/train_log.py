@@ -44,9 +44,10 @@ def choose_steps(rows: list[dict], tasks: list[str], thresholds: list[float], ma
     Candidates: each task's first checkpoint at or above each threshold; the last checkpoint before any task
     reaches the lowest threshold ("before": nothing learned yet; the first checkpoint if a task starts above it);
     and the last checkpoint. With more than ``max_steps``, "before" and the last stay, and the other places go,
-    one at a time, to the candidate that crosses the most tasks no chosen step crosses yet (ties: the most
-    crossings, then the earlier step), so a task that develops alone, late, keeps its step beside the crowded
-    early ones. Returns the steps, why each was chosen, the crossings and what was left out."""
+    one at a time, to the candidate where the most tasks not yet covered reach the highest threshold (learned),
+    then where the most (task, threshold) crossings not yet covered fall, then the earlier step; so a task
+    learned alone, late, keeps its step beside the crowded early ones. Returns the steps, why each was chosen,
+    the crossings and what was left out."""
     if not rows:
         raise ValueError("the train log has no rows")
     missing = [t for t in tasks if f"{t}_accuracy" not in rows[0]]
@@ -65,13 +66,19 @@ def choose_steps(rows: list[dict], tasks: list[str], thresholds: list[float], ma
     learned = [by[low] for by in cross.values() if by[low] is not None]
     before = max([s for s in steps if s < min(learned)], default=steps[0]) if learned else steps[0]
     keep = {before: ["before any task is learned"], steps[-1]: ["last checkpoint"]}
-    crossed_at = {s: {r.split(" >= ")[0] for r in rs} for s, rs in reasons.items()}
-    covered = set().union(*(crossed_at.get(s, set()) for s in keep))
+    top = str(max(thresholds))
+    events = {s: set(rs) for s, rs in reasons.items()}  # "task >= threshold"
+    covered = set().union(*(events.get(s, set()) for s in keep))
+
+    def gain(s: int) -> tuple[int, int, int]:
+        new = events[s] - covered
+        return (-sum(e.endswith(f">= {top}") for e in new), -len(new), s)
+
     pool = [s for s in reasons if s not in keep]
     while pool and len(keep) < max_steps:
-        best = min(pool, key=lambda s: (-len(crossed_at[s] - covered), -len(reasons[s]), s))
+        best = min(pool, key=gain)
         keep[best] = []
-        covered |= crossed_at[best]
+        covered |= events[best]
         pool.remove(best)
     chosen = sorted(keep)
     return {
