@@ -24,7 +24,16 @@ import torch
 PROFILES = {
     # model shape, SAE width, steps and batch per architecture, site
     "full": {"model": "pythia-70m-deduped", "d_sae": 32768, "steps": 300, "batch": 4096, "site": "resid.2"},
-    "small": {"model": "micro", "d_sae": 256, "steps": 40, "batch": 512, "site": "resid.1"},
+    # the micro model's activations are small in the SAE's units: 40 steps from jumprelu's 0.5 threshold leave
+    # every latent off, so the small profile starts it at 0.1
+    "small": {
+        "model": "micro",
+        "d_sae": 256,
+        "steps": 40,
+        "batch": 512,
+        "site": "resid.1",
+        "extra": {"jumprelu": ["sae.threshold_init=0.1"]},
+    },
 }
 ARCHS = {
     "relu": ["sae.l1_coeff=5"],
@@ -115,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sae.eval_tokens=4096",
                     "sae.checkpoint_every=100",
                     *extra,
+                    *prof.get("extra", {}).get(arch, []),
                 ]
             )
             if device.type == "cuda":

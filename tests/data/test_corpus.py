@@ -16,7 +16,12 @@ def test_agreement_corpus_tokens_decode_to_grammar_text(test_run, tokenizer):
     assert len(train) == test_run.corpus.n_tokens and len(val) == test_run.corpus.val_tokens
     assert train.dtype == np.uint16
     text = tokenizer.decode(np.asarray(train[:400]))
-    assert text.startswith("<|endoftext|>The ")
+    assert text.startswith("<|endoftext|>")
+    first_doc = text.split("<|endoftext|>")[1]
+    for line in first_doc.split("\n"):  # a grammar sentence, or a copy line (a span repeated)
+        words = line.split()
+        half = len(words) // 2
+        assert (line.startswith("The ") and line.endswith(".")) or words[:half] == words[half:], line
     assert not np.array_equal(np.asarray(train[:200]), np.asarray(val[:200]))  # different seeds
 
 

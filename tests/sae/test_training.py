@@ -83,15 +83,17 @@ def test_unknown_architecture_and_sweep_key():
 def test_per_site_settings_lay_a_site_over_its_kind_over_the_defaults():
     """Catches: an override applied to every site, the kind's entry winning over the exact site's, or the sweep
     losing to a per-site value."""
-    cfg = compose(["sae.expansion=4", "sae.k=8", "+sae.per_site={resid:{expansion:2,k:4},resid.1:{k:6}}"]).sae
+    cfg = compose(
+        ["experiment=test", "sae.expansion=4", "sae.k=8", "+sae.per_site={resid:{expansion:2,k:4},resid.1:{k:6}}"]
+    ).sae
     specs = {s.name: s for s in make_specs(cfg, {"embed": 16, "resid.0": 16, "resid.1": 16})}
     assert (specs["embed"].d_sae, specs["embed"].hparams["k"]) == (64, 8)
     assert (specs["resid.0"].d_sae, specs["resid.0"].hparams["k"]) == (32, 4)
     assert (specs["resid.1"].d_sae, specs["resid.1"].hparams["k"]) == (32, 6)
-    swept = make_specs(compose(["+sae.per_site.embed={k:2}", "+sae.sweep.k=[3]"]).sae, {"embed": 16})
+    swept = make_specs(compose(["experiment=test", "+sae.per_site.embed={k:2}", "+sae.sweep.k=[3]"]).sae, {"embed": 16})
     assert swept[0].hparams["k"] == 3
     with pytest.raises(ConfigError, match=r"sae.per_site.embed sets \['batch_size'\], which cannot differ by site"):
-        make_specs(compose(["+sae.per_site.embed={batch_size:2}"]).sae, {"embed": 4})
+        make_specs(compose(["experiment=test", "+sae.per_site.embed={batch_size:2}"]).sae, {"embed": 4})
 
 
 def test_sae_stage_on_a_checkpoint(test_run, test_saes):

@@ -109,11 +109,16 @@ def draw_curve(curves: dict[str, list[dict]], stem: Path, title: str) -> list[Pa
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = 0
     for name, pts in curves.items():
         pts = [p for p in pts if p["n_nodes"] > 0]
+        drawn += len(pts)
         ax.plot([p["n_nodes"] for p in pts], [p["faithfulness"] for p in pts], "o-", label=name, ms=3)
     ax.axhline(1, color="gray", lw=0.8, ls=":")
-    ax.set_xscale("log")
+    if drawn:  # a log axis needs a positive node count; a circuit empty at every threshold has none
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no nodes at any threshold", transform=ax.transAxes, ha="center", va="center")
     ax.set_xlabel("nodes in the circuit")
     ax.set_ylabel("faithfulness")
     ax.set_title(title, fontsize=10)
