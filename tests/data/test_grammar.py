@@ -12,6 +12,7 @@ _VOCAB = (V.SUBJECTS, V.RC_NOUNS, V.PP_NOUNS, V.RC_VERBS, V.ANSWER_VERBS, V.EXTR
 SING = {s for pairs in _VOCAB for s, _ in pairs}
 PLUR = {p for pairs in _VOCAB for _, p in pairs}
 AUX = {w for pair in V.ANSWER_VERBS for w in pair}
+SINGULAR_OF = {w: pair[0] for pair in V.ANSWER_VERBS for w in pair}  # an answer verb's singular form
 
 
 def number(word: str) -> str:
@@ -36,9 +37,7 @@ def parse(text: str) -> dict:
     def clause_verb(i: int) -> int:  # a transitive verb, or an answer verb and its continuation
         out["clause_verb"] = w[i]
         if w[i] in AUX:
-            conts = V.CLAUSE_CONTINUATIONS[
-                w[i] if number(w[i]) == "singular" else dict(map(reversed, V.ANSWER_VERBS))[w[i]]
-            ]
+            conts = V.CLAUSE_CONTINUATIONS[SINGULAR_OF[w[i]]]
             assert w[i + 1] in conts, text
             return i + 2
         return i + 1
@@ -144,12 +143,7 @@ def complete(prefix: str, answer: str, task: str) -> str:
     subject = prefix.split()[1]
     cont = ""
     if answer.strip() in AUX:
-        sing = (
-            answer.strip()
-            if number(answer.strip()) == "singular"
-            else dict(map(reversed, V.ANSWER_VERBS))[answer.strip()]
-        )
-        cont = " " + V.CLAUSE_CONTINUATIONS[sing][0]
+        cont = " " + V.CLAUSE_CONTINUATIONS[SINGULAR_OF[answer.strip()]][0]
     main = "is" if number(subject) == "singular" else "are"
     return f"{prefix}{answer}{cont} {main} here."
 
