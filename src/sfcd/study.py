@@ -8,12 +8,14 @@ Hydra sweep first (``sfcd sae -m step=32,64,128 hydra/launcher=joblib``), then `
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from sfcd.errors import ConfigError, MissingArtifactError
+from sfcd.models.loading import source_steps, warn_identical
 from sfcd.paths import RunDir
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,14 @@ def _at(cfg: DictConfig, **changes) -> DictConfig:
     for key, value in changes.items():
         OmegaConf.update(c, key, value, merge=False, force_add=True)
     return c
+
+
+def sae_model_provenance(folder: Path) -> dict:
+    """The ``sfcd_model`` record (source, step, dtype, weights hash) in an SAE folder's cfg.json ({} if absent)."""
+    try:
+        return json.loads((folder / "cfg.json").read_text())["metadata"].get("sfcd_model") or {}
+    except (OSError, KeyError, ValueError):
+        return {}
 
 
 def study_steps(cfg: DictConfig, run: RunDir) -> dict:
@@ -72,11 +82,13 @@ def run_study(cfg: DictConfig) -> Path:
             "from; name the checkpoints to study, e.g. study.steps=[64,128,1500]"
         )
     run = train_model(cfg) if not cfg.model.source else RunDir(cfg.run_dir)
-    have = run.model_steps()
-    missing = [x for x in s.steps if x not in have]
+    # a run's own checkpoints, or those of a checkpoint series folder (None: a hub id, whose revisions are
+    # only known online, and a missing one fails when it loads)
+    have = source_steps(cfg.model.source) if cfg.model.source else run.model_steps()
+    missing = [x for x in s.steps if have is not None and x not in have]
     if missing:
         raise MissingArtifactError(
-            f"study.steps {missing} are not checkpoints of {run.model}; the steps there are {have}"
+            f"study.steps {missing} are not checkpoints of {cfg.model.source or run.model}; the steps there are {have}"
         )
     steps_meta = study_steps(cfg, run)
     steps = steps_meta["steps"]
@@ -104,6 +116,9 @@ def run_study(cfg: DictConfig) -> Path:
     seed_suffix = f"@seed={cfg.sae.seed + steps[-1] + 1}" if s.seed_baseline else None
     dev = analyse(run, steps, sites, tasks, s.shared_threshold, seed_suffix, cfg)
     dev["study_steps"] = steps_meta
+    dev["identical_checkpoints"] = warn_identical(
+        {step: sae_model_provenance(run.root / "saes" / f"step{step}" / sites[0]) for step in steps}
+    )
     d = run.root / "development"
     plots = {
         "training": training_curves(run.train_log, steps, d / "training.png"),

@@ -176,7 +176,7 @@ def _crosscoder_view(model, site: Site, folder: Path, step: int | None, others: 
     steps = list(cc.cfg["steps"])
     for j, st in enumerate(steps):
         if j != m and st not in others:
-            others[st] = load_model(cc.cfg["model_source"], st).to(device)
+            others[st] = load_model(cc.cfg["model_source"], st, dtype=next(model.parameters()).dtype).to(device)
             others[st].requires_grad_(False)
     view = JointView(cc.to(device), m, site, {j: others[st] for j, st in enumerate(steps) if j != m})
     try:

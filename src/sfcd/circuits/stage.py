@@ -33,11 +33,15 @@ from sfcd.errors import ConfigError, InputError
 from sfcd.features.api import feature_notes
 from sfcd.io import save_safetensors, write_json
 from sfcd.models.eval_stage import task_path
-from sfcd.models.loading import checkpoint
+from sfcd.models.loading import checkpoint, provenance
 from sfcd.models.sites import Site, expand_sites, parallel_blocks
 from sfcd.paths import RunDir
 
 log = logging.getLogger(__name__)
+
+#: node and edge effects are gradients and differences of small metric changes: float32 only (in bfloat16 the
+#: attribution and exact effects differ by its rounding; float16 gradients overflow without loss scaling)
+CIRCUIT_DTYPES = ("float32",)
 
 
 def check_config(c: DictConfig) -> None:
@@ -112,7 +116,7 @@ def find_circuit(cfg: DictConfig) -> Path:
     c = cfg.circuit
     check_config(c)
     run = RunDir(cfg.run_dir)
-    model, tokenizer, step = checkpoint(cfg, cfg.step)
+    model, tokenizer, step = checkpoint(cfg, cfg.step, "circuit", CIRCUIT_DTYPES)
     device = work_device(cfg.trainer)
     model.to(device)
     for p in model.parameters():
@@ -196,6 +200,7 @@ def find_circuit(cfg: DictConfig) -> Path:
         "task": task.name,
         "task_file": str(path),
         "step": step,
+        "sfcd_model": provenance(model),
         "method": c.method,
         "aggregation": c.aggregation,
         "node_threshold": c.node_threshold,
@@ -309,7 +314,7 @@ def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -
     every position), on the task's eval split."""
     c = cfg.circuit
     run = RunDir(cfg.run_dir)
-    model, tokenizer, step = checkpoint(cfg, step)
+    model, tokenizer, step = checkpoint(cfg, step, "circuit", CIRCUIT_DTYPES)
     device = work_device(cfg.trainer)
     model.to(device)
     sites = sorted(expand_sites(list(c.sites), model), key=lambda x: x.order)

@@ -12,7 +12,7 @@ from sfcd.devices import work_device
 from sfcd.errors import ConfigError, MissingArtifactError
 from sfcd.io import read_jsonl, write_json
 from sfcd.models import evaluate
-from sfcd.models.loading import load_model, load_tokenizer
+from sfcd.models.loading import checkpoint, provenance
 from sfcd.paths import RunDir
 
 log = logging.getLogger(__name__)
@@ -38,17 +38,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     run = RunDir(cfg.run_dir)
     if not cfg.tasks:
         raise ConfigError("tasks is empty; name at least one task, e.g. tasks=[simple,nounpp]")
-    if cfg.model.source:
-        model, tokenizer, step = (
-            load_model(cfg.model.source, cfg.step),
-            load_tokenizer(cfg.model.source, cfg.step),
-            cfg.step,
-        )
-    else:
-        step = run.require().resolve_step(cfg.step)
-        model, tokenizer = load_model(run.root, step), load_tokenizer(run.root, step)
+    model, tokenizer, step = checkpoint(cfg, cfg.step, "eval")
     model.to(work_device(cfg.trainer))
-    out: dict = {"model": cfg.model.source or str(run.root), "step": step}
+    out: dict = {"model": cfg.model.source or str(run.root), "step": step, "sfcd_model": provenance(model)}
     for name in cfg.tasks:
         path = task_path(run, name)
         if Path(name).stem.startswith("induction") or name == "induction":

@@ -159,13 +159,15 @@ class StopForward(Exception):
 
 @contextlib.contextmanager
 def hooks(model, fns: dict[Site, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
-    """Forward hooks at each site: ``fn(activation)`` may return a replacement for the site's output."""
+    """Forward hooks at each site: ``fn(activation)`` may return a replacement for the site's output, which is cast
+    to the output's dtype (a float32 dictionary spliced into a bfloat16/float16 model)."""
     handles = []
 
     def make(fn):
         def hook(module, inputs, output):
-            new = fn(_first(output))
-            return None if new is None else _with_first(output, new)
+            old = _first(output)
+            new = fn(old)
+            return None if new is None else _with_first(output, new.to(old.dtype))
 
         return hook
 
