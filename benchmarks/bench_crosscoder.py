@@ -6,7 +6,11 @@
   share of features whose emergence and death checkpoint is recovered;
 - the K x d x m projection for pythia-70m (d = 512; one site, as the papers): FLOPs per token, parameter and
   Adam memory, the buffer, and the time for 50M tokens per site on one GPU at a stated rate, with this
-  machine's measured fraction of its own matmul rate for the same shapes.
+  machine's measured fraction of its own matmul rate for the same shapes;
+- the stage's memory plan (:mod:`sfcd.crosscoders.memory`) at the pythia-70m shape (six resid sites, d = 512,
+  the pythia preset's 16,384 latents and 32,768, K = 5, 10, 20, buffer float32 or bfloat16, bf16-mixed, the
+  K fp32 models): each part in GiB and what the stage does on an 80 GiB and a 141 GiB GPU (together, in groups
+  one after another, or refused with its one line).
 
 Needs a demo run (``make demo``) for the first part. Prints one JSON line per figure.
     python benchmarks/bench_crosscoder.py [--run runs/demo] [--skip-demo]
@@ -160,6 +164,38 @@ def projection() -> None:
     )
 
 
+def memory_plans() -> None:
+    import torch
+
+    from sfcd.crosscoders.memory import GIB, HEADROOM, PlanInputs, schedule_sites
+    from sfcd.errors import InputError
+
+    model_each = 70_426_624 * 4  # pythia-70m-deduped's parameters (incl. embeddings), float32
+    sites = {f"resid.{i}": 512 for i in range(6)}
+    for K in (5, 10, 20):
+        for m in (16_384, 32_768):
+            for buf in (torch.float32, torch.bfloat16):
+                p = PlanInputs(K, m // 512, 131_072, 4096, buf, torch.float32, 2, torch.bfloat16, model_each)
+                parts = p.parts(list(sites.values()))
+                row = {
+                    "figure": "crosscoder_memory_plan_pythia70m_6_resid_sites",
+                    "K": K,
+                    "latents": m,
+                    "buffer_tokens": p.rows,
+                    "buffer_dtype": str(buf).removeprefix("torch."),
+                    **{f"{k}_gib": round(v / GIB, 2) for k, v in parts.items()},
+                    "total_gib_together": round(sum(parts.values()) / GIB, 2),
+                    "one_site_gib": round(sum(p.parts([512]).values()) / GIB, 2),
+                }
+                for gpu in (80, 141):
+                    try:
+                        sch = schedule_sites(sites, p, int(HEADROOM * gpu * GIB))
+                        row[f"on_{gpu}gib"] = f"{len(sch.groups)} group(s) of {[len(g) for g in sch.groups]}"
+                    except InputError as e:
+                        row[f"on_{gpu}gib"] = f"refused: {e}"
+                print(json.dumps(row))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], [int(s) for s in sys.argv[4:]], sys.argv[3])
@@ -167,7 +203,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/demo")
     ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory plans (no timing)")
     args = ap.parse_args()
+    memory_plans()
+    if args.memory_only:
+        return
     projection()
     ground_truth()
     if not args.skip_demo:

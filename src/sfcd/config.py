@@ -27,6 +27,7 @@ class ModelConfig:
     max_position: int = 2048  # longest context the model supports
     seq_len: int = 64  # training context length
     attn_implementation: str = "eager"  # eager | sdpa (eager is faster at the tiny sizes)
+    dtype: str = "float32"  # weights' dtype when a stage loads a checkpoint, whatever its stored one: float32 | bfloat16 | float16
 
 
 @dataclass
@@ -134,6 +135,11 @@ class SAEConfig:
     checkpoint_every: int = 200  # steps between resumable states
     init: str = "random"  # random | previous (study: warm-start from the previous checkpoint's SAE)
     init_from: str | None = None  # a saes/step<N> folder to warm-start from (set by the study for init=previous)
+    # site-parallel: the sites split into `shards` shards (every shards-th site), this job training shard `shard`
+    # from its own stream, with no gradient traffic; one job per GPU (README, Pythia): sae.shards=4
+    # sae.shard=0,1,2,3 'trainer.devices=[${sae.shard}]' hydra/launcher=joblib. Each SAE is the unsharded job's.
+    shards: int = 1
+    shard: int = 0
 
 
 @dataclass
@@ -149,6 +155,7 @@ class FeaturesConfig:
     batch: int = 16  # sequences per forward pass
     ultra_low: float = 1.0e-4  # density below which a live feature belongs to the ultra-low-density group
     token_feature: float = 0.9  # share of firings on one token that marks a token feature
+    shard_size: int = 256  # features per dashboard file loaded on demand (feats/shard_*.js)
 
 
 @dataclass
@@ -199,6 +206,9 @@ class CrosscoderConfig:
     presence: float = 0.3  # present at a checkpoint: decoder norm >= this x the latent's largest norm
     scaling_flag: float = 0.5  # Latent Scaling flag: absent by norm, beta >= this x the strongest checkpoint's
     circuits: bool = True  # in the study: circuits on the crosscoder's latents at crosscoder.sites, per task
+    memory_limit: float = 0.0  # GiB training may hold (models, buffer, weights, grads, Adam, a batch); 0: 0.8 x the
+    # device's free memory. Sites that do not fit together train one group after another; a site alone that does
+    # not fit is refused before training, naming what would fit
 
 
 @dataclass

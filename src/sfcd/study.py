@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from sfcd.errors import ConfigError, MissingArtifactError
+from sfcd.io import write_json
 from sfcd.models.loading import source_steps, warn_identical
 from sfcd.paths import RunDir
 
@@ -40,7 +41,7 @@ def sae_model_provenance(folder: Path) -> dict:
 def study_steps(cfg: DictConfig, run: RunDir) -> dict:
     """``study.steps`` when given, else the steps :func:`~sfcd.models.train_log.choose_steps` picks from the
     train log; either way written, with the reasons, to ``development/study_steps.json``."""
-    from sfcd.io import read_csv, write_json
+    from sfcd.io import read_csv
     from sfcd.models.train_log import choose_steps, tasks_of
 
     s = cfg.study
@@ -119,6 +120,7 @@ def run_study(cfg: DictConfig) -> Path:
     dev["identical_checkpoints"] = warn_identical(
         {step: sae_model_provenance(run.root / "saes" / f"step{step}" / sites[0]) for step in steps}
     )
+    write_json(run.root / "development" / "development.json", dev)
     d = run.root / "development"
     plots = {
         "training": training_curves(run.train_log, steps, d / "training.png"),

@@ -188,3 +188,25 @@ def test_bfloat16_for_the_sae_stage_and_one_line_errors(series, test_run, tmp_pa
         f.unlink()
     with pytest.raises(MissingArtifactError, match=r"no tokenizer in .*bare"):
         checkpoint(compose(["experiment=test", f"run_dir={tmp_path}", f"model.source={bare}"]), steps[0])
+
+
+def test_a_crosscoder_over_identical_checkpoints_warns_and_records_them(series, test_run, tmp_path):
+    """Bug caught: a crosscoder over Pythia's identical step0/step1 trained silently, or a cfg.json that does not say
+    which checkpoints (and dtype, weights) its blocks came from."""
+    from sfcd.crosscoders.stage import train_crosscoders
+
+    root, steps = series
+    twin = steps[-1] + 1
+    shutil.copytree(RunDir(test_run.run_dir).corpus, tmp_path / "corpus")
+    cfg = compose(
+        ["experiment=test", f"run_dir={tmp_path}", f"model.source={root}", f"crosscoder.steps=[{steps[-1]},{twin}]",
+         "crosscoder.sites=[resid.0]", "crosscoder.n_tokens=2048", "crosscoder.circuits=false"]
+    )
+    with pytest.warns(UserWarning, match=rf"checkpoints {steps[-1]}, {twin} have identical weights"):
+        folders = train_crosscoders(cfg)
+    meta = json.loads((folders[0] / "cfg.json").read_text())
+    assert meta["identical_checkpoints"] == [[steps[-1], twin]]
+    recs = meta["sfcd_models"]
+    assert [recs[str(s)]["step"] for s in (steps[-1], twin)] == [steps[-1], twin]
+    assert recs[str(steps[-1])]["weights_sha256"] == recs[str(twin)]["weights_sha256"]
+    assert recs[str(twin)]["stored_dtype"] == "float16" and recs[str(twin)]["path"].endswith(f"step{twin}")

@@ -242,17 +242,31 @@ class ConcatSource(ChunkSource):
         self.device = torch.device(device)
         return self
 
-    def _join(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        rows = {len(p[n]) for p in parts for n in self.names}
-        if len(rows) != 1:  # a harvest that ran out of windows at one source and not at another
-            raise InputError(f"the joined sources gave different numbers of rows {sorted(rows)}; cannot align them")
-        return {n: torch.cat([p[n] for p in parts], dim=1) for n in self.names}
+    def _join(self, make) -> dict[str, torch.Tensor]:
+        """``make(source)`` for each source in turn, copied into the joined chunk as soon as it is made and then
+        freed: at most one source's chunk is alive beside the joined one (the memory plan counts on this)."""
+        out: dict[str, torch.Tensor] = {}
+        rows: set[int] = set()
+        offsets = dict.fromkeys(self.names, 0)
+        for src in self.sources:
+            part = make(src)
+            rows |= {len(part[n]) for n in self.names}
+            if len(rows) != 1:  # a harvest that ran out of windows at one source and not at another
+                raise InputError(f"the joined sources gave different numbers of rows {sorted(rows)}; cannot align them")
+            for n in self.names:
+                a = part[n]
+                if n not in out:
+                    out[n] = torch.empty(len(a), self.dims[n], dtype=a.dtype, device=a.device)
+                out[n][:, offsets[n] : offsets[n] + a.shape[1]] = a
+                offsets[n] += a.shape[1]
+            del part, a
+        return out
 
     def chunk(self, c: int) -> dict[str, torch.Tensor]:
-        return self._join([s.chunk(c) for s in self.sources])
+        return self._join(lambda s: s.chunk(c))
 
     def uncached_rows(self, c: int, rows: int) -> dict[str, torch.Tensor]:
-        return self._join([s.uncached_rows(c, rows) for s in self.sources])
+        return self._join(lambda s: s.uncached_rows(c, rows))
 
 
 class StreamBatches(IterableDataset):

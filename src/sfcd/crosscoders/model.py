@@ -11,7 +11,7 @@ are the SAE's (:class:`sfcd.sae.train.SAEModule`), with these classes as the dic
 - :class:`BatchTopKCrosscoder` (the default; Minder et al. 2025): keep the ``k * batch`` largest
   ``relu(pre_i) * sum_m ||W_dec,i^m||`` over the batch; at inference a threshold on that score (the running mean
   of the smallest kept one) makes it a JumpReLU with per-latent threshold ``theta / sum_m ||W_dec,i^m||``.
-  AuxK on dead latents as the TopK SAE.
+  AuxK on dead latents as the TopK SAE, with ``k_aux = d / 2`` of one checkpoint's width ``d``.
 - :class:`L1Crosscoder`: ReLU, loss ``sum_m ||a^m - a_hat^m||^2 + l1 * sum_i f_i sum_m ||W_dec,i^m||``.
 """
 
@@ -76,6 +76,14 @@ class Crosscoder(BatchTopKSAE):
 
 class BatchTopKCrosscoder(Crosscoder):
     architecture = "crosscoder_batchtopk"
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0, **hparams):
+        super().__init__(d_in, d_sae, seed, **hparams)
+        # AuxK's dead latents: half of one checkpoint's width, as the published BatchTopK crosscoder
+        # (bayazitdeniz/crosscoding-through-time, trainer.py: top_k_aux = d_in // 2 with d_in one model's width),
+        # not half of K x d (the SAE default on the joined input), which would grow with K
+        if not self.hparams.get("k_aux"):
+            self.hparams["k_aux"] = self.d // 2
 
     def selection_score(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre) * self.decoder_norms().sum(1).detach()

@@ -57,18 +57,29 @@ def decoder_stats(cc: Crosscoder, presence: float = 0.3) -> dict[str, torch.Tens
 
 class Accumulator:
     """Streaming per-checkpoint reconstruction metrics and Latent Scaling sums over batches of ``x`` [B, K*d]
-    (raw activations). Memory: ``d_sae x d`` per checkpoint, whatever the number of tokens."""
+    (raw activations), fed chunk by chunk: nothing grows with the number of tokens. Memory: ``d_sae x K`` sums and
+    one batch's ``[B, d_sae]`` latents (feed batches of a few thousand rows).
+
+    Per checkpoint: the crosscoder's FVE, and the FVE of its block seen alone (:func:`sfcd.crosscoders.io.
+    checkpoint_sae`: pre-activations ``a^m W_enc^m + b_enc`` without the other checkpoints' terms). Latent Scaling
+    needs each latent's direction ``d_i`` (its decoder row at its strongest checkpoint), fixed once trained, so
+    ``sum_x f_i(x) <e^m(x), d_i>`` is summed directly ([d_sae, K]), not ``sum_x f_i(x) e^m(x)`` ([K, d_sae, d])."""
 
     def __init__(self, cc: Crosscoder):
         self.cc, K, d, m = cc, cc.n_blocks, cc.d, cc.d_sae
         dev = cc.W_enc.device
         self.n = 0
         self.sq_err = torch.zeros(K, dtype=torch.float64, device=dev)
+        self.sq_err_alone = torch.zeros(K, dtype=torch.float64, device=dev)
         self.sum_x = torch.zeros(K, d, dtype=torch.float64, device=dev)
         self.sum_sq = torch.zeros(K, dtype=torch.float64, device=dev)
         self.fired = torch.zeros(m, dtype=torch.long, device=dev)
         self.l0 = 0.0
-        self.f_err = torch.zeros(K, m, d, device=dev)  # sum_x f_i(x) e^m(x) (float32: K x d_sae x d)
+        with torch.no_grad():
+            W = cc.W_dec.detach().float().view(m, K, d)
+            self.direction = W[torch.arange(m, device=dev), W.norm(dim=2).argmax(1)]  # [m, d]
+            self.w_dot_dir = (W * self.direction[:, None]).sum(2).double()  # <W_dec,i^k, d_i> [m, K]
+        self.f_err = torch.zeros(m, K, dtype=torch.float64, device=dev)  # sum_x f_i(x) <e^k(x), d_i>
         self.f_sq = torch.zeros(m, dtype=torch.float64, device=dev)  # sum_x f_i(x)^2
 
     @torch.no_grad()
@@ -85,23 +96,30 @@ class Accumulator:
         active = f > 0
         self.fired += active.sum(0)
         self.l0 += float(active.sum())
-        fd = f.double()
-        self.f_err += torch.einsum("bi,bkd->kid", f, err)
-        self.f_sq += fd.pow(2).sum(0)
+        self.f_sq += f.double().pow(2).sum(0)
+        for k in range(K):
+            blk = slice(k * d, (k + 1) * d)
+            self.f_err[:, k] += (f * (err[:, k] @ self.direction.t())).sum(0, dtype=torch.float64)
+            f_alone = cc.activation(torch.addmm(cc.b_enc, xb[:, k], cc.W_enc[blk]))
+            err_alone = xb[:, k] - (f_alone @ cc.W_dec[:, blk] + cc.b_dec[blk])
+            self.sq_err_alone[k] += err_alone.double().pow(2).sum()
+
+    def _total(self) -> torch.Tensor:
+        return (self.sum_sq - self.sum_x.pow(2).sum(1) / max(1, self.n)).clamp_min(1e-12)
 
     def fve(self) -> list[float]:
-        total = self.sum_sq - self.sum_x.pow(2).sum(1) / max(1, self.n)
-        return (1 - self.sq_err / total.clamp_min(1e-12)).tolist()
+        return (1 - self.sq_err / self._total()).tolist()
+
+    def fve_alone(self) -> list[float]:
+        """Each checkpoint's FVE from its block alone (in the crosscoder's units; FVE does not depend on them)."""
+        return (1 - self.sq_err_alone / self._total()).tolist()
 
     @torch.no_grad()
     def latent_scaling(self) -> torch.Tensor:
-        """``beta`` [d_sae, K] (NaN for latents that never fired)."""
-        cc, K, d = self.cc, self.cc.n_blocks, self.cc.d
-        W = cc.W_dec.double().view(cc.d_sae, K, d)
-        strongest = W.norm(dim=2).argmax(1)
-        direction = W[torch.arange(cc.d_sae), strongest]  # [m, d]
-        dd = direction.pow(2).sum(1)
-        num = (self.f_err.double() * direction[None]).sum(2).t() + self.f_sq[:, None] * (W * direction[:, None]).sum(2)
+        """``beta`` [d_sae, K] (NaN for latents that never fired): per latent i and checkpoint k, the least-squares
+        ``argmin_b sum_x ||e^k(x) + f_i(x) W_dec,i^k - b f_i(x) d_i||^2``."""
+        dd = self.direction.double().pow(2).sum(1)
+        num = self.f_err + self.f_sq[:, None] * self.w_dot_dir
         beta = num / (self.f_sq[:, None] * dd[:, None])
         beta[self.f_sq == 0] = float("nan")
         return beta.float().cpu()

@@ -3,9 +3,13 @@ activations at the same tokens, then evaluated and read.
 
 The K models run over the same windows (same seed, same exclusions) and their chunks are joined per token
 (:class:`sfcd.activations.stream.ConcatSource`): memory is one chunk of ``K x d`` per token and site, whatever
-``crosscoder.n_tokens``. Training is the SAE stage's loop (:class:`sfcd.sae.train.SAEModule`: Lightning, resumable,
-deterministic, DDP), with crosscoder classes as the dictionaries; the settings ``crosscoder.*`` does not name
-(betas, warmup, decay, clip, buffer dtype, harvest batch, exclusions, context length) are ``sae.*``'s.
+``crosscoder.n_tokens``. Before anything is trained or removed, :func:`plan_training` counts every part (models,
+chunks, weights, gradients, Adam, a batch; :mod:`sfcd.crosscoders.memory`): the sites train together when they
+fit, in groups one after another when not, and a site that cannot fit alone stops the stage with one line naming
+what would. Evaluation streams (one harvest batch of ``K x d`` at a time). Training is the SAE stage's loop
+(:class:`sfcd.sae.train.SAEModule`: Lightning, resumable, deterministic, DDP), with crosscoder classes as the
+dictionaries; the settings ``crosscoder.*`` does not name (betas, warmup, decay, clip, buffer dtype, harvest
+batch, exclusions, context length) are ``sae.*``'s.
 
 Output per site, ``crosscoders/<site>/``: cfg.json + crosscoder_weights.safetensors (:mod:`sfcd.crosscoders.io`),
 ``step<N>/`` (each checkpoint's block as a SAELens SAE, seen alone), latents.safetensors (per latent and
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,17 +31,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sfcd.activations.cache import torch_dtype
-from sfcd.activations.harvest import harvest_rows, token_windows
-from sfcd.activations.stream import ConcatSource, HarvestSource, check_buffer_fits
-from sfcd.crosscoders.io import checkpoint_sae, save_checkpoint_saes, save_crosscoder
+from sfcd.activations.harvest import harvest, token_windows
+from sfcd.activations.stream import ConcatSource, HarvestSource
+from sfcd.crosscoders.io import save_checkpoint_saes, save_crosscoder
+from sfcd.crosscoders.memory import GIB, HEADROOM, PlanInputs, Schedule, describe, fmt_bytes, schedule_sites
 from sfcd.crosscoders.model import CROSSCODERS, Crosscoder
 from sfcd.crosscoders.reading import Accumulator, decoder_stats, emergence_counts, summary
 from sfcd.crosscoders.view import JointView
 from sfcd.data.tokens import read_tokens
-from sfcd.devices import work_device
+from sfcd.devices import available_bytes, work_device
 from sfcd.errors import ConfigError, InputError
 from sfcd.io import read_json, save_safetensors, write_json
-from sfcd.models.loading import checkpoint
+from sfcd.models.loading import checkpoint, provenance, warn_identical
 from sfcd.models.sites import Site, expand_sites, site_dim
 from sfcd.paths import RunDir
 from sfcd.sae import evaluate as E
@@ -125,79 +131,136 @@ def train_crosscoders(cfg: DictConfig, callbacks: list | None = None) -> list[Pa
     if not todo:
         log.info("the crosscoders of %s in %s are complete; skipping", [s.name for s in sites], out_root)
         return [out_root / s.name for s in sites]
-    if (out_root / "circuits").exists():  # found on the crosscoders about to be replaced
-        log.info("removing %s: its circuits were found on earlier crosscoders", out_root / "circuits")
-        shutil.rmtree(out_root / "circuits")
     xcfg = _loop_cfg(cfg)
     K, total = len(steps), max(1, c.n_tokens // c.batch_size)
     rows = buffer_rows(xcfg, total)
-    check_buffer_fits(rows, {s.name: K * dims[s.name] for s in todo}, torch_dtype(xcfg.buffer_dtype), device)
+    # before anything is removed or trained: a crosscoder that cannot fit stops here, nothing lost
+    schedule = plan_training(cfg, rows, K, {s.name: dims[s.name] for s in todo}, models, device)
+    if (out_root / "circuits").exists():  # found on the crosscoders about to be replaced
+        log.info("removing %s: its circuits were found on earlier crosscoders", out_root / "circuits")
+        shutil.rmtree(out_root / "circuits")
     seq_len = cfg.sae.seq_len or cfg.model.seq_len
     excl = set(tokenizer.all_special_ids) if cfg.sae.exclude_special else set()
     tokens = read_tokens(run.tokens("train"))
-    source = ConcatSource(
-        [
-            HarvestSource(m, tokens, todo, dims, seq_len, rows, xcfg.seed, excl, xcfg.harvest_batch, xcfg.buffer_dtype)
-            for m in models
-        ]
-    )
     hp = {"n_blocks": K, "dead_tokens": cfg.sae.dead_tokens}
     hp |= {"k": c.k, "aux_coeff": cfg.sae.aux_coeff} if c.architecture == "batchtopk" else {}
     hp |= {"l1_coeff": c.l1_coeff, "l1_warmup": c.l1_warmup} if c.architecture == "l1" else {}
-    specs = [
-        CrosscoderSpec(s.name, s.name, c.architecture, K * dims[s.name], c.expansion * dims[s.name], c.lr, c.seed, hp)
-        for s in todo
-    ]
-    state_dir = out_root / ".train"
-    prepare_state_dir(state_dir, {**settings_of(specs, xcfg, total), "steps": steps})
-    module = SAEModule(specs, xcfg, total)
-    train_module(module, cfg.trainer, state_dir, source, callbacks)
-    module.source = source = None
     val = read_tokens(run.tokens("val"))
     eval_windows = token_windows(val, seq_len, int(c.eval_tokens * 1.25 / seq_len) + 2)
     ce_windows = token_windows(val, seq_len, max(1, c.ce_tokens // seq_len))
+    provenances = {s: provenance(m) for s, m in zip(steps, models, strict=True)}
     meta = {
         "steps": steps,
         "model_source": cfg.model.source or str(run.root),
+        # which checkpoints exactly (source, step, dtype used and stored, weights sha256), and any two identical
+        "sfcd_models": {str(s): p for s, p in provenances.items()},
+        "identical_checkpoints": warn_identical(provenances),
         "context_size": seq_len,
         "exclude_special_tokens": sorted(excl),
         "dataset_path": str(run.tokens("train")),
     }
-    written = []
-    for spec, cc in zip(specs, module.saes, strict=True):
-        site = next(s for s in todo if s.name == spec.site)
-        cc = cc.to(device).eval()  # Lightning's teardown leaves the trained module on the CPU
-        written.append(_finish(cc, site, models, steps, eval_windows, ce_windows, excl, c, xcfg, meta, out_root))
-    shutil.rmtree(state_dir, ignore_errors=True)
+    for group in schedule.groups:
+        group_sites = [s for s in todo if s.name in group]
+        source = ConcatSource(
+            [
+                HarvestSource(
+                    m, tokens, group_sites, dims, seq_len, rows, xcfg.seed, excl, xcfg.harvest_batch, xcfg.buffer_dtype
+                )
+                for m in models
+            ]
+        )
+        specs = [
+            CrosscoderSpec(
+                s.name, s.name, c.architecture, K * dims[s.name], c.expansion * dims[s.name], c.lr, c.seed, hp
+            )
+            for s in group_sites
+        ]
+        state_dir = out_root / ".train" / "+".join(group)
+        prepare_state_dir(state_dir, {**settings_of(specs, xcfg, total), "steps": steps})
+        module = SAEModule(specs, xcfg, total)
+        train_module(module, cfg.trainer, state_dir, source, callbacks)
+        module.source = source = None
+        for spec, cc in zip(specs, module.saes, strict=True):
+            site = next(s for s in group_sites if s.name == spec.site)
+            cc = cc.to(device).eval()  # Lightning's teardown leaves the trained module on the CPU
+            _finish(cc, site, models, steps, eval_windows, ce_windows, excl, c, xcfg, meta, out_root)
+        del module, cc
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    shutil.rmtree(out_root / ".train", ignore_errors=True)
     return [out_root / s.name for s in sites]
 
 
-def _eval_acts(models: list, site: Site, dims: dict, windows: np.ndarray, n: int, excl, batch: int) -> torch.Tensor:
-    """[n, K*d]: the K checkpoints' activations at ``site`` on the same held-out tokens."""
-    parts = []
-    for m in models:
-        wins = (windows[b : b + batch] for b in range(0, len(windows), batch))
-        parts.append(harvest_rows(m, wins, [site], dims, n, excl)[site.name])
-    return torch.cat(parts, dim=1)
+def plan_training(cfg: DictConfig, rows: int, K: int, dims: dict[str, int], models: list, device) -> Schedule:
+    """The groups of sites trained together (:func:`sfcd.crosscoders.memory.schedule_sites`) under
+    ``crosscoder.memory_limit`` GiB, or, when it is 0, 0.8 x what the device had free before the K models were
+    put on it; an :class:`InputError` of one line when not even one site fits."""
+    c, xcfg = cfg.crosscoder, _loop_cfg(cfg)
+    precision = str(cfg.trainer.precision)
+    model_each = max(
+        sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()) if t.device == torch.device(device))
+        for m in models
+    )
+    inputs = PlanInputs(
+        K=K,
+        expansion=int(c.expansion),
+        rows=rows,
+        batch_size=int(c.batch_size),
+        buffer_dtype=torch_dtype(xcfg.buffer_dtype),
+        param_dtype=torch.bfloat16 if precision.startswith("bf16-true") else torch.float32,
+        adam_states=2,
+        autocast_dtype=torch.bfloat16 if precision.endswith("mixed") else None,
+        model_bytes_each=model_each,
+    )
+    if c.memory_limit and c.memory_limit > 0:
+        limit, where = int(c.memory_limit * GIB), "crosscoder.memory_limit allows"
+    else:
+        free = available_bytes(torch.device(device))
+        limit = int(HEADROOM * free) + K * model_each  # the models were counted out of `free` already
+        where = f"that {HEADROOM:g} x the free memory of {device} allows (or set crosscoder.memory_limit)"
+    schedule = schedule_sites(dims, inputs, limit, where)
+    for group, parts in zip(schedule.groups, schedule.plans, strict=True):
+        log.info("crosscoders of %s trained together: %s of %s", group, describe(parts), fmt_bytes(limit))
+    if not schedule.together:
+        log.info(
+            "the %d sites do not fit together in %s: training them in %d groups, one after another",
+            len(dims),
+            fmt_bytes(limit),
+            len(schedule.groups),
+        )
+    return schedule
+
+
+def _eval_blocks(models: list, site: Site, windows: np.ndarray, n: int, excl, batch: int) -> Iterator[torch.Tensor]:
+    """Blocks [b, K*d] of the K checkpoints' activations at ``site`` on the same held-out tokens (one harvest
+    batch of windows each, ``n`` rows in all): memory is one block, whatever ``n``."""
+    seen = 0
+    for b in range(0, len(windows), batch):
+        w = windows[b : b + batch]
+        x = torch.cat([next(harvest(m, [w], [site], exclude_ids=excl))[site.name] for m in models], dim=1)
+        x = x[: n - seen]
+        seen += len(x)
+        yield x
+        if seen >= n:
+            return
 
 
 def _finish(cc: Crosscoder, site: Site, models, steps, eval_windows, ce_windows, excl, c, xcfg, meta, out_root) -> Path:
     K, folder = len(steps), out_root / site.name
-    x = _eval_acts(models, site, {site.name: cc.d}, eval_windows, c.eval_tokens, excl, xcfg.harvest_batch)
     acc = Accumulator(cc)
-    for xb in x.split(4096):
-        acc.add(xb)
+    for block in _eval_blocks(models, site, eval_windows, c.eval_tokens, excl, xcfg.harvest_batch):
+        for xb in block.split(2048):
+            acc.add(xb)
     density = (acc.fired.double() / max(1, acc.n)).cpu()
     live = density > 0
     stats = decoder_stats(cc, c.presence)
     beta = acc.latent_scaling()
     summ = summary(stats, beta, live, steps, c.scaling_flag)
-    fve = acc.fve()
+    fve, fve_alone = acc.fve(), acc.fve_alone()
     save_crosscoder(cc, folder, {**meta, "site": site.name})  # both copy the weights to the CPU themselves
     cc.cfg = read_json(folder / "cfg.json")
     save_checkpoint_saes(cc, folder, {"sfcd_site": site.name, "model_name": meta["model_source"]})
     for k, row in enumerate(summ["per_checkpoint"]):
-        solo, _ = E.reconstruction_metrics(checkpoint_sae(cc, k).to(x.device), x[:, k * cc.d : (k + 1) * cc.d])
         others = {j: models[j] for j in range(K) if j != k}
         view = JointView(cc, k, site, others)
         handle = view.attach(models[k])
@@ -205,13 +268,13 @@ def _finish(cc: Crosscoder, site: Site, models, steps, eval_windows, ce_windows,
             ce = E.spliced_losses(models[k], site, view, ce_windows, excl)
         finally:
             handle.remove()
-        row |= {"fve": fve[k], "fve_alone": solo["fve"], "ce_loss_score": ce["ce_loss_score"]}
+        row |= {"fve": fve[k], "fve_alone": fve_alone[k], "ce_loss_score": ce["ce_loss_score"]}
         log.info(
             "crosscoder %s @ step %d: FVE %.3f (block alone %.3f), CE score %.3f, present %.3f",
             site.name,
             steps[k],
             fve[k],
-            solo["fve"],
+            fve_alone[k],
             ce["ce_loss_score"],
             row["present"],
         )

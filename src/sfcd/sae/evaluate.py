@@ -16,10 +16,12 @@ from sfcd.sae.base import SAE
 
 @torch.no_grad()
 def reconstruction_metrics(
-    sae: SAE, acts: np.ndarray | torch.Tensor, batch: int = 8192
+    sae: SAE, acts: np.ndarray | torch.Tensor, batch: int | None = None
 ) -> tuple[dict[str, float], torch.Tensor]:
     """L0, L1, FVE, MSE, cosine, l2_ratio over ``acts`` [N, d] (on the SAE's device); also returns per-feature
-    firing counts."""
+    firing counts. ``batch`` rows at a time (default: 2^25 / d_sae rows, so that one batch's dense [batch, d_sae]
+    latents stay at 128 MB in float32 whatever the width: 1,024 rows at 32,768 features)."""
+    batch = batch or max(256, 2**25 // sae.d_sae)
     sums = {"l0": 0.0, "l1": 0.0, "sq_err": 0.0, "cos": 0.0, "l2_ratio": 0.0}
     device = sae.W_enc.device
     fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
