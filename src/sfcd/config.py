@@ -27,7 +27,8 @@ class ModelConfig:
     max_position: int = 2048  # longest context the model supports
     seq_len: int = 64  # training context length
     attn_implementation: str = "eager"  # eager | sdpa (eager is faster at the tiny sizes)
-    dtype: str = "float32"  # weights' dtype when a stage loads a checkpoint, whatever its stored one: float32 | bfloat16 | float16
+    # the weights' dtype when a stage loads a checkpoint, whatever its stored one: float32 | bfloat16 | float16
+    dtype: str = "float32"
 
 
 @dataclass

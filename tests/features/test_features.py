@@ -44,14 +44,20 @@ def test_streaming_statistics_equal_brute_force(test_run, test_saes):
 
 
 def test_features_stage_writes_stats_dashboard_and_api(test_features, test_run):
+    from sfcd.features.dashboard import read_shard
+
     folders = test_features
     assert [f.name for f in folders] == ["mlp.1", "resid.0"]
-    data = json.loads((folders[1] / "features.json").read_text())
+    index = json.loads((folders[1] / "index.json").read_text())
+    (shard,) = sorted((folders[1] / "feats").glob("shard_*.js"))  # 128 features: one file of 256
+    data = read_shard(shard)
     feats = data["features"]
-    assert len(feats) == 128 and data["summary"]["site"] == "resid.0"
+    assert len(feats) == 128 and index["summary"]["site"] == "resid.0" and index["d_sae"] == 128
+    assert not (folders[1] / "features.json").exists()
     live = [f for f in feats if "dead" not in f["flags"]]
     assert live and all(f["density"] > 0 for f in live)
     assert all(f["density"] == 0 and not f["top"] for f in feats if "dead" in f["flags"])
+    assert index["summary"]["dead"] == len(feats) - len(live)
     f = max(live, key=lambda r: r["max"])
     top = f["top"][0]
     assert top["acts"][top["at"]] == pytest.approx(f["max"], rel=1e-4)  # the window's marked token is the max
@@ -66,10 +72,41 @@ def test_features_stage_writes_stats_dashboard_and_api(test_features, test_run):
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
 
 
+def test_contexts_equal_brute_force(test_run, test_saes):
+    # catches: a window taken from the wrong sequence, feature or offset, or cut wrongly at a sequence's ends
+    from sfcd.features.contexts import windows_for
+
+    run = RunDir(test_run.run_dir)
+    model, sae = load_model(run.root), load_sae(test_saes[0])
+    site = parse_site("resid.0", model)
+    windows = token_windows(read_tokens(run.tokens("val")), 16, 12)
+    acts = feature_acts(model, site, sae, torch.from_numpy(windows))  # [12, 16, F]
+    rng = np.random.default_rng(0)
+    held = np.array([0, 3, 5, 7, 10, 11])  # sequences holding wanted positions: not contiguous, so chunks have gaps
+    wanted = held[rng.integers(0, len(held), (sae.d_sae, 3))] * 16 + rng.integers(0, 16, (sae.d_sae, 3))
+    wanted[::3, 1] = -1  # empty slots
+    wanted[1, 0], wanted[2, 0] = 16 * 5, 16 * 7 + 15  # a sequence's first and last tokens
+    ctx = windows_for(model, site, sae, windows, wanted, left=4, right=2, batch=4)
+    for f in range(sae.d_sae):
+        for c in range(3):
+            p = int(wanted[f, c])
+            got = ctx.window(f, c)
+            if p < 0:
+                assert got is None
+                continue
+            s, t = divmod(p, 16)
+            lo, hi = max(0, t - 4), min(16, t + 3)
+            assert got["ids"] == windows[s, lo:hi].tolist() and got["at"] == t - lo
+            torch.testing.assert_close(
+                torch.tensor(got["acts"], dtype=torch.float64), acts[s, lo:hi, f].double(), rtol=1e-4, atol=1e-6
+            )
+
+
 def test_token_feature_and_cluster_flags():
     from omegaconf import OmegaConf
 
     from sfcd.features.collect import FeatureStats
+    from sfcd.features.contexts import Contexts
     from sfcd.features.stage import cluster_summary, feature_records
     from sfcd.sae.topk import TopKSAE
 
@@ -88,7 +125,8 @@ def test_token_feature_and_cluster_flags():
     fc = OmegaConf.create({"ultra_low": 0.1, "token_feature": 0.8, "top_k": 1, "quantile_contexts": 0})
     logits = [torch.zeros(F, 1, dtype=torch.long)] * 2 + [torch.zeros(F, 1)] * 2
     logits = (logits[0], logits[2], logits[1], logits[3])
-    recs, _ = feature_records(stats, {}, logits, lambda i: f"t{i}", windows, fc)
+    empty = Contexts(np.full((F, 1, 1), -1, dtype=np.int32), np.zeros((F, 1, 1), dtype=np.float32), 0)
+    recs = list(feature_records(stats, empty, logits, lambda i: f"t{i}", windows, fc))
     assert recs[0]["flags"] == ["token: t5"]  # 4 of 5 sampled firings on token 5
     assert recs[1]["flags"] == ["dead"] and recs[2]["flags"] == []
     sae = TopKSAE(4, 20, k=2)
@@ -130,3 +168,30 @@ def test_logit_effects_in_blocks_equal_the_whole_product(test_run):
     torch.testing.assert_close(pos_vals, effects.topk(5, dim=1).values)
     torch.testing.assert_close(neg_vals, -(-effects).topk(5, dim=1).values)
     assert torch.equal(pos_ids, effects.topk(5, dim=1).indices) and pos_ids.shape == (40, 5)
+
+
+def test_wanted_positions_take_evenly_spaced_ranks_of_the_sample():
+    # catches: quantile contexts from the wrong ranks (or from empty sample slots), top positions misplaced
+    from omegaconf import OmegaConf
+
+    from sfcd.features.collect import FeatureStats
+    from sfcd.features.stage import wanted_positions
+
+    rng = np.random.default_rng(0)
+    F, R, k, q = 6, 9, 2, 3
+    n_valid = [0, 1, 2, 3, 7, 9]  # samples each feature holds (the rest of its R slots are empty)
+    vals = torch.from_numpy(rng.permutation(F * R).reshape(F, R).astype(np.float32))
+    pos = torch.from_numpy(rng.permutation(10_000)[: F * R].reshape(F, R))
+    for f, n in enumerate(n_valid):
+        pos[f, n:] = -1
+    top_pos = torch.from_numpy(rng.integers(0, 10_000, (F, k)))
+    top_pos[0] = -1
+    stats = FeatureStats(
+        1, *(torch.zeros(F) for _ in range(3)), torch.zeros(F, 1), torch.zeros(F, k), top_pos, vals, pos
+    )
+    got = wanted_positions(stats, OmegaConf.create({"quantile_contexts": q}))
+    assert got.shape == (F, k + q) and np.array_equal(got[:, :k], top_pos.numpy())
+    for f, n in enumerate(n_valid):
+        by_value = [int(p) for _, p in sorted(zip(vals[f, :n].tolist(), pos[f, :n].tolist(), strict=True))]
+        ranks = {0: [], 1: [0], 2: [0, 1], 3: [0, 1, 2], 7: [0, 3, 6], 9: [0, 4, 8]}[n]  # lowest, middle, highest
+        assert got[f, k:].tolist() == [by_value[r] for r in ranks] + [-1] * (q - len(ranks)), f

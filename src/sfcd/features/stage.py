@@ -1,11 +1,14 @@
 """The ``features`` stage: for each trained SAE of a checkpoint, stream held-out tokens and write
-``features/step<N>/<sae>/``: ``stats.safetensors`` (density, mean, max, histogram), ``features.json`` (all
-per-feature data, and a summary) and ``index.html`` (the dashboard)."""
+``features/step<N>/<sae>/``: ``stats.safetensors`` (density, mean, max, histogram), ``feats/shard_*.js`` (the
+per-feature details, ``features.shard_size`` features a file), ``index.json`` (the summary and a small index of
+every feature) and ``index.html`` (the dashboard, written last); see :mod:`sfcd.features.dashboard`."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +21,9 @@ from sfcd.data.tokens import read_tokens
 from sfcd.devices import work_device
 from sfcd.errors import ConfigError, MissingArtifactError
 from sfcd.features.collect import HIST_BINS, HIST_HI, HIST_LO, FeatureStats, collect
-from sfcd.features.contexts import logit_effects, windows_for
-from sfcd.features.dashboard import write_dashboard
-from sfcd.io import read_json, save_safetensors, write_json
+from sfcd.features.contexts import Contexts, logit_effects, windows_for
+from sfcd.features.dashboard import DashboardWriter
+from sfcd.io import read_json, save_safetensors
 from sfcd.models.loading import checkpoint
 from sfcd.models.sites import parse_site
 from sfcd.paths import RunDir
@@ -57,65 +60,81 @@ def cluster_summary(sae, density: torch.Tensor, low: float) -> dict:
     return out
 
 
+def token_flag(sample_pos: np.ndarray, windows: np.ndarray, share: float) -> int | None:
+    """The token on which >= ``share`` of a feature's sampled firings (positions, -1 = empty; at least 5) fall."""
+    pos = sample_pos[sample_pos >= 0]
+    if len(pos) < 5:
+        return None
+    T = windows.shape[1]
+    tok, n = Counter(windows[pos // T, pos % T].tolist()).most_common(1)[0]
+    return int(tok) if n / len(pos) >= share else None
+
+
 def feature_records(
     stats: FeatureStats,
-    contexts: dict,
+    contexts: Contexts,
     logits,
     tok_of,
     windows: np.ndarray,
     fc: DictConfig,
-) -> tuple[list[dict], Counter]:
-    """One JSON-able record per feature, and the token ids used (for the token table)."""
-    pos_ids, pos_vals, neg_ids, neg_vals = logits
-    T = windows.shape[1]
-    used: Counter = Counter()
-    density, mean = stats.density, stats.mean_act
-    records = []
-    for f in range(len(stats.counts)):
+    features: range | None = None,
+) -> Iterator[dict]:
+    """One JSON-able record per feature (of ``features``, default all), made one at a time from the arrays."""
+    pos_ids, pos_vals, neg_ids, neg_vals = (np.asarray(x) for x in logits)
+    density, mean = stats.density.numpy(), stats.mean_act.numpy()
+    counts, maxs, hist = stats.counts.numpy(), stats.maxs.numpy(), stats.hist.numpy()
+    sample_pos = stats.sample_pos.numpy()
+    k, ultra_low, share = fc.top_k, fc.ultra_low, fc.token_feature
+    features = features if features is not None else range(len(counts))
+    for f in features:
+        if f == features.start or (f - features.start) % 256 == 0:  # contexts converted 256 features at a time
+            block = range(f, min(f + 256, features.stop))
+            slots = contexts.block(block)
+        ctx = slots[f - block.start]
         flags = []
-        if stats.counts[f] == 0:
+        if counts[f] == 0:
             flags.append("dead")
-        elif density[f] < fc.ultra_low:
+        elif density[f] < ultra_low:
             flags.append("ultra-low")
-        sample_pos = [int(p) for p in stats.sample_pos[f] if p >= 0]
-        if len(sample_pos) >= 5:
-            tok, n = Counter(int(windows[p // T, p % T]) for p in sample_pos).most_common(1)[0]
-            if n / len(sample_pos) >= fc.token_feature:
-                flags.append("token: " + tok_of(tok))
-        top = [contexts[(f, i)] for i in range(fc.top_k) if (f, i) in contexts]
-        samples = [contexts[(f, 1000 + i)] for i in range(fc.quantile_contexts) if (f, 1000 + i) in contexts]
-        for c in top + samples:
-            used.update(c["ids"])
-        rec = {
+        tok = token_flag(sample_pos[f], windows, share)
+        if tok is not None:
+            flags.append("token: " + tok_of(tok))
+        yield {
             "id": f,
             "density": float(density[f]),
-            "max": float(stats.maxs[f]),
-            "mean": float(mean[f]),
-            "hist": stats.hist[f].tolist(),
+            "max": _sig(maxs[f]),
+            "mean": _sig(mean[f]),
+            "hist": hist[f].tolist(),
             "flags": flags,
-            "top": top,
-            "samples": samples,
+            "top": [c for c in ctx[:k] if c is not None],
+            "samples": [c for c in ctx[k:] if c is not None],
             "logits_pos": [[int(i), round(float(v), 4)] for i, v in zip(pos_ids[f], pos_vals[f], strict=True)],
             "logits_neg": [[int(i), round(float(v), 4)] for i, v in zip(neg_ids[f], neg_vals[f], strict=True)],
         }
-        used.update(i for i, _ in rec["logits_pos"] + rec["logits_neg"])
-        records.append(rec)
-    return records, used
 
 
-def wanted_positions(stats: FeatureStats, fc: DictConfig) -> dict[int, list[tuple[int, int]]]:
-    """Top positions (tags 0..k-1) and positions at evenly spaced ranks of the random sample (tags 1000+i)."""
-    wanted = {}
-    for f in range(len(stats.counts)):
-        items = [(int(p), i) for i, p in enumerate(stats.top_pos[f]) if p >= 0]
-        vals, pos = stats.sample_vals[f], stats.sample_pos[f]
-        ok = pos >= 0
-        if ok.sum() and fc.quantile_contexts:
-            order = vals[ok].argsort()
-            ranks = np.linspace(0, len(order) - 1, min(fc.quantile_contexts, len(order))).round().astype(int)
-            items += [(int(pos[ok][order[r]]), 1000 + i) for i, r in enumerate(ranks)]
-        wanted[f] = items
-    return wanted
+def _sig(x, digits: int = 5) -> float:
+    return float(f"{float(x):.{digits}g}")
+
+
+def wanted_positions(stats: FeatureStats, fc: DictConfig) -> np.ndarray:
+    """[F, top_k + quantile_contexts] flat token positions (-1: none): the top positions, then positions at evenly
+    spaced ranks (by activation) of the random sample of firings."""
+    top = stats.top_pos.numpy()
+    vals, pos = stats.sample_vals.numpy(), stats.sample_pos.numpy()
+    F, q = len(top), fc.quantile_contexts
+    out = np.full((F, top.shape[1] + q), -1, dtype=np.int64)
+    out[:, : top.shape[1]] = top
+    ok = pos >= 0
+    n = ok.sum(1)  # valid samples per feature
+    order = np.argsort(np.where(ok, vals, np.inf), axis=1, kind="stable")  # valid ones first, ascending
+    m = np.minimum(q, n)
+    for i in range(q):
+        rank = np.where(m > 1, np.round(i * (n - 1) / np.maximum(m - 1, 1)), 0).astype(np.int64)
+        has = i < m
+        picked = np.take_along_axis(pos, np.take_along_axis(order, rank.clip(0, pos.shape[1] - 1)[:, None], 1), 1)
+        out[:, top.shape[1] + i] = np.where(has, picked[:, 0], -1)
+    return out
 
 
 def investigate(
@@ -139,6 +158,7 @@ def investigate(
         model, site, sae, windows, wanted_positions(stats, fc), fc.window_left, fc.window_right, fc.batch
     )
     logits = logit_effects(model, site, sae, fc.logit_k)
+    cluster = cluster_summary(sae, stats.density, fc.ultra_low)
     token_text: dict[int, str] = {}
 
     def tok_of(i: int) -> str:
@@ -146,42 +166,57 @@ def investigate(
             token_text[i] = tokenizer.decode([i])
         return token_text[i]
 
-    records, used = feature_records(stats, contexts, logits, tok_of, windows, fc)
-    for i in used:
-        tok_of(i)
-    summary = {
-        "sae": sae_dir.name,
-        "site": site_name,
-        "n_tokens": stats.n_tokens,
-        **cluster_summary(sae, stats.density, fc.ultra_low),
-        "token_features": sum(any(fl.startswith("token:") for fl in r["flags"]) for r in records),
-    }
+    base = {"sae": sae_dir.name, "site": site_name, "n_tokens": stats.n_tokens}
+    return write_features(out, stats, contexts, logits, windows, fc, tok_of, base, cluster, title)
+
+
+def write_features(
+    out: Path,
+    stats: FeatureStats,
+    contexts: Contexts,
+    logits,
+    windows: np.ndarray,
+    fc: DictConfig,
+    tok_of,
+    base: dict,
+    cluster: dict,
+    title: str,
+) -> dict:
+    """``stats.safetensors``, the dashboard's shard files one at a time (one shard's records in memory), then
+    ``index.json`` and ``index.html``; returns the summary (``base`` + ``cluster`` + the token-feature count)."""
+    save_safetensors(
+        out / "stats.safetensors",
+        {"density": stats.density.float(), "mean": stats.mean_act, "max": stats.maxs, "hist": stats.hist},
+    )
+    F, size = len(stats.counts), fc.shard_size
+    writer = DashboardWriter(out, F, size)
+    n_token = 0
+    was = gc.isenabled()
+    gc.disable()  # millions of small acyclic lists a shard: the cyclic collector's passes cost a third of the time
+    try:
+        for lo in range(0, F, size):
+            recs = list(feature_records(stats, contexts, logits, tok_of, windows, fc, range(lo, min(lo + size, F))))
+            n_token += sum(any(fl.startswith("token:") for fl in r["flags"]) for r in recs)
+            writer.add(recs, tok_of)
+            del recs
+    finally:
+        if was:
+            gc.enable()
+    summary = {**base, **cluster, "token_features": n_token}
     text = (
         f"{summary['d_sae']} features over {summary['n_tokens']:,} held-out tokens; {summary['dead']} dead; "
         f"{summary['ultra_low']} ultra-low-density (< {fc.ultra_low:g})"
         + (" forming a cluster with one shared encoder direction" if summary["cluster"] else "")
         + f"; {summary['token_features']} token features."
     )
-    data = {
-        "summary": summary,
-        "summary_text": text,
-        "hist_range": [HIST_LO, HIST_HI],
-        "hist_bins": HIST_BINS,
-        "tokens": {str(i): t for i, t in token_text.items()},
-        "features": records,
-    }
-    save_safetensors(
-        out / "stats.safetensors",
-        {"density": stats.density.float(), "mean": stats.mean_act, "max": stats.maxs, "hist": stats.hist},
-    )
-    write_json(out / "features.json", data, indent=None)
-    write_dashboard(out / "index.html", data, title)
+    meta = {"summary": summary, "summary_text": text, "hist_range": [HIST_LO, HIST_HI], "hist_bins": HIST_BINS}
+    writer.finish(meta, title)
     return summary
 
 
 def build_features(cfg: DictConfig) -> list[Path]:
     run = RunDir(cfg.run_dir)
-    model, tokenizer, step = checkpoint(cfg, cfg.step)
+    model, tokenizer, step = checkpoint(cfg, cfg.step, "features")
     model.to(work_device(cfg.trainer))
     fc = cfg.features
     saes = list_saes(run, step)
@@ -198,9 +233,12 @@ def build_features(cfg: DictConfig) -> list[Path]:
     for sae_dir in saes:
         site_name = read_json(sae_dir / "metrics.json").get("site", sae_dir.name.split("@")[0])
         out = run.root / "features" / f"step{step}" / sae_dir.name
-        if (out / "index.html").exists() and (out / "index.html").stat().st_mtime >= (
-            sae_dir / "metrics.json"
-        ).stat().st_mtime:
+        done = out / "index.html"  # written last; index.json: the sharded layout (older runs wrote features.json)
+        if (
+            done.exists()
+            and (out / "index.json").exists()
+            and done.stat().st_mtime >= (sae_dir / "metrics.json").stat().st_mtime
+        ):
             log.info("features of %s are complete; skipping", sae_dir.name)  # index.html is written last
             written.append(out)
             continue
