@@ -6,7 +6,38 @@ import os
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from sfcd.devices import work_device
+from sfcd.errors import ConfigError
+
+
+def trainer_device(trainer_cfg: DictConfig) -> torch.device:
+    """The device Lightning trains this process on, for the data and models a stage puts beside it:
+    :func:`sfcd.devices.work_device`'s, except that a GPU list ``trainer.devices=[i, ...]`` maps the process's
+    local rank to GPU ``i`` (``trainer.devices=[${sae.shard}]`` pins each site-parallel shard job to its GPU)."""
+    device = work_device(trainer_cfg)
+    devices = trainer_cfg.get("devices")
+    if device.type != "cuda" or not isinstance(devices, (list, tuple, ListConfig)):
+        return device
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    if rank >= len(devices):
+        raise ConfigError(f"trainer.devices={list(devices)} has no entry for local rank {rank}; list one GPU per rank")
+    index = int(devices[rank])
+    if not 0 <= index < torch.cuda.device_count():
+        raise ConfigError(
+            f"trainer.devices={list(devices)} names GPU {index} but {torch.cuda.device_count()} are visible; "
+            "name GPUs 0 to the count minus one"
+        )
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)  # this job's CUDA context on its own GPU only
+    return device
+
+
+def _plain(value):
+    """A config list as a plain list of its resolved values (``[${sae.shard}]`` -> ``[2]``), for Lightning."""
+    return [int(v) for v in value] if isinstance(value, (ListConfig, list, tuple)) else value
 
 
 def make_trainer(trainer_cfg: DictConfig, max_steps: int, log_dir: Path, callbacks: list, **kwargs) -> L.Trainer:
@@ -22,7 +53,7 @@ def make_trainer(trainer_cfg: DictConfig, max_steps: int, log_dir: Path, callbac
     return L.Trainer(
         max_steps=max_steps,
         accelerator=trainer_cfg.accelerator,
-        devices=trainer_cfg.devices,
+        devices=_plain(trainer_cfg.devices),
         strategy=trainer_cfg.strategy,
         precision=trainer_cfg.precision,
         callbacks=callbacks,

@@ -19,16 +19,25 @@ from sfcd.activations.cache import read_activation_file, torch_dtype
 from sfcd.activations.harvest import harvest_rows, token_windows
 from sfcd.activations.stream import ArraySource, HarvestSource, check_buffer_fits
 from sfcd.data.tokens import read_tokens
-from sfcd.devices import work_device
 from sfcd.errors import InputError
 from sfcd.io import read_json, write_json
-from sfcd.models.loading import checkpoint
+from sfcd.models.loading import checkpoint, provenance
 from sfcd.models.sites import Site, expand_sites, parse_site, site_dim
 from sfcd.paths import RunDir
 from sfcd.sae import evaluate as E
 from sfcd.sae.base import SAE
 from sfcd.sae.io import TRANSFORMER_LENS_KWARGS, save_sae
-from sfcd.sae.train import SAEModule, buffer_rows, make_specs, prepare_state_dir, settings_of, train_module
+from sfcd.sae.train import (
+    SAEModule,
+    buffer_rows,
+    make_specs,
+    prepare_state_dir,
+    settings_of,
+    shard_specs,
+    state_dir_name,
+    train_module,
+)
+from sfcd.training import trainer_device
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +99,7 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
     is bounded by ``sae.buffer_tokens``, not by ``sae.n_tokens``."""
     s = cfg.sae
     run = RunDir(cfg.run_dir)
-    device = work_device(cfg.trainer)
+    device = trainer_device(cfg.trainer)  # a shard job's pinned GPU (trainer.devices=[i])
     total = max(1, s.n_tokens // s.batch_size)
     model = tokenizer = None
     if s.activations:
@@ -109,6 +118,8 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
         excl = _special_ids(tokenizer, s.exclude_special)
         meta_base = {
             "model_name": cfg.model.source or str(run.model_step(step)),
+            # which checkpoint exactly: source, revision/step, dtype used and stored, sha256 of the weights
+            "sfcd_model": provenance(model),
             "sfcd_init_from": s.init_from,
             "sfcd_step": step,
             "dataset_path": str(run.tokens("train")),
@@ -120,7 +131,10 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
             # with these it computes the same activations as the transformers model these SAEs were trained on
             "model_from_pretrained_kwargs": dict(TRANSFORMER_LENS_KWARGS),
         }
-    specs = make_specs(s, site_dims)
+    specs = shard_specs(make_specs(s, site_dims), s)  # sae.shards > 1: this job's share of the sites
+    if not specs:
+        log.info("shard %d of %d has no sites (%d in all); nothing to train", s.shard, s.shards, len(site_dims))
+        return []
     if s.activations:
         _check_file_width(out_root, specs, width, s.activations)
     todo = [sp for sp in specs if not (out_root / sp.name / "metrics.json").exists()]
@@ -147,10 +161,12 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
             cache_dir=run.root / "activations" / f"step{step}" if s.cache else None,
             cache_meta={"model": meta_base["model_name"], "step": step, "tokens": str(run.tokens("train"))},
         )
-    state_dir = out_root / ".train"
+    state_dir = out_root / state_dir_name(s)  # one per shard: concurrent shard jobs never share it
     prepare_state_dir(state_dir, settings_of(todo, s, total))
     module = SAEModule(todo, s, total)
     train_module(module, cfg.trainer, state_dir, source, callbacks)
+    if not module.trainer.is_global_zero:  # DDP's other ranks (trainer=ddp): rank 0 evaluates and writes
+        return []
     module.source = source = None  # the last chunk goes before the evaluation's activations come
     written = []
     if model is not None:

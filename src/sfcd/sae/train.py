@@ -10,6 +10,7 @@ chunk by chunk from a model or an activation file in bounded memory, on the devi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import shutil
@@ -134,6 +135,17 @@ def warm_start(sae: SAE, folder: Path) -> None:
             sae.threshold.mul_(n.mean())
 
 
+#: batch key of the row numbers (in the chunk) of a rank's slice, under DDP
+ROWS = "__rows__"
+
+
+class _RankBatches(StreamBatches):
+    """A rank's slice of each global batch, with its row numbers (so ranks can rebuild the one-process batch)."""
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        return {**super().batch(step), ROWS: self.rows(step)}
+
+
 def lr_factor(step: int, total: int, warmup_frac: float, decay_frac: float) -> float:
     warmup, decay_start = max(1, int(warmup_frac * total)), int((1 - decay_frac) * total)
     if step < warmup:
@@ -151,7 +163,21 @@ class SAEModule(L.LightningModule):
         self.specs, self.cfg, self.total_steps, self.source = specs, sae_cfg, total_steps, source
         self.saes = nn.ModuleList(s.build() for s in specs)
         self.automatic_optimization = False
-        self._g = torch.Generator().manual_seed(sae_cfg.seed)  # on the CPU: draws do not depend on the device
+        # one CPU generator per SAE (draws do not depend on the device, nor on which other SAEs train beside it:
+        # a site-parallel shard resamples as the job training every site does); saved with the training state
+        self._gens = [torch.Generator().manual_seed(sae_cfg.seed) for _ in specs]
+
+    @property
+    def _g(self) -> torch.Generator:
+        """The first SAE's resampling generator (a module of one SAE: its only one)."""
+        return self._gens[0]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sfcd_resample_generators"] = [g.get_state() for g in self._gens]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for g, state in zip(self._gens, checkpoint.get("sfcd_resample_generators", []), strict=False):
+            g.set_state(state)
 
     @torch.no_grad()
     def initialise(self, data: ChunkSource | dict[str, np.ndarray]) -> None:
@@ -186,47 +212,106 @@ class SAEModule(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
+        if self.cfg.batch_size % t.world_size:
+            raise ConfigError(
+                f"sae.batch_size={self.cfg.batch_size} does not split evenly over {t.world_size} DDP processes; "
+                "use a multiple of the number of devices"
+            )
         self.source.to(self.device)  # harvest where the SAEs train; batches are made on that device
-        ds = StreamBatches(
+        cls = _RankBatches if t.world_size > 1 else StreamBatches
+        ds = cls(
             self.source, self.cfg.batch_size, self.cfg.seed, start=t.global_step, rank=t.global_rank, world=t.world_size
         )
         return DataLoader(ds, batch_size=None, num_workers=0)
 
+    def _world(self) -> int:
+        """Processes whose gradients are averaged (1 outside DDP)."""
+        ready = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return self.trainer.world_size if ready and self._trainer is not None else 1
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Each SAE's forward and backward in turn (one SAE's graph alive at a time), then its clip, decoder
+        projection and one optimizer step for all.
+
+        Under DDP each rank holds a slice of the global batch. DDP's own reducer expects every parameter's
+        gradient from each backward pass, but here each backward reaches one SAE only, so it is switched off
+        (``block_backward_sync``) and each SAE's gradients are all-reduced (averaged) right after its backward,
+        asynchronously, overlapping the next SAE's compute; the clip and projection then see the global
+        gradient, as in one process. Which latents fired is reduced too (logical or), so dead-latent counts, AuxK
+        and resampling agree on every rank and with one process."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         step = self.global_step
         progress = step / max(1, self.total_steps)
+        world = self._world()
         opt.zero_grad(set_to_none=True)
+        outs, pending = [], []
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)  # DDP's: no_sync
+        with no_sync():
+            for spec, sae in zip(self.specs, self.saes, strict=True):
+                x = batch[spec.site]
+                if not torch.isfinite(x).all():
+                    raise SfcdError(
+                        f"NaN or inf in the activations of site {spec.site} at training step {step}; "
+                        "stopped, the last good training state is kept (check the model or the file)"
+                    )
+                out = sae.training_loss(x * sae.scale, progress)
+                if not torch.isfinite(out["loss"]):
+                    raise SfcdError(
+                        f"SAE {spec.name} diverged (loss {out['loss'].item()}) at training step {step}; "
+                        "stopped, the last good training state is kept: lower sae.lr"
+                    )
+                self.manual_backward(out["loss"])
+                if world > 1:  # the same parameters get gradients on every rank: the graph does not depend on data
+                    pending += [
+                        torch.distributed.all_reduce(p.grad, async_op=True)
+                        for p in sae.parameters()
+                        if p.grad is not None
+                    ]
+                outs.append({k: v.detach() for k, v in out.items() if k in ("fired", "mse", "l0", "per_token_mse")})
+                del out
+        fired = [o["fired"] for o in outs]
+        if world > 1:
+            flat = torch.cat([f.to(torch.int32) for f in fired])
+            torch.distributed.all_reduce(flat)
+            fired = [f > 0 for f in flat.split([f.numel() for f in fired])]
+            for h in pending:
+                h.wait()
+            for sae in self.saes:
+                for p in sae.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(world)
         resample = []
-        for i, (spec, sae) in enumerate(zip(self.specs, self.saes, strict=True)):
+        for i, (spec, sae, out) in enumerate(zip(self.specs, self.saes, outs, strict=True)):
             x = batch[spec.site]
-            if not torch.isfinite(x).all():
-                raise SfcdError(
-                    f"NaN or inf in the activations of site {spec.site} at training step {step}; "
-                    "stopped, the last good training state is kept (check the model or the file)"
-                )
-            out = sae.training_loss(x * sae.scale, progress)
-            if not torch.isfinite(out["loss"]):
-                raise SfcdError(
-                    f"SAE {spec.name} diverged (loss {out['loss'].item()}) at training step {step}; "
-                    "stopped, the last good training state is kept: lower sae.lr"
-                )
-            self.manual_backward(out["loss"])
-            sae.record_firing(out["fired"], len(x))
+            sae.record_firing(fired[i], len(x) * world)
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
             sae.before_step()
             every = sae.resample_period()
             if every and (step + 1) % every == 0 and "per_token_mse" in out:
                 resample.append((spec, sae, x * sae.scale, out["per_token_mse"]))
-            self.log(f"{spec.name}/mse", out["mse"].detach(), prog_bar=i == 0)
-            self.log(f"{spec.name}/l0", out["l0"].detach(), prog_bar=i == 0)
+            self.log(f"{spec.name}/mse", out["mse"], prog_bar=i == 0)
+            self.log(f"{spec.name}/l0", out["l0"], prog_bar=i == 0)
         opt.step()
         sched.step()
         for sae in self.saes:
             sae.after_step()
         if resample:
+            if world > 1:  # every rank resamples from the global batch, in one process's row order
+                resample = [(spec, sae, *self._gather(batch[ROWS], x, per)) for spec, sae, x, per in resample]
             self._resample(opt, resample, step)
+
+    @torch.no_grad()
+    def _gather(self, rows: torch.Tensor, *parts: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's slice of the batch, joined and put in the order one process batches them (by row)."""
+
+        def cat(t: torch.Tensor) -> torch.Tensor:
+            out = [torch.empty_like(t) for _ in range(self._world())]
+            torch.distributed.all_gather(out, t.contiguous())
+            return torch.cat(out)
+
+        order = cat(rows).argsort()
+        return [cat(t)[order] for t in parts]
 
     @torch.no_grad()
     def _resample(self, opt, items: list, step: int) -> None:
@@ -242,7 +327,7 @@ class SAEModule(L.LightningModule):
             log.info("%s: resampling %d dead features at step %d", spec.name, n, step + 1)
             if n == 0:
                 continue
-            sae.resample(dead, x, per_token, self._g)
+            sae.resample(dead, x, per_token, self._gens[self.specs.index(spec)])
             if not sae.resample_resets_adam:
                 continue
             for p, rows in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
@@ -314,12 +399,34 @@ def train_module(
     return module
 
 
+def shard_specs(specs: list[SAESpec], sae_cfg: DictConfig) -> list[SAESpec]:
+    """The SAEs of shard ``sae.shard`` of ``sae.shards``: every ``shards``-th site (in the order of the sites),
+    with all of a site's SAEs (its sweep), so one stream serves each site. An SAE is the same whichever shard or
+    job trains it: its initialisation, batches and resampling draws depend on its own spec and site only."""
+    n, i = int(sae_cfg.get("shards", 1)), int(sae_cfg.get("shard", 0))
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(
+            f"sae.shard={i} of sae.shards={n}: expected shards >= 1 and 0 <= shard < shards, e.g. "
+            "sae.shards=4 sae.shard=0,1,2,3 (one job each)"
+        )
+    sites = list(dict.fromkeys(s.site for s in specs))
+    mine = set(sites[i::n])
+    return [s for s in specs if s.site in mine]
+
+
+def state_dir_name(sae_cfg: DictConfig) -> str:
+    """The resumable state's folder under ``saes/step<N>/``: ``.train``, or one per shard, so that shard jobs
+    writing the same checkpoint's SAEs at the same time never share (or reset) a training state."""
+    n = int(sae_cfg.get("shards", 1))
+    return ".train" if n == 1 else f".train-shard{int(sae_cfg.shard)}of{n}"
+
+
 def settings_of(specs: list[SAESpec], sae_cfg: DictConfig, total: int) -> dict:
-    return {
-        "specs": [s.__dict__ for s in specs],
-        "total_steps": total,
-        "sae": OmegaConf.to_container(sae_cfg, resolve=True),
-    }
+    """What the resumable state depends on. Not the shard: it only picks the specs, which are listed."""
+    sae = OmegaConf.to_container(sae_cfg, resolve=True)
+    for key in ("shard", "shards"):
+        sae.pop(key, None)
+    return {"specs": [s.__dict__ for s in specs], "total_steps": total, "sae": sae}
 
 
 def prepare_state_dir(state_dir: Path, settings: dict) -> None:
