@@ -199,8 +199,15 @@ def test_a_crosscoder_over_identical_checkpoints_warns_and_records_them(series, 
     twin = steps[-1] + 1
     shutil.copytree(RunDir(test_run.run_dir).corpus, tmp_path / "corpus")
     cfg = compose(
-        ["experiment=test", f"run_dir={tmp_path}", f"model.source={root}", f"crosscoder.steps=[{steps[-1]},{twin}]",
-         "crosscoder.sites=[resid.0]", "crosscoder.n_tokens=2048", "crosscoder.circuits=false"]
+        [
+            "experiment=test",
+            f"run_dir={tmp_path}",
+            f"model.source={root}",
+            f"crosscoder.steps=[{steps[-1]},{twin}]",
+            "crosscoder.sites=[resid.0]",
+            "crosscoder.n_tokens=2048",
+            "crosscoder.circuits=false",
+        ]
     )
     with pytest.warns(UserWarning, match=rf"checkpoints {steps[-1]}, {twin} have identical weights"):
         folders = train_crosscoders(cfg)
