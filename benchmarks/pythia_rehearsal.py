@@ -11,7 +11,9 @@ one would fan them out with Hydra): 19 sites x 32,768-feature TopK SAEs at every
 the four agreement circuits (simple, nounpp, rc, within_rc) with 100 pairs at every checkpoint, crosscoders over
 the checkpoints at the six resid sites, then ``sfcd study`` (the seed baseline, the development analysis and
 report.html; everything else is found complete). Token budgets are small enough for this CPU; every shape is
-the real one. Per stage it prints one JSON line: wall time, peak RSS (of that process alone), bytes written
+the real one (19 sites, 32,768 features, vocab 50,304, 100 pairs, K checkpoints); ``--quick`` finds the circuits'
+node effects by attribution (one backward pass) and sweeps 4 thresholds, where the preset uses IG and 15.
+Per stage it prints one JSON line: wall time, peak RSS (of that process alone), bytes written
 to the run directory, and the error if it failed; then the report's size and, where Chromium is installed, the
 time it takes to load.
 
@@ -193,30 +195,10 @@ class GpuMemory:
 
 def chromium_load_seconds(page: Path) -> float | None:
     """Seconds headless Chromium takes to load ``page`` and dump its DOM (None without Chromium)."""
+    from bench_dashboard import chromium_run  # this folder's: one way to start the browser
+
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not exe:
-        return None
-    with tempfile.TemporaryDirectory() as prof:
-        t = time.perf_counter()
-        subprocess.run(
-            [
-                exe,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={prof}",
-                "--dump-dom",
-                page.as_uri(),
-            ],
-            capture_output=True,
-            timeout=300,
-        )
-        return round(time.perf_counter() - t, 2)
+    return round(chromium_run(exe, page.as_uri())[0], 2) if exe else None
 
 
 def main() -> None:
@@ -244,8 +226,17 @@ def main() -> None:
     trainer = ["trainer=gpu"] if args.gpu else ["trainer=cpu"]
     base = ["experiment=pythia", "corpus=agreement", f"run_dir={run}", f"model.source={series}", *trainer]
     base += [f"study.steps=[{','.join(map(str, steps))}]", f"study.tasks=[{','.join(TASKS)}]", "study.crosscoder=true"]
-    if args.gpu:  # the preset's own SAE budget (50M tokens, 2^18-token chunks, 1M evaluation tokens)
-        prof = {**prof, "sae": ["sae.checkpoint_every=0"], "features": [], "circuit": [], "crosscoder": []}
+    if args.gpu:  # the preset's own SAE budget (50M tokens, 2^18-token chunks, 1M evaluation tokens): a corpus
+        # whose held-out split holds those evaluation tokens, and 5M training tokens (50M are 10 passes over them)
+        corpus = ["corpus.n_tokens=5000000", "corpus.val_tokens=1200000", "corpus.task_pairs=240"]
+        prof = {
+            **prof,
+            "corpus": corpus,
+            "sae": ["sae.checkpoint_every=0"],
+            "features": [],
+            "circuit": [],
+            "crosscoder": [],
+        }
     common = base + prof["sae"] + prof["features"] + prof["circuit"] + prof["crosscoder"]
     make = [sys.executable, __file__, "--scratch", str(work / "scratch"), "--series", str(series)]
     make += ["--make-series", *map(str, prof["series"]), "--corpus", *prof["corpus"]]
@@ -277,6 +268,18 @@ def main() -> None:
                     flush=True,
                 )
     rows.append(stage(f"features step{steps[-1]}", [*sfcd, "features", *common, f"step={steps[-1]}"], run, logs))
+    for page in sorted((run / "features" / f"step{steps[-1]}").glob("*/index.html"))[:1]:  # a 32k-feature dashboard
+        print(
+            json.dumps(
+                {
+                    "figure": "dashboard",
+                    "page": str(page.relative_to(run)),
+                    "bytes": page.stat().st_size,
+                    "chromium_load_s": chromium_load_seconds(page),
+                }
+            ),
+            flush=True,
+        )
     for st in steps if not args.gpu else []:
         for task in TASKS:
             extra = [f"circuit.task={task}", f"circuit.baselines={str(st == steps[-1]).lower()}"]

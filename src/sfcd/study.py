@@ -8,7 +8,6 @@ Hydra sweep first (``sfcd sae -m step=32,64,128 hydra/launcher=joblib``), then `
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sfcd.errors import ConfigError, MissingArtifactError
 from sfcd.io import write_json
-from sfcd.models.loading import source_steps, warn_identical
+from sfcd.models.loading import checkpoint, model_dtype, provenance, source_steps, warn_identical
 from sfcd.paths import RunDir
 
 log = logging.getLogger(__name__)
@@ -28,14 +27,6 @@ def _at(cfg: DictConfig, **changes) -> DictConfig:
     for key, value in changes.items():
         OmegaConf.update(c, key, value, merge=False, force_add=True)
     return c
-
-
-def sae_model_provenance(folder: Path) -> dict:
-    """The ``sfcd_model`` record (source, step, dtype, weights hash) in an SAE folder's cfg.json ({} if absent)."""
-    try:
-        return json.loads((folder / "cfg.json").read_text())["metadata"].get("sfcd_model") or {}
-    except (OSError, KeyError, ValueError):
-        return {}
 
 
 def study_steps(cfg: DictConfig, run: RunDir) -> dict:
@@ -65,7 +56,7 @@ def study_steps(cfg: DictConfig, run: RunDir) -> dict:
 
 
 def run_study(cfg: DictConfig) -> Path:
-    from sfcd.circuits.stage import find_circuit
+    from sfcd.circuits.stage import CIRCUIT_DTYPES, find_circuit
     from sfcd.development.analysis import analyse
     from sfcd.features.stage import build_features
     from sfcd.models.train import train_model
@@ -77,6 +68,7 @@ def run_study(cfg: DictConfig) -> Path:
     tasks = list(s.tasks)
     if not tasks:
         raise ConfigError("study.tasks is empty; name at least one task, e.g. study.tasks=[nounpp]")
+    model_dtype(cfg.model.dtype, "circuit", CIRCUIT_DTYPES)  # the circuits' dtype, before hours of SAEs
     if cfg.model.source and not list(s.steps):
         raise ConfigError(
             "study.steps is empty and model.source is a loaded model without sfcd's train log to choose them "
@@ -93,6 +85,8 @@ def run_study(cfg: DictConfig) -> Path:
         )
     steps_meta = study_steps(cfg, run)
     steps = steps_meta["steps"]
+    # before any work: checkpoints with identical weights (Pythia's step0 and step1) named, one model at a time
+    identical = warn_identical({step: provenance(checkpoint(cfg, step)[0]) for step in steps})
     sites = None
     if cfg.sae.init not in ("random", "previous"):
         raise ConfigError(f"sae.init={cfg.sae.init!r}; expected random or previous")
@@ -117,9 +111,7 @@ def run_study(cfg: DictConfig) -> Path:
     seed_suffix = f"@seed={cfg.sae.seed + steps[-1] + 1}" if s.seed_baseline else None
     dev = analyse(run, steps, sites, tasks, s.shared_threshold, seed_suffix, cfg)
     dev["study_steps"] = steps_meta
-    dev["identical_checkpoints"] = warn_identical(
-        {step: sae_model_provenance(run.root / "saes" / f"step{step}" / sites[0]) for step in steps}
-    )
+    dev["identical_checkpoints"] = identical
     write_json(run.root / "development" / "development.json", dev)
     d = run.root / "development"
     plots = {

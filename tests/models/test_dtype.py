@@ -7,6 +7,7 @@ stored tensors, upcast by hand, without sfcd's loading code."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import warnings
 
@@ -90,6 +91,19 @@ def test_eval_reads_a_float16_series_by_step_in_float32(series, test_run):
             lp = model(torch.tensor([p.patch_ids])).logits[0, -1]
             diffs += [float(lc[p.clean_answer] - lc[p.patch_answer]), float(lp[p.patch_answer] - lp[p.clean_answer])]
     assert out["simple"]["accuracy"] == pytest.approx(sum(d > 0 for d in diffs) / len(diffs))
+    # one checkpoint folder given alone, no step: the same scores, written under the folder's name
+    lone = evaluate_checkpoint(
+        compose(
+            [
+                "experiment=test",
+                f"run_dir={test_run.run_dir}",
+                f"model.source={root / f'step{steps[0]}'}",
+                "tasks=[simple]",
+            ]
+        )
+    )
+    assert lone["simple"] == out["simple"]
+    assert (RunDir(test_run.run_dir).root / "eval" / f"step{steps[0]}.json").exists()
     assert out["simple"]["logit_diff"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-4, abs=1e-4)
 
 
@@ -165,17 +179,38 @@ def test_identical_checkpoints_are_warned_by_name(series):
         assert warn_identical({1: named[steps[0]], 2: named[steps[-1]]}) == []
 
 
-def test_bfloat16_for_the_sae_stage_and_one_line_errors(series, test_run, tmp_path):
+def test_bfloat16_sae_and_features_and_one_line_errors(series, test_run, tmp_path):
+    """Bug caught: model.dtype ignored (the model kept in float32 or float16), a float32 dictionary spliced into a
+    bfloat16 model (dtype mismatch in the CE score), logit effects of a bfloat16 unembedding crashing or rounded."""
     from sfcd.circuits.stage import find_circuit
+    from sfcd.features import api
+    from sfcd.features.stage import build_features
     from sfcd.models.loading import checkpoint
+    from sfcd.sae.io import load_sae
+    from sfcd.sae.stage import train_saes
 
     root, steps = series
+    shutil.copytree(RunDir(test_run.run_dir).corpus, tmp_path / "corpus")
     base = ["experiment=test", f"run_dir={tmp_path}", f"model.source={root}"]
     model, _, _ = checkpoint(compose([*base, "model.dtype=bfloat16"]), steps[0], "sae")
-    assert next(model.parameters()).dtype == torch.bfloat16
-    assert model.sfcd_source["dtype"] == "bfloat16"
+    assert next(model.parameters()).dtype == torch.bfloat16 and model.sfcd_source["dtype"] == "bfloat16"
+
+    bf = [*base, "model.dtype=bfloat16", f"step={steps[0]}"]
+    folders = train_saes(compose([*bf, "sae.sites=[mlp.1]", "sae.n_tokens=2048", "sae.eval_tokens=1024"]))
+    meta = json.loads((folders[0] / "cfg.json").read_text())["metadata"]["sfcd_model"]
+    assert (meta["dtype"], meta["stored_dtype"]) == ("bfloat16", "float16")
+    metrics = json.loads((folders[0] / "metrics.json").read_text())
+    assert all(math.isfinite(metrics[k]) for k in ("fve", "ce_sae", "ce_clean", "ce_zero"))
+    build_features(compose([*bf, "features.n_tokens=1024", "features.top_k=2", "features.quantile_contexts=1"]))
+    sae = load_sae(folders[0])
+    W_U = model.lm_head.weight.detach().float()  # the bfloat16 weights the stage used, upcast here
+    f = next(x for x in range(sae.d_sae) if api.feature(tmp_path, steps[0], "mlp.1", x, text=False)["top"])
+    top_id, top_val = api.feature(tmp_path, steps[0], "mlp.1", f, text=False)["logits_pos"][0]
+    expected = (sae.W_dec[f].detach() / sae.scale) @ W_U.t()
+    assert int(expected.argmax()) == int(top_id) and float(expected.max()) == pytest.approx(top_val, abs=1e-3)
+
     with pytest.raises(ConfigError, match=r"model.dtype=bfloat16 cannot be used by the circuit stage.*float32"):
-        find_circuit(compose([*base, "model.dtype=bfloat16", f"step={steps[0]}", "circuit.task=simple"]))
+        find_circuit(compose([*bf, "circuit.task=simple"]))
     with pytest.raises(ConfigError, match=r"model.dtype='float8'; expected one of"):
         checkpoint(compose([*base, "model.dtype=float8"]), steps[0])
     with pytest.raises(
@@ -217,3 +252,6 @@ def test_a_crosscoder_over_identical_checkpoints_warns_and_records_them(series, 
     assert [recs[str(s)]["step"] for s in (steps[-1], twin)] == [steps[-1], twin]
     assert recs[str(steps[-1])]["weights_sha256"] == recs[str(twin)]["weights_sha256"]
     assert recs[str(twin)]["stored_dtype"] == "float16" and recs[str(twin)]["path"].endswith(f"step{twin}")
+    # each checkpoint's block as a SAELens SAE names its own checkpoint, loadable as model_name
+    block = json.loads((folders[0] / f"step{twin}" / "cfg.json").read_text())["metadata"]
+    assert block["sfcd_model"]["step"] == twin and block["model_name"].endswith(f"step{twin}")

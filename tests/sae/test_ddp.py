@@ -42,17 +42,18 @@ SCRIPT = textwrap.dedent(
     def fit(trainer, out):
         x, _ = make_data(n=4096, d=16, n_dirs=24, seed=0)
         y, _ = make_data(n=4096, d=12, n_dirs=20, seed=1)
+        z, _ = make_data(n=4096, d=16, n_dirs=24, seed=2)  # BatchTopK: the top k x B of the global batch
         cfg = compose([
             "sae.architecture=topk", "sae.batch_size=256", "sae.d_sae=64", "sae.k=4", "sae.n_tokens=4096",
             "sae.checkpoint_every=2", "sae.buffer_tokens=1024",
             "sae.dead_tokens=0",  # a latent silent on the last batch is dead: AuxK on 4-10 of x's 64 from step 2
             # site y: ReLU resampling its dead latents every 4 steps from the batch's rows, weighted by their loss
             # (1 at step 12, 5 at step 16)
-            "+sae.per_site={{y:{{architecture:relu,resample_every:4,d_sae:256,l1_coeff:50}}}}",
+            "+sae.per_site={{y:{{architecture:relu,resample_every:4,d_sae:256,l1_coeff:50}},z:{{architecture:batchtopk}}}}",
             *trainer,
         ])
-        module = SAEModule(make_specs(cfg.sae, {{"x": 16, "y": 12}}), cfg.sae, 16)
-        train_module(module, cfg.trainer, Path(out), {{"x": x, "y": y}}, [SaveNorms(out)])
+        module = SAEModule(make_specs(cfg.sae, {{"x": 16, "y": 12, "z": 16}}), cfg.sae, 16)
+        train_module(module, cfg.trainer, Path(out), {{"x": x, "y": y, "z": z}}, [SaveNorms(out)])
         return module
 
     if __name__ == "__main__":
@@ -83,11 +84,11 @@ def test_ddp_with_two_sites_trains_what_one_process_trains(tmp_path):
     p = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [line.split() for line in p.stdout.splitlines() if line.startswith("SAE ")]
-    assert [(r[1], r[2]) for r in rows] == [("x", "topk"), ("y", "relu")]
+    assert [(r[1], r[2]) for r in rows] == [("x", "topk"), ("y", "relu"), ("z", "batchtopk")]
     # the global gradient on both ranks, as one process computes it: of the full batch, averaged, not summed
     # (Adam and a norm clip are blind to a factor on the gradient, so this catches a sum the weights do not show)
     n_norms, rel = p.stdout.split("NORMS")[1].split()[:2]
-    assert int(n_norms) == 2 * 16 and float(rel) < 1e-4, (n_norms, rel)
+    assert int(n_norms) == 3 * 16 and float(rel) < 1e-4, (n_norms, rel)
     assert int(rows[0][5]) > 0  # x had dead latents (AuxK trained them)
     assert re.search(r"y: resampling [1-9]\d* dead features", p.stderr)  # and y resampled some (one process's log)
     for _, name, _, diff, moved, _ in rows:

@@ -131,15 +131,19 @@ def checkpoint_sae(cc: Crosscoder, m: int) -> SAE:
 
 
 def save_checkpoint_saes(cc: Crosscoder, folder: Path, meta: dict[str, Any]) -> list[Path]:
-    """Every checkpoint's :func:`checkpoint_sae` as a SAELens folder ``<folder>/step<N>/``."""
+    """Every checkpoint's :func:`checkpoint_sae` as a SAELens folder ``<folder>/step<N>/``, with that checkpoint's
+    provenance (``sfcd_model``, and its folder or hub id as ``model_name``) when the crosscoder recorded it."""
     out = []
+    models = cc.cfg.get("sfcd_models") or {}
     for m, step in enumerate(cc.cfg["steps"]):
         note = "crosscoder block seen alone: the other checkpoints' encoder terms are left out"
+        own = models.get(str(step))
+        extra = {"sfcd_model": own, "model_name": own.get("path") or meta.get("model_name")} if own else {}
         out.append(
             save_sae(
                 checkpoint_sae(cc, m),
                 folder / f"step{step}",
-                {**meta, "sfcd_step": step, "sfcd_crosscoder": str(folder), "sfcd_view": note},
+                {**meta, **extra, "sfcd_step": step, "sfcd_crosscoder": str(folder), "sfcd_view": note},
             )
         )
     return out

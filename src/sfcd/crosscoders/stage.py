@@ -159,6 +159,7 @@ def train_crosscoders(cfg: DictConfig, callbacks: list | None = None) -> list[Pa
         "exclude_special_tokens": sorted(excl),
         "dataset_path": str(run.tokens("train")),
     }
+    rank0 = True
     for group in schedule.groups:
         group_sites = [s for s in todo if s.name in group]
         source = ConcatSource(
@@ -180,13 +181,18 @@ def train_crosscoders(cfg: DictConfig, callbacks: list | None = None) -> list[Pa
         module = SAEModule(specs, xcfg, total)
         train_module(module, cfg.trainer, state_dir, source, callbacks)
         module.source = source = None
+        rank0 = module.trainer.is_global_zero
+        if not rank0:  # DDP's other ranks: rank 0 evaluates and writes
+            continue
         for spec, cc in zip(specs, module.saes, strict=True):
             site = next(s for s in group_sites if s.name == spec.site)
             cc = cc.to(device).eval()  # Lightning's teardown leaves the trained module on the CPU
             _finish(cc, site, models, steps, eval_windows, ce_windows, excl, c, xcfg, meta, out_root)
-        del module, cc
+        del module
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if not rank0:
+        return []
     shutil.rmtree(out_root / ".train", ignore_errors=True)
     return [out_root / s.name for s in sites]
 

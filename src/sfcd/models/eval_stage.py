@@ -56,5 +56,6 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
             "pairs": len(task.pairs),
             "dropped": dict(task.dropped),
         }
-    write_json(run.root / "eval" / f"step{step}.json", out)
+    name = f"step{step}" if step is not None else Path(cfg.model.source).name  # a lone folder, no step given
+    write_json(run.root / "eval" / f"{name}.json", out)
     return out

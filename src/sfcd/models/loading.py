@@ -209,10 +209,11 @@ def checkpoint(cfg, step: int | None, stage: str | None = None, dtypes: tuple[st
     dtype = model_dtype(cfg.model.get("dtype", "float32"), stage, dtypes)
     source = cfg.model.source
     if source:
-        if step is None:
-            raise ConfigError(f"model.source={source} needs step=<N> (the checkpoint, revision step<N> on the hub)")
         folder = Path(source)
-        load_step = None if folder.is_dir() and (folder / "config.json").exists() else step
+        single = folder.is_dir() and (folder / "config.json").exists()
+        if step is None and not (single and stage == "eval"):  # eval names a lone folder's output by the folder
+            raise ConfigError(f"model.source={source} needs step=<N> (the checkpoint, revision step<N> on the hub)")
+        load_step = None if single else step
         tokenizer = load_tokenizer(source, load_step)  # first: a folder without one fails before the weights load
         return load_model(source, load_step, dtype=dtype), tokenizer, step
     run = RunDir(cfg.run_dir).require()

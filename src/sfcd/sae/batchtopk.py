@@ -15,6 +15,12 @@ from sfcd.sae.sparse_ops import dense_from_sparse, gather_pre, sparse_decode
 from sfcd.sae.topk import TopKSAE
 
 
+def _world() -> int:
+    """Processes that share each global batch (DDP's ranks; 1 outside a process group)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class BatchTopKSAE(TopKSAE):
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"
@@ -38,7 +44,12 @@ class BatchTopKSAE(TopKSAE):
             m = min(self.d_sae, int(self.hparams.get("candidate_mult", 4)) * self.k)
             cand_vals, idx = self.selection_score(pre).topk(m, dim=-1)  # a row's candidates for the batch's top
             flat = cand_vals.flatten()
-            n_keep = min(self.k * x.shape[0], flat.numel())
+            world = _world()
+            if world > 1:  # DDP: the global batch's top k * B, from every rank's candidates, as one process takes it
+                parts = [torch.empty_like(flat) for _ in range(world)]
+                torch.distributed.all_gather(parts, flat.contiguous())
+                flat = torch.cat(parts)
+            n_keep = min(self.k * x.shape[0] * world, flat.numel())
             kth = flat.kthvalue(flat.numel() - n_keep + 1).values  # a selection, not a sort
             keep = (cand_vals >= kth) & (cand_vals > 0)
         sparse = self.hparams.get("sparse", True)
@@ -50,8 +61,10 @@ class BatchTopKSAE(TopKSAE):
             vals = torch.relu(pre_g.gather(1, idx)) * keep
             x_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec + self.b_dec
         with torch.no_grad():
-            if keep.any():
-                smallest = cand_vals[keep].min()
+            smallest = cand_vals[keep].min() if keep.any() else cand_vals.new_tensor(float("inf"))
+            if world > 1:  # the global batch's smallest kept score: every rank keeps the same threshold
+                torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+            if torch.isfinite(smallest):
                 momentum = self.hparams.get("threshold_momentum", 0.99)
                 self.threshold.copy_(
                     smallest if self.threshold == 0 else momentum * self.threshold + (1 - momentum) * smallest
