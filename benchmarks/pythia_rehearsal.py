@@ -17,7 +17,7 @@ Per stage it prints one JSON line: wall time, peak RSS (of that process alone), 
 to the run directory, and the error if it failed; then the report's size and, where Chromium is installed, the
 time it takes to load.
 
-    python benchmarks/pythia_rehearsal.py --quick            # here: under 20 minutes on 2 cores
+    python benchmarks/pythia_rehearsal.py --quick            # about an hour on 2 cores: the real shapes' arithmetic
     python benchmarks/pythia_rehearsal.py                    # larger CPU budgets
     python benchmarks/pythia_rehearsal.py --gpu              # on a GPU: one checkpoint at the preset's real
                                                              # budget (50M tokens), tokens/s and peak GPU memory
@@ -203,7 +203,7 @@ def chromium_load_seconds(page: Path) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the profile for this CPU (under 20 minutes)")
+    ap.add_argument("--quick", action="store_true", help="the smallest token budgets, every shape real")
     ap.add_argument("--gpu", action="store_true", help="one checkpoint at the preset's real budget on a GPU")
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one, removed at the end)")
     ap.add_argument("--make-series", nargs="+", type=int, help=argparse.SUPPRESS)
