@@ -43,7 +43,7 @@ PYTHIA_VOCAB = 50304
 PROFILES = {
     "quick": {
         "series": [0, 4, 12],  # checkpoint steps (optimizer steps of the stand-in's training)
-        "corpus": ["corpus.n_tokens=400000", "corpus.val_tokens=60000", "corpus.task_pairs=240"],
+        "corpus": ["corpus.n_tokens=400000", "corpus.val_tokens=60000", "corpus.task_pairs=400"],
         # two optimizer steps of 1,024 tokens per checkpoint: the cost is the shapes (19 x 512 x 32,768), not tokens
         "sae": [
             "sae.n_tokens=2048",
@@ -66,7 +66,7 @@ PROFILES = {
     },
     "cpu": {
         "series": [0, 16, 48, 96],
-        "corpus": ["corpus.n_tokens=1000000", "corpus.val_tokens=100000", "corpus.task_pairs=240"],
+        "corpus": ["corpus.n_tokens=1000000", "corpus.val_tokens=100000", "corpus.task_pairs=400"],
         "sae": [
             "sae.n_tokens=65536",
             "sae.buffer_tokens=32768",
@@ -228,7 +228,7 @@ def main() -> None:
     base += [f"study.steps=[{','.join(map(str, steps))}]", f"study.tasks=[{','.join(TASKS)}]", "study.crosscoder=true"]
     if args.gpu:  # the preset's own SAE budget (50M tokens, 2^18-token chunks, 1M evaluation tokens): a corpus
         # whose held-out split holds those evaluation tokens, and 5M training tokens (50M are 10 passes over them)
-        corpus = ["corpus.n_tokens=5000000", "corpus.val_tokens=1200000", "corpus.task_pairs=240"]
+        corpus = ["corpus.n_tokens=5000000", "corpus.val_tokens=1200000", "corpus.task_pairs=400"]
         prof = {
             **prof,
             "corpus": corpus,
