@@ -115,7 +115,6 @@ def run_study(cfg: DictConfig) -> Path:
     write_json(run.root / "development" / "development.json", dev)
     d = run.root / "development"
     plots = {
-        "training": training_curves(run.train_log, steps, d / "training.png"),
         "fve": by_site(dev["sae_rows"], "fve", d / "sae_fve.png", "FVE"),
         "ce": by_site(dev["sae_rows"], "ce_loss_score", d / "sae_ce_score.png", "CE loss score"),
         "shared": by_site(
@@ -127,6 +126,8 @@ def run_study(cfg: DictConfig) -> Path:
         ),
         "lineage": lineage_plot(dev["sites"], d / "lineage.png"),
     }
+    if run.train_log.exists():  # sfcd's own model; a loaded one (Pythia, model.source) has no train log here
+        plots["training"] = training_curves(run.train_log, steps, d / "training.png")
     if dev["circuits"]:
         plots["circuits"] = circuits_plot(dev["circuits"], d / "circuits.png")
     if s.crosscoder:

@@ -255,3 +255,34 @@ def test_a_crosscoder_over_identical_checkpoints_warns_and_records_them(series, 
     # each checkpoint's block as a SAELens SAE names its own checkpoint, loadable as model_name
     block = json.loads((folders[0] / f"step{twin}" / "cfg.json").read_text())["metadata"]
     assert block["sfcd_model"]["step"] == twin and block["model_name"].endswith(f"step{twin}")
+
+
+def test_a_study_on_a_checkpoint_series_warns_of_identical_steps_and_writes_its_report(series, test_run, tmp_path):
+    """Bug caught: a study on model.source refusing every step (checked against the run's empty model/), crashing
+    at the report for want of sfcd's train log, or passing over identical checkpoints in silence."""
+    from sfcd.study import run_study
+
+    root, steps = series
+    twin = steps[-1] + 1
+    shutil.copytree(RunDir(test_run.run_dir).corpus, tmp_path / "corpus")  # no model/, no train log
+    cfg = compose(
+        [
+            "experiment=test",
+            f"run_dir={tmp_path}",
+            f"model.source={root}",
+            f"study.steps=[{steps[-1]},{twin}]",
+            "study.tasks=[simple]",
+            "sae.sites=[resid.0]",
+            "sae.n_tokens=2048",
+            "sae.eval_tokens=1024",
+            "circuit.sites=[resid.0]",
+            "circuit.n_examples=8",
+            "circuit.method=attrib",
+        ]
+    )
+    with pytest.warns(UserWarning, match=rf"checkpoints {steps[-1]}, {twin} have identical weights"):
+        page = run_study(cfg)
+    dev = json.loads((tmp_path / "development" / "development.json").read_text())
+    assert dev["identical_checkpoints"] == [[steps[-1], twin]]
+    html = page.read_text()
+    assert "identical" in html and f"{twin}" in html
