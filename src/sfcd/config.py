@@ -261,3 +261,14 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 
 register()
+
+
+def override(cfg: DictConfig, **changes) -> DictConfig:
+    """A copy of ``cfg`` with ``changes`` (dotted keys) set: one stage's config inside a study."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.set_struct(c, True)
+    for key, value in changes.items():
+        OmegaConf.update(c, key, value, merge=False, force_add=True)
+    return c

@@ -11,48 +11,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from sfcd.config import override as _at
 from sfcd.errors import ConfigError, MissingArtifactError
 from sfcd.io import write_json
 from sfcd.models.loading import checkpoint, model_dtype, provenance, source_steps, warn_identical
+from sfcd.models.train_log import study_steps
 from sfcd.paths import RunDir
 
 log = logging.getLogger(__name__)
-
-
-def _at(cfg: DictConfig, **changes) -> DictConfig:
-    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    OmegaConf.set_struct(c, True)
-    for key, value in changes.items():
-        OmegaConf.update(c, key, value, merge=False, force_add=True)
-    return c
-
-
-def study_steps(cfg: DictConfig, run: RunDir) -> dict:
-    """``study.steps`` when given, else the steps :func:`~sfcd.models.train_log.choose_steps` picks from the
-    train log; either way written, with the reasons, to ``development/study_steps.json``."""
-    from sfcd.io import read_csv
-    from sfcd.models.train_log import choose_steps, tasks_of
-
-    s = cfg.study
-    if list(s.steps):
-        meta = {"steps": sorted(s.steps), "source": "study.steps"}
-    else:
-        if not run.train_log.exists():
-            raise MissingArtifactError(
-                f"no train log at {run.train_log} to choose the studied steps from; train the model (`sfcd model`) "
-                "or name the checkpoints, e.g. study.steps=[64,128,1500]"
-            )
-        rows = read_csv(run.train_log)
-        tasks = list(s.step_tasks) or tasks_of(rows)
-        try:
-            meta = {**choose_steps(rows, tasks, list(s.step_thresholds), s.max_steps), "source": str(run.train_log)}
-        except ValueError as e:
-            raise ConfigError(f"study.step_tasks / step_thresholds / max_steps: {e}") from None
-        log.info("studied steps from the train log: %s", meta["reasons"])
-    write_json(run.root / "development" / "study_steps.json", meta)
-    return meta
 
 
 def run_study(cfg: DictConfig) -> Path:
@@ -131,8 +99,8 @@ def run_study(cfg: DictConfig) -> Path:
     if dev["circuits"]:
         plots["circuits"] = circuits_plot(dev["circuits"], d / "circuits.png")
     if s.crosscoder:
-        from sfcd.crosscoders.development import crosscoder_development
         from sfcd.crosscoders.stage import train_crosscoders
+        from sfcd.development.crosscoders import crosscoder_development
         from sfcd.report.plots import crosscoder_circuits_plot
 
         cc_steps = list(cfg.crosscoder.steps) or steps

@@ -7,9 +7,8 @@ import pytest
 from sfcd.config import compose
 from sfcd.errors import ConfigError
 from sfcd.io import read_csv
-from sfcd.models.train_log import choose_steps, crossings
+from sfcd.models.train_log import choose_steps, crossings, study_steps
 from sfcd.paths import RunDir
-from sfcd.study import study_steps
 
 STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 250, 256, 500, 512, 750, 1000, 1250, 1500]
 # planted: the first step of each accuracy level per task

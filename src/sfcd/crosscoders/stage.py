@@ -65,7 +65,7 @@ def crosscoder_steps(cfg: DictConfig) -> list[int]:
     least two, none twice, in increasing order."""
     steps = [int(s) for s in (cfg.crosscoder.steps or cfg.study.steps)]
     if not steps and not cfg.model.source:
-        from sfcd.study import study_steps
+        from sfcd.models.train_log import study_steps
 
         steps = study_steps(cfg, RunDir(cfg.run_dir).require())["steps"]
     twice = sorted({s for s in steps if steps.count(s) > 1})

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sfcd.data.grammar import PAPER_TASKS
 from sfcd.io import atomic_path, read_csv, write_csv
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from sfcd.paths import RunDir
+
+log = logging.getLogger(__name__)
 
 BASE_FIELDS = ["step", "tokens", "train_loss", "heldout_loss", "induction_score"]
 TASK_FIELDS = ["accuracy", "logit_diff"]
@@ -127,3 +136,29 @@ def plot(path: Path, png: Path, tasks: list[str]) -> Path:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return png
+
+
+def study_steps(cfg: DictConfig, run: RunDir) -> dict:
+    """``study.steps`` when given, else the steps :func:`~sfcd.models.train_log.choose_steps` picks from the
+    train log; either way written, with the reasons, to ``development/study_steps.json``."""
+    from sfcd.errors import ConfigError, MissingArtifactError
+    from sfcd.io import read_csv, write_json
+
+    s = cfg.study
+    if list(s.steps):
+        meta = {"steps": sorted(s.steps), "source": "study.steps"}
+    else:
+        if not run.train_log.exists():
+            raise MissingArtifactError(
+                f"no train log at {run.train_log} to choose the studied steps from; train the model (`sfcd model`) "
+                "or name the checkpoints, e.g. study.steps=[64,128,1500]"
+            )
+        rows = read_csv(run.train_log)
+        tasks = list(s.step_tasks) or tasks_of(rows)
+        try:
+            meta = {**choose_steps(rows, tasks, list(s.step_thresholds), s.max_steps), "source": str(run.train_log)}
+        except ValueError as e:
+            raise ConfigError(f"study.step_tasks / step_thresholds / max_steps: {e}") from None
+        log.info("studied steps from the train log: %s", meta["reasons"])
+    write_json(run.root / "development" / "study_steps.json", meta)
+    return meta

@@ -35,7 +35,7 @@ def circuit_cfg(cfg: DictConfig, run: RunDir, task: str, step: int, sites: list[
     """The circuit stage's config for a circuit on the crosscoders' latents: nodes only (the development reads
     node effects; ``sfcd circuit circuit.dictionaries=<run>/crosscoders`` gives the edges), no baselines (the SAE
     circuits' business)."""
-    from sfcd.study import _at
+    from sfcd.config import override as _at
 
     return _at(
         cfg,
