@@ -212,6 +212,7 @@ def render(root: Path, title: str, plots: dict[str, Path], dev: dict, links: dic
         + " · ".join(
             f'<a href="#{a}">{_e(t)}</a>'
             for a, t, on in (
+                ("findings", "findings", dev.get("findings")),
                 ("training", "training", "training" in plots or dev.get("study_steps")),
                 ("circuits", "circuits", dev["circuits"]),
                 ("crosscoders", "crosscoders", cc),
@@ -222,6 +223,8 @@ def render(root: Path, title: str, plots: dict[str, Path], dev: dict, links: dic
         )
         + "</p>",
     ]
+    if dev.get("findings"):
+        parts += _findings_section(root, dev)
     sae_maps = [
         ("ce_loss_score", "CE loss score (1: the SAE's reconstruction loses nothing, 0: as bad as zero ablation)"),
         ("fve", "Fraction of variance explained"),
@@ -268,6 +271,77 @@ def render(root: Path, title: str, plots: dict[str, Path], dev: dict, links: dic
         parts.append(_details(f"{_e(heading)} ({len(paths)})", f"<ul>{items}</ul>", "links"))
     parts.append("</body></html>\n")
     return write_text(root / "report.html", "".join(parts))
+
+
+def _step_text(s) -> str:
+    return "never (in the studied checkpoints)" if s is None else f"step {s}"
+
+
+def _findings_section(root: Path, dev: dict) -> list[str]:
+    """Per task, at the top of the page: when the behaviour appears, when its circuit appears, and which of the
+    last circuit's features are new and which carried over (see :mod:`sfcd.development.findings`), each with
+    links to its evidence."""
+    steps = dev["steps"]
+    csv = _link(root / "development" / "circuit_development.csv", root, "circuit_development.csv")
+    js = _link(root / "development" / "development.json", root, "development.json (findings)")
+    parts = [
+        '<a id="findings"></a><h2>Findings</h2>',
+        "<p>Per task: when the model does it (train log), when a faithful circuit exists (its own circuit is "
+        "resolvable, F(M) - F(empty) beyond the examples' noise, and reaches faithfulness "
+        f"{_e(_cell(next(iter(dev['findings'].values()))['faithful_at']))}), and which features of the last "
+        "circuit are new (first found at or after that checkpoint, and found by a second SAE seed too) or carried "
+        "over (matched, unbroken, to an earlier checkpoint). A feature only one seed finds may be the SAE's own "
+        f"variance: it is counted apart. Numbers: {js}, {csv}.</p>",
+    ]
+    for task, f in dev["findings"].items():
+        b = f.get("behaviour") or {}
+        learned = "; ".join(f"accuracy &gt;= {_e(th)} at {_e(_step_text(s))}" for th, s in b.items()) or (
+            "no train log (a loaded model)"
+        )
+        a = f.get("circuit_appears")
+        page = root / "circuits" / task / f"step{a}" / "circuit.html"
+        circuit = _e(_step_text(a)) + (
+            f" ({_link(page, root, 'its circuit')})" if a is not None and page.exists() else ""
+        )
+        c = f.get("counts") or {}
+        last_page = root / "circuits" / task / f"step{steps[-1]}" / "circuit.html"
+        feats = sorted(f.get("features") or [], key=lambda x: (x["status"], x["first_step"], x["id"]))
+        items = []
+        for x in feats:
+            dash = root / "features" / f"step{steps[-1]}" / x["site"] / "index.html"
+            name = x["id"]
+            ref = (
+                f'<a href="{_e(os.path.relpath(dash, root))}#open={_e(name.split("/")[1])}">{_e(name)}</a>'
+                if dash.exists()
+                else _e(name)
+            )
+            items.append(
+                f"<tr><td>{ref}</td><td>{_e(x['status'])}</td><td>{_e(x['first_step'])}</td>"
+                f"<td>{_e(_cell(x.get('reproducible')))}</td></tr>"
+            )
+        table = (
+            '<div class="scroll"><table><thead><tr><th>feature</th><th>status</th><th>first step</th>'
+            f"<th>second seed finds it</th></tr></thead><tbody>{''.join(items)}</tbody></table></div>"
+        )
+        line = (
+            f"<p><b>{_e(task)}</b>: {learned}. Faithful circuit: {circuit}; the last circuit "
+            + (f"({_link(last_page, root, 'page')}) " if last_page.exists() else "")
+            + f"is faithful, carried back, from {_e(_step_text(f.get('last_circuit_faithful_from')))}. "
+            f"Its features: {_e(c.get('carried over', 0))} carried over, {_e(c.get('new', 0))} new, "
+            f"{_e(c.get('not reproducible', 0))} not reproducible by a second seed; {_e(f.get('error_nodes', 0))} "
+            "error nodes."
+            + (
+                f" Crosscoder circuit: {_e(f.get('crosscoder_latents'))} latents, emerging by checkpoint "
+                f"{_e(f.get('crosscoder_emerged_at'))}."
+                if f.get("crosscoder_latents")
+                else ""
+            )
+            + "</p>"
+        )
+        parts.append(line)
+        if items:
+            parts.append(_details(f"{_e(task)}: the last circuit's {len(items)} features", table, "numbers"))
+    return parts
 
 
 def _site_section(root: Path, plots: dict[str, Path], dev: dict, site: str, by: dict, cc: dict) -> str:
