@@ -32,6 +32,14 @@ class ModelConfig:
 
 
 @dataclass
+class PlantedConfig:
+    step: int | None = None  # the training step from which the planted construction is in the batches (None: off)
+    construction: str = "agreement"  # agreement: its own nouns and verbs (sfcd/data/planted.py), a control beside it
+    weight: float = 0.1  # the planted construction's weight in corpus.mixture (in the batches from `step` on)
+    control_weight: float = 0.1  # the control's weight (in the batches from the start, the same share throughout)
+
+
+@dataclass
 class CorpusConfig:
     kind: str = "agreement"  # agreement (built-in grammar) | text (a .txt/.jsonl file) | hf (a datasets name)
     n_tokens: int = 2_000_000  # training tokens to write (agreement: generated; text/hf: at most this many)
@@ -62,6 +70,9 @@ class CorpusConfig:
     test_fraction: float = 0.5  # share of the pairs in the test split
     induction_pairs: int = 200  # rows of the induction task
     induction_len: int = 10  # words in an induction task's span
+    # a construction that enters the training batches at a chosen step, and a control present from the start
+    # (agreement corpus only; off by default): corpus.planted.step=300
+    planted: PlantedConfig = field(default_factory=PlantedConfig)
 
 
 @dataclass
@@ -124,7 +135,8 @@ class SAEConfig:
     buffer_tokens: int = 262_144  # activations per site held at once: one streamed chunk, shuffled (bounds memory)
     buffer_dtype: str = "float32"  # float32 | bfloat16: the buffer's and the on-disk cache's values
     eval_tokens: int = 32_768  # held-out tokens for evaluation (reconstruction, density), one site at a time
-    ce_tokens: int | None = None  # held-out tokens for the CE/KL scores with the SAE spliced in (None: eval_tokens)
+    ce_tokens: int | None = None  # held-out tokens for the CE/KL scores with the SAE spliced in (None: eval_tokens,
+    # 0: none)
     seq_len: int | None = None  # harvest context length (None: the model preset's seq_len)
     harvest_batch: int = 32  # sequences per harvesting forward pass
     exclude_special: bool = True  # leave BOS/EOS/padding positions out of training and evaluation
@@ -180,7 +192,15 @@ class CircuitConfig:
     ig_batch: int = 256  # sequences per integrated-gradients forward pass (interpolation points are chunked)
     edge_items: str = "all"  # all: a kept node's edges sum over all its (example, position) items; paper: only
     # over the items whose own effect passes node_threshold (feature-circuits' rule, before aggregation)
-    ablation: str = "mean"  # mean (over the patch batch) | zero | resample
+    ablation: str = "mean"  # mean (per prefix length over the evaluation set's patch prefixes) | zero | resample
+    # (another evaluation example's values, a seeded derangement over the whole evaluation set)
+    lengths: str = "shortest"  # multi-length task files: shortest (the reference's load_examples rule, seed below)
+    # | all (every length, each mean-ablated with its own length's mean)
+    seed: int = 12  # the pairs' shuffle (12: the reference's load_examples), the discovery/eval split, resample
+    eval_task: str | None = None  # a separate evaluation file (else the run's other split, else a seeded split)
+    eval_fraction: float = 0.5  # share of a lone task file's usable pairs held out for evaluation
+    resolve_z: float = 3.0  # faithfulness only where |F(M) - F(empty)| > resolve_z x its paired standard error
+    resolve_floor: float = 0.05  # ... and > this (logits); else faithfulness/completeness null, resolvable false
     sweep_points: int = 15  # node thresholds in logspace(-4, 0) for the faithfulness curve
     baselines: bool = True  # also sweep neurons and no-error-node circuits for the curve
     out_dir: str | None = None  # where the circuit is written (None: circuits/<task>/step<N>)
@@ -206,6 +226,10 @@ class CrosscoderConfig:
     checkpoint_every: int = 200  # steps between resumable states
     presence: float = 0.3  # present at a checkpoint: decoder norm >= this x the latent's largest norm
     scaling_flag: float = 0.5  # Latent Scaling flag: absent by norm, beta >= this x the strongest checkpoint's
+    scaling_tokens: int = 1_048_576  # Latent Scaling (and the block means of checkpoint-alone views): training tokens
+    # streamed in file order (memory does not grow with it)
+    scaling_blocks: int = 20  # Latent Scaling's sums kept per block of batches (round-robin): the bootstrap's units
+    scaling_resamples: int = 200  # bootstrap resamples of the blocks for the nu_eps / nu_r intervals
     circuits: bool = True  # in the study: circuits on the crosscoder's latents at crosscoder.sites, per task
     memory_limit: float = 0.0  # GiB training may hold (models, buffer, weights, grads, Adam, a batch); 0: 0.8 x the
     # device's free memory. Sites that do not fit together train one group after another; a site alone that does
@@ -218,8 +242,10 @@ class StudyConfig:
     step_tasks: list[str] = field(default_factory=list)  # tasks whose accuracy crossings choose the steps (empty: all)
     step_thresholds: list[float] = field(default_factory=lambda: [0.6, 0.9])  # accuracy crossings that choose steps
     max_steps: int = 5  # at most this many chosen steps (before learning and the last included)
+    min_step_ratio: float = 1.5  # chosen steps at least this factor apart on the log axis (study.steps: as named)
+    step_margin: float = 0.05  # a crossing: accuracy >= threshold there and >= threshold - margin ever after
     tasks: list[str] = field(default_factory=lambda: ["simple", "nounpp", "rc", "within_rc"])  # circuit tasks
-    seed_baseline: bool = True  # a second SAE seed at the last step: the null baseline for shared features
+    seed_baseline: bool = True  # a second SAE seed at every step: the noise floor of births, deaths, shares
     features_at: str = "last"  # dashboards at: last | all (steps)
     shared_threshold: float = 0.7  # decoder cosine at which matched features count as the same
     crosscoder: bool = False  # also train crosscoders over study.steps (crosscoder.*) and follow the circuits' latents
