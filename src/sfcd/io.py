@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -47,10 +48,30 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     return Path(path)
 
 
-def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> Path:
-    """Write ``obj`` as JSON (indented unless ``indent=None``), atomically."""
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by ``None``, tuples as lists, numpy and 0-d torch
+    scalars as Python numbers: what strict JSON can hold (NaN is not JSON; a browser's ``JSON.parse`` rejects it)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return finite(obj.item())
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON text of ``obj``: non-finite floats become ``null`` (:func:`finite`), and ``allow_nan=False``
+    makes anything else that would write ``NaN``/``Infinity`` raise."""
     separators = None if indent is not None else (",", ":")
-    return write_text(path, json.dumps(obj, indent=indent, separators=separators) + "\n")
+    return json.dumps(finite(obj), indent=indent, separators=separators, allow_nan=False)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as strict JSON (indented unless ``indent=None``; NaN and inf as ``null``), atomically."""
+    return write_text(path, dumps(obj, indent) + "\n")
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -59,8 +80,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write one JSON object a line, atomically."""
-    return write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    """Write one JSON object a line (strict JSON, see :func:`dumps`), atomically."""
+    return write_text(path, "".join(json.dumps(finite(r), allow_nan=False) + "\n" for r in rows))
 
 
 def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> Path:

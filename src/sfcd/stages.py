@@ -80,11 +80,10 @@ def reference(cfg: DictConfig) -> None:
 
 def eval(cfg: DictConfig) -> None:  # noqa: A001 - the stage's name
     """Score a checkpoint (step=N; a run's or model.source's) on task files: agreement and induction."""
-    import json
-
+    from sfcd.io import dumps
     from sfcd.models.eval_stage import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(cfg), indent=2))
+    print(dumps(evaluate_checkpoint(cfg), indent=2))
 
 
 def demo(cfg: DictConfig) -> None:

@@ -73,10 +73,10 @@ def test_full_circuit_is_faithful_and_empty_is_not(setup):
     model, dicts, bs = setup
     everything = {s: (torch.ones(d.d_sae, dtype=torch.bool), True) for s, d in dicts.items()}
     nothing = {s: (torch.zeros(d.d_sae, dtype=torch.bool), False) for s, d in dicts.items()}
-    for ablation in ("mean", "zero", "resample"):
-        full = faithfulness(model, dicts, bs, everything, ablation)
+    for ablation in ("mean", "zero", "resample"):  # the ratios' algebra: no resolvability rule (z = floor = 0)
+        full = faithfulness(model, dicts, bs, everything, ablation, z=0, floor=0)
         assert full["faithfulness"] == pytest.approx(1.0) and full["completeness"] == pytest.approx(0.0)
-        empty = faithfulness(model, dicts, bs, nothing, ablation)
+        empty = faithfulness(model, dicts, bs, nothing, ablation, z=0, floor=0)
         assert empty["faithfulness"] == pytest.approx(0.0) and empty["completeness"] == pytest.approx(1.0)
     assert abs(full["F_M"] - full["F_empty"]) > 1e-5  # ablating everything changes the metric
 
@@ -101,7 +101,10 @@ def test_mean_ablation_is_one_mean_whatever_the_batching(setup):
         )
         for i in range(len(task_pairs))
     ]
-    by_12, by_1 = Faithfulness(model, dicts, bs, "mean"), Faithfulness(model, dicts, ones, "mean")
+    by_12, by_1 = (
+        Faithfulness(model, dicts, bs, "mean", z=0, floor=0),
+        Faithfulness(model, dicts, ones, "mean", z=0, floor=0),
+    )
     a, b = by_12(keep), by_1(keep)
     assert a["faithfulness"] == pytest.approx(b["faithfulness"], abs=2e-4)  # float32 sums in another order
     assert a["F_empty"] == pytest.approx(b["F_empty"], abs=2e-4) and abs(a["F_M"] - a["F_empty"]) > 1e-3
@@ -198,7 +201,9 @@ def test_per_position_circuit(test_run, test_saes, tmp_path):
             },
         ],
     )
+    (tmp_path / "mixed_eval.jsonl").write_bytes(mixed.read_bytes())
     base = ["experiment=test", f"run_dir={test_run.run_dir}", "circuit.sites=[resid.0]", "circuit.aggregation=none"]
+    base += ["circuit.lengths=all", f"circuit.eval_task={tmp_path / 'mixed_eval.jsonl'}"]  # keep both lengths
     with pytest.raises(InputError, match=r"one length.*found 3 tokens \(1 pairs\), 6 tokens \(1 pairs\)"):
         find_circuit(compose([*base, f"circuit.task={mixed}"]))
 
@@ -224,7 +229,8 @@ def test_nopair_task_and_neuron_dictionary(test_run, test_saes, tmp_path):
         ]
     )
     c = json.loads((find_circuit(cfg) / "circuit.json").read_text())
-    assert c["metadata"]["dictionary"] == "neurons" and c["metadata"]["n_examples"] == 8
+    # a lone file is split: half of its 8 pairs find the circuit, the other half evaluate it
+    assert c["metadata"]["dictionary"] == "neurons" and c["metadata"]["n_examples"] == 4
     assert all(n["feature"] is None or n["feature"] < 32 for n in c["nodes"])  # neurons of a 32-wide stream
 
 

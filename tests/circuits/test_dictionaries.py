@@ -93,7 +93,9 @@ def test_paper_layout_is_read_and_computes_the_papers_formula(test_run, test_sae
     for p in model.parameters():
         p.requires_grad_(False)
     dicts = {parse_site("resid.0"): PaperAE(autoencoder_state(0)), parse_site("mlp.1"): PaperAE(autoencoder_state(1))}
-    bs = batches(load_task(run.task_file("nounpp", "train"), tok), 8, cfg.circuit.batch_size)
+    task = load_task(run.task_file("nounpp", "train"), tok)
+    rows = set(meta["pairs"]["discovery"]["rows"])  # the pairs the stage says it found the circuit on
+    bs = batches(task, 8, cfg.circuit.batch_size, pairs=[p for p in task.pairs if p.index in rows])
     effs = [node_effects(model, dicts, b, cfg.circuit.method, cfg.circuit.steps) for b in bs]
     for s in dicts:
         expected = sum(e[s].ie_f.sum((0, 1)) for e in effs) / 8

@@ -6,10 +6,20 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from sfcd.circuits.page import render
 from tests.conftest import run_chromium
 
 from .test_circuits import run_circuit
+
+
+def page_data(page: Path) -> dict:
+    """The JSON embedded in a circuit page, parsed strictly (NaN / Infinity refused, as JSON.parse does)."""
+    text = page.read_text()
+    (raw,) = re.findall(r"<script id='sfcd-data' type='application/json'>(.*?)</script>", text, re.S)
+    return json.loads(raw, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
 
 
 def shown(dom: str) -> tuple[set[str], int]:
@@ -38,7 +48,7 @@ def test_circuit_page_renders_filters_and_links(chromium, test_run, test_saes, t
     )
     out = Path(test_run.run_dir) / "circuits" / "nounpp" / "step24"
     page = out / "circuit.html"
-    assert json.loads((out / "circuit.json").read_text()) == c  # the page's data is circuit.json's
+    assert page_data(page)["circuit"] == c  # the page's data, read out of circuit.html, is circuit.json's
     dom = run_chromium(chromium, page.as_uri())
     nodes, n_edges = shown(dom)
     assert (nodes, n_edges) == expected(c, 0.0005, 0.0001) and len(nodes) > 5 and n_edges > 5
@@ -86,3 +96,76 @@ def test_markup_in_a_label_stays_text(chromium, tmp_path):
     assert "<img" not in dom.split("<body>")[1].split("sfcd-data")[0]  # no element made from the label
     assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom  # shown as text (in the hover title)
     assert shown(dom) == ({"resid.0/3"}, 1)
+
+
+def synthetic_circuit(n_edges: int, n_nodes: int = 1900, seed: int = 0, missing: bool = True) -> dict:
+    """A circuit of pythia-70m's 19 sites with ``n_edges`` edges between random nodes, effects and weights
+    log-uniform (two and six decades) with random signs; with ``missing``, some effects and weights NaN and the
+    faithfulness NaN (what an unresolvable or broken run could hand the page)."""
+    rng = np.random.default_rng(seed)
+    sites = ["embed"] + [f"{k}.{layer}" for layer in range(6) for k in ("attn", "mlp", "resid")]
+    nodes = []
+    for i in range(n_nodes):
+        site = sites[i % len(sites)]
+        eff = float(rng.choice([-1, 1]) * 10 ** rng.uniform(-2, 0))
+        nodes.append({"id": f"{site}/{i}", "site": site, "feature": i, "position": None, "effect": eff, "label": ""})
+    if missing:
+        for n in nodes[::97]:
+            n["effect"] = float("nan")
+    ids = [n["id"] for n in nodes]
+    src, dst = rng.integers(0, n_nodes, n_edges), rng.integers(0, n_nodes, n_edges)
+    w = rng.choice([-1, 1], n_edges) * 10 ** rng.uniform(-6, 0, n_edges)
+    edges = [{"from": ids[a], "to": ids[b], "weight": float(x)} for a, b, x in zip(src, dst, w, strict=True)]
+    if missing:
+        for e in edges[::1001]:
+            e["weight"] = float("nan")
+    meta = {
+        "task": "synthetic",
+        "step": 1,
+        "node_threshold": 0.1,
+        "edge_threshold": 0.01,
+        "faithfulness": float("nan") if missing else 0.9,
+        "completeness": None if missing else 0.1,
+        "resolvable": not missing,
+        "method": "ig",
+        "aggregation": "sum",
+        "ablation": "mean",
+        "positions": None,
+    }
+    return {"metadata": meta, "sites": sites, "nodes": nodes, "edges": edges}
+
+
+def test_page_at_300k_edges_with_missing_values(chromium, tmp_path):
+    # catches: Math.min(...xs) / Math.max(...xs) spreads over the edges (a RangeError above ~120k: the page stays
+    # blank), NaN written into the page's JSON (JSON.parse throws: blank), NaN effects or weights drawn or
+    # counted, a null faithfulness printed as a number, every passing edge drawn (no cap) or the wrong ones counted
+    c = synthetic_circuit(300_000)
+    page = tmp_path / "circuit.html"
+    page.write_text(render(c, {}, {}))
+    assert page_data(page)["circuit"]["metadata"]["faithfulness"] is None  # NaN became null
+    dom = run_chromium(chromium, page.as_uri(), timeout=300)
+    ok = [n for n in c["nodes"] if np.isfinite(n["effect"])]
+    want_nodes = {n["id"] for n in ok if abs(n["effect"]) >= 0.1}
+    passing = [
+        e
+        for e in c["edges"]
+        if np.isfinite(e["weight"]) and abs(e["weight"]) >= 0.01 and e["from"] in want_nodes and e["to"] in want_nodes
+    ]
+    nodes, n_edges = shown(dom)
+    assert nodes == want_nodes and len(passing) > 20_000 and n_edges == 20_000
+    n_missing = sum(not np.isfinite(n["effect"]) for n in c["nodes"]) + sum(
+        not np.isfinite(e["weight"]) for e in c["edges"]
+    )
+    count = re.search(r'<span id="count">([^<]*)</span>', dom).group(1)
+    assert count == (
+        f"{len(want_nodes)} of 1900 nodes, {len(passing)} of 300000 edges (the strongest 20000 drawn), "
+        f"{n_missing} missing values (null) not drawn"
+    )
+    summary = re.search(r'<p id="summary">([^<]*)</p>', dom).group(1)
+    assert "faithfulness unresolvable, completeness unresolvable" in summary and "NaN" not in summary
+    # the sliders span the finite values' log range (a NaN in the range would leave them unset)
+    weights = [abs(e["weight"]) for e in c["edges"] if np.isfinite(e["weight"])]
+    smin = float(re.search(r'id="edge-slider" min="([^"]+)"', dom).group(1))
+    assert smin == pytest.approx(np.log10(min(weights)) - 0.5, abs=1e-6)
+    drawn_from = re.findall(r'class="edge"[^>]*data-from="([^"]+)"', dom)
+    assert len(drawn_from) == 20_000 and set(drawn_from) <= want_nodes

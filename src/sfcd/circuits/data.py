@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sfcd.data.tasks import Task
+from sfcd.data.tasks import Task, TaskPair
 from sfcd.errors import InputError
 
 
@@ -27,17 +27,25 @@ class PairBatch:
 
 
 def batches(
-    task: Task, n: int, batch_size: int, same_length: bool = False, device: torch.device | str = "cpu"
+    task: Task,
+    n: int,
+    batch_size: int,
+    same_length: bool = False,
+    device: torch.device | str = "cpu",
+    pairs: list[TaskPair] | None = None,
 ) -> list[PairBatch]:
-    """Up to ``n`` pairs of ``task`` in batches of one prefix length each, on ``device``; ``same_length``
-    (per-position aggregation) refuses pairs of several lengths, naming them."""
-    if not task.pairs:
+    """Up to ``n`` pairs of ``task`` (or ``pairs``, chosen from it: :func:`sfcd.data.tasks.select_pairs`) in
+    batches of one prefix length each, shortest first and in the pairs' order within a length, so that the
+    examples' order does not depend on ``batch_size``; on ``device``. ``same_length`` (per-position aggregation)
+    refuses pairs of several lengths, naming them."""
+    pairs = task.pairs if pairs is None else pairs
+    if not pairs:
         raise InputError(f"{task.summary()}: no usable pairs")
-    nopair = {p.patch_ids is None for p in task.pairs}
+    nopair = {p.patch_ids is None for p in pairs}
     if len(nopair) > 1:
         raise InputError(f"task {task.name} mixes pairs with and without patch prefixes; split it into two files")
     groups: dict[int, list] = defaultdict(list)
-    for p in task.pairs[:n]:
+    for p in pairs[:n]:
         groups[len(p.clean_ids)].append(p)
     if same_length and len(groups) > 1:
         found = ", ".join(f"{k} tokens ({len(v)} pairs)" for k, v in sorted(groups.items()))

@@ -92,7 +92,7 @@ def draw_circuit(circuit: dict, stem: Path, edge_threshold: float) -> list[Path]
     ax.set_xlim(*xlim)
     ax.set_title(
         f"{circuit['metadata']['task']} @ step {circuit['metadata']['step']}: "
-        f"{len(circuit['nodes'])} nodes, faithfulness {circuit['metadata']['faithfulness']:.2f}",
+        f"{len(circuit['nodes'])} nodes, faithfulness {_faith(circuit['metadata'].get('faithfulness'))}",
         fontsize=10,
     )
     for side in ("top", "right", "bottom"):
@@ -100,6 +100,10 @@ def draw_circuit(circuit: dict, stem: Path, edge_threshold: float) -> list[Path]
     out = _save(fig, stem)
     plt.close(fig)
     return out
+
+
+def _faith(v) -> str:
+    return "unresolvable" if v is None or v != v else f"{v:.2f}"
 
 
 def draw_curve(curves: dict[str, list[dict]], stem: Path, title: str) -> list[Path]:
@@ -111,14 +115,20 @@ def draw_curve(curves: dict[str, list[dict]], stem: Path, title: str) -> list[Pa
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = 0
     for name, pts in curves.items():
-        pts = [p for p in pts if p["n_nodes"] > 0]
+        pts = [p for p in pts if p["n_nodes"] > 0 and p["faithfulness"] is not None]  # None: unresolvable
         drawn += len(pts)
         ax.plot([p["n_nodes"] for p in pts], [p["faithfulness"] for p in pts], "o-", label=name, ms=3)
     ax.axhline(1, color="gray", lw=0.8, ls=":")
     if drawn:  # a log axis needs a positive node count; a circuit empty at every threshold has none
         ax.set_xscale("log")
     else:
-        ax.text(0.5, 0.5, "no nodes at any threshold", transform=ax.transAxes, ha="center", va="center")
+        unresolvable = any(p["faithfulness"] is None for pts in curves.values() for p in pts)
+        why = (
+            "faithfulness unresolvable: F(M) - F(empty) is within its noise"
+            if unresolvable
+            else "no nodes at any threshold"
+        )
+        ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center")
     ax.set_xlabel("nodes in the circuit")
     ax.set_ylabel("faithfulness")
     ax.set_title(title, fontsize=10)

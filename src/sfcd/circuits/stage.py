@@ -27,7 +27,7 @@ from sfcd.circuits.effects import (
 from sfcd.circuits.evaluate import ABLATIONS, Faithfulness
 from sfcd.circuits.page import write_circuit_page
 from sfcd.circuits.picture import draw_circuit, draw_curve
-from sfcd.data.tasks import load_task
+from sfcd.data.tasks import LENGTH_RULES, Task, TaskPair, load_task, select_pairs, split_rows
 from sfcd.devices import work_device
 from sfcd.errors import ConfigError, InputError
 from sfcd.features.api import feature_notes
@@ -45,7 +45,7 @@ CIRCUIT_DTYPES = ("float32",)
 
 
 def check_config(c: DictConfig) -> None:
-    for name in ("node_threshold", "edge_threshold"):
+    for name in ("node_threshold", "edge_threshold", "resolve_z", "resolve_floor"):
         v = c[name]
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
             raise ConfigError(f"circuit.{name}={v} is out of range; expected a finite number >= 0")
@@ -124,18 +124,15 @@ def find_circuit(cfg: DictConfig) -> Path:
     sites = sorted(expand_sites(list(c.sites), model), key=lambda s: s.order)
     folders = dictionary_folders(c.dictionaries, run, step, sites) if c.dictionary == "sae" else None
     dicts = load_dictionaries(model, sites, folders, step)
-    path = task_path(run, c.task, c.split)
-    task = load_task(path, tokenizer, Path(c.task).stem)
-    log.info(task.summary())
     same = c.aggregation == "none"
-    bs = batches(task, c.n_examples, c.batch_size, same, device)
-    other = run.task_file(c.task, "test" if c.split == "train" else "train")
-    eval_task = load_task(other, tokenizer, task.name) if other.exists() and not Path(c.task).exists() else task
-    eval_bs = batches(eval_task, c.n_examples, c.batch_size, same, device)
+    task, eval_task, disc, evals, pairs_info = circuit_pairs(run, c, tokenizer, c.task)
+    path = Path(task.file)
+    bs = batches(task, c.n_examples, c.batch_size, same, device, disc)
+    eval_bs = batches(eval_task, c.n_examples, c.batch_size, same, device, evals)
     if same and eval_bs[0].clean.shape[1] != bs[0].clean.shape[1]:
         raise InputError(
             f"task {task.name}: per-position circuits are found on {bs[0].clean.shape[1]}-token prefixes but "
-            f"evaluated on {eval_bs[0].clean.shape[1]}-token ones ({other}); positions would not match. "
+            f"evaluated on {eval_bs[0].clean.shape[1]}-token ones ({eval_task.file}); positions would not match. "
             "Use circuit.aggregation=sum or task files of one template"
         )
     positions = [tokenizer.decode([int(i)]) for i in bs[0].clean[0]] if same else None
@@ -184,18 +181,22 @@ def find_circuit(cfg: DictConfig) -> Path:
         t_edges = time.perf_counter() - t1
         n_zero = sum(e["weight"] == 0 for e in edges)
         edges = [e for e in edges if e["weight"] != 0]
-    evaluator = Faithfulness(model, dicts, eval_bs, c.ablation)
+    evaluator = evaluator_for(model, dicts, eval_bs, c)
     result = evaluator(keep)
     curves = {"features": sweep(evaluator, agg, c, c.error_nodes)}
     if c.baselines and c.dictionary == "sae":
         curves["features, no error nodes"] = sweep(evaluator, agg, c, False)
         neurons = load_dictionaries(model, sites, None)
         _, nagg, _ = all_effects(model, neurons, bs, c, for_edges=False)
-        curves["neurons"] = sweep(Faithfulness(model, neurons, eval_bs, c.ablation), nagg, c, True)
+        curves["neurons"] = sweep(evaluator_for(model, neurons, eval_bs, c), nagg, c, True)
     needed = {
-        k: min([p for p in v if p["faithfulness"] >= 0.8], key=lambda p: p["n_nodes"], default=None)
+        k: min(
+            [p for p in v if p["faithfulness"] is not None and p["faithfulness"] >= 0.8],
+            key=lambda p: p["n_nodes"],
+            default=None,
+        )
         for k, v in curves.items()
-    }  # the smallest swept circuit with faithfulness >= 0.8, and its completeness
+    }  # the smallest swept circuit with faithfulness >= 0.8, and its completeness (None where unresolvable)
     meta = {
         "task": task.name,
         "task_file": str(path),
@@ -222,12 +223,16 @@ def find_circuit(cfg: DictConfig) -> Path:
         "edges_zero_left_out": n_zero if c.edges else 0,
         "positions": positions,
         "n_examples": n,
+        "n_eval_examples": evaluator.n,
         "dropped": dict(task.dropped),
+        "pairs": pairs_info,
         "F_M": result["F_M"],
         "F_empty": result["F_empty"],
         "F_C": result["F_C"],
         "faithfulness": result["faithfulness"],
         "completeness": result["completeness"],
+        "resolvable": result["resolvable"],
+        "resolution": evaluator.resolution(),
         "nodes_for_faithfulness_0.8": needed,
         "seconds_node_effects": t_nodes,
         "seconds_edges": t_edges,
@@ -245,15 +250,79 @@ def find_circuit(cfg: DictConfig) -> Path:
     write_circuit_page(out, circuit, features_dir if own else out / "no-dashboards", notes)
     write_json(out / "circuit.json", circuit)  # last: marks the circuit complete
     log.info(
-        "circuit %s @ step %d: %d nodes, %d edges, faithfulness %.3f, completeness %.3f",
+        "circuit %s @ step %d: %d nodes, %d edges, faithfulness %s, completeness %s",
         task.name,
         step,
         len(nodes),
         len(edges),
-        result["faithfulness"],
-        result["completeness"],
+        _fmt(result["faithfulness"]),
+        _fmt(result["completeness"]),
     )
     return out
+
+
+def _fmt(v: float | None) -> str:
+    return "unresolvable" if v is None else f"{v:.3f}"
+
+
+def evaluator_for(model, dicts, eval_bs: list[PairBatch], c: DictConfig) -> Faithfulness:
+    return Faithfulness(model, dicts, eval_bs, c.ablation, c.seed, c.resolve_z, c.resolve_floor)
+
+
+def _part(task: Task, pairs: list[TaskPair], info: dict) -> dict:
+    return {"file": task.file, "sha256": task.sha256, "rows": sorted(p.index for p in pairs), "n": len(pairs), **info}
+
+
+def circuit_pairs(
+    run: RunDir, c: DictConfig, tokenizer, task_arg: str
+) -> tuple[Task, Task, list[TaskPair], list[TaskPair], dict]:
+    """The discovery and evaluation pairs of a task, disjoint, and where they come from: (discovery task, evaluation
+    task, discovery pairs, evaluation pairs, metadata). Evaluation reads ``circuit.eval_task`` when given, else the
+    run's other split (``<task>_test.jsonl`` for a circuit found on ``_train``), else a seeded split of the one
+    file (``circuit.eval_fraction`` of its usable pairs, by row). Each part then keeps up to ``n_examples`` pairs
+    by ``circuit.lengths`` (:func:`sfcd.data.tasks.select_pairs`). The metadata names the files (path, sha256) and
+    the rows of each part, and the length rule's counts."""
+    if c.lengths not in LENGTH_RULES:
+        raise ConfigError(f"unknown circuit.lengths {c.lengths!r}; expected one of {list(LENGTH_RULES)}")
+    path = task_path(run, task_arg, c.split)
+    name = Path(task_arg).stem
+    task = load_task(path, tokenizer, name)
+    if not task.pairs:
+        raise InputError(f"{task.summary()}: no usable pairs")
+    other = run.task_file(task_arg, "test" if c.split == "train" else "train")
+    if c.get("eval_task"):
+        other = task_path(run, c.eval_task, "test" if c.split == "train" else "train")
+    elif Path(task_arg).exists() or Path(task_arg).suffix in (".json", ".jsonl"):
+        other = None  # a file given by path: no split of the run's beside it
+    if other is not None and other.exists() and other.resolve() != path.resolve():
+        eval_task = load_task(other, tokenizer, name)
+        disc_rows = eval_rows = None
+        how = f"separate files: discovery {path}, evaluation {other}"
+    else:
+        eval_task = task
+        disc_rows, eval_rows = split_rows(task, c.eval_fraction, c.seed)
+        how = (
+            f"one file split by row (seed {c.seed}): {len(eval_rows)} of its {len(task.pairs)} usable pairs held out "
+            f"for evaluation (circuit.eval_fraction={c.eval_fraction}), the rest for discovery"
+        )
+        if not eval_rows:
+            raise InputError(
+                f"task {name}: {len(task.pairs)} usable pair(s) in {path}, too few to hold any out for evaluation; "
+                "give more pairs or a separate evaluation file (circuit.eval_task=...)"
+            )
+    disc, disc_info = select_pairs(task, c.n_examples, c.lengths, c.seed, disc_rows)
+    evals, eval_info = select_pairs(eval_task, c.n_examples, c.lengths, c.seed, eval_rows)
+    info = {"split": how, "discovery": _part(task, disc, disc_info), "evaluation": _part(eval_task, evals, eval_info)}
+    log.info(
+        "task %s: %d discovery pairs (lengths %s), %d evaluation pairs (lengths %s); %s",
+        name,
+        len(disc),
+        disc_info["lengths_kept"],
+        len(evals),
+        eval_info["lengths_kept"],
+        how,
+    )
+    return task, eval_task, disc, evals, info
 
 
 def _node_id(site: Site, k: int, t: int | None) -> str:
@@ -311,7 +380,8 @@ def circuit_edges(
 def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -> dict[str, float]:
     """Faithfulness and completeness at checkpoint ``step`` of the circuit whose nodes are ``node_ids``
     (``<site>/<feature>`` or ``<site>/eps``, in that checkpoint's feature indices; a per-position id counts at
-    every position), on the task's eval split."""
+    every position), on the task's evaluation pairs (:func:`circuit_pairs`); ``faithfulness`` and
+    ``completeness`` are None where F(M) - F(empty) is not resolvable (``resolvable`` false)."""
     c = cfg.circuit
     run = RunDir(cfg.run_dir)
     model, tokenizer, step = checkpoint(cfg, step, "circuit", CIRCUIT_DTYPES)
@@ -320,9 +390,8 @@ def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -
     sites = sorted(expand_sites(list(c.sites), model), key=lambda x: x.order)
     folders = dictionary_folders(c.dictionaries, run, step, sites) if c.dictionary == "sae" else None
     dicts = load_dictionaries(model, sites, folders, step)
-    split = "test" if c.split == "train" else "train"
-    path = run.task_file(task, split) if run.task_file(task, split).exists() else task_path(run, task, c.split)
-    bs = batches(load_task(path, tokenizer, task), c.n_examples, c.batch_size, device=device)
+    _, eval_task, _, evals, _ = circuit_pairs(run, c, tokenizer, task)
+    bs = batches(eval_task, c.n_examples, c.batch_size, device=device, pairs=evals)
     keep = {}
     for s_ in sites:
         mask = torch.zeros(dicts[s_].d_sae, dtype=torch.bool, device=device)
@@ -331,4 +400,4 @@ def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -
             if site == s_.name and feat != "eps":
                 mask[int(feat.split("@")[0])] = True
         keep[s_] = (mask, any(nid.split("@")[0] == f"{s_.name}/eps" for nid in node_ids))  # @pos summed
-    return Faithfulness(model, dicts, bs, c.ablation)(keep)
+    return evaluator_for(model, dicts, bs, c)(keep)

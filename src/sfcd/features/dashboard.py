@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sfcd.errors import InputError
-from sfcd.io import write_json, write_text
+from sfcd.io import dumps, write_json, write_text
 
 KEYS = 8  # key tokens per feature in the index (what the search matches)
 SHARD_DIR = "feats"
@@ -35,9 +35,7 @@ SHARD_DIR = "feats"
 
 def embed_json(obj) -> str:
     """JSON safe to place inside a <script> element."""
-    return (
-        json.dumps(obj, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    )
+    return dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def shard_name(n: int, digits: int) -> str:

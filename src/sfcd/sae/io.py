@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sfcd.errors import InputError, MissingArtifactError
-from sfcd.io import atomic_dir, save_safetensors
+from sfcd.io import atomic_dir, dumps, save_safetensors
 from sfcd.sae.base import SAE
 from sfcd.sae.jumprelu import JumpReLUSAE
 from sfcd.sae.relu import ReLUSAE
@@ -75,7 +75,7 @@ def save_sae(
     }
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
-        (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "cfg.json").write_text(dumps(cfg, indent=2) + "\n")
         save_safetensors(tmp / "sae_weights.safetensors", {k: v.float() for k, v in tensors.items()})
         if density is not None:
             save_safetensors(tmp / "sparsity.safetensors", {"sparsity": torch.log10(density.float() + 1e-10)})
