@@ -58,13 +58,13 @@ def test_plan_of_two_sites_by_hand():
     bfloat16, batch 4, float32 parameters, Adam, bf16 autocast, 1,000 bytes of model per checkpoint."""
     p = memory_plan(3, [4, 6], [8, 12], 16, torch.bfloat16, 4, torch.float32, 2, torch.bfloat16, 3000)
     # params: site 1: 2*12*8 + 8 + 12 = 212; site 2: 2*18*12 + 12 + 18 = 462 -> 674 x 4 bytes = 2696
-    # buffers: scale 4*12 + counters 8*8 + threshold 4 = 116; 4*18 + 8*12 + 4 = 172 -> 288
+    # buffers: scale and block means 2*4*12 + counters 8*8 + threshold 4 = 164; 2*4*18 + 8*12 + 4 = 244 -> 408
     assert p == {
         "models": 3000,
         "model_chunk": 16 * 10 * 2,  # one checkpoint: 16 rows x (4 + 6) dims x 2 bytes
         "joined": 16 * 30 * 2,
         "shuffle_index": 16 * 8,
-        "weights": 2696 + 288,
+        "weights": 2696 + 408,
         "grads": 2696,
         "adam": 2 * 2696,
         "autocast": (2 * 12 * 8 + 2 * 18 * 12) * 2,
@@ -192,6 +192,8 @@ def test_streamed_evaluation_equals_the_all_at_once_one_at_k12():
         cc.threshold.fill_(0.2)
     cc = cc.float()
     x = torch.randn(n, K * d, generator=g) + torch.randn(K * d, generator=g)
+    with torch.no_grad():  # the checkpoint-alone views' means (any values: the same ones on both sides)
+        cc.block_mean.copy_(x.mean(0) + 0.1)
     acc = Accumulator(cc)
     for piece in torch.split(x, [1, 999, 700, 1300]):
         acc.add(piece)
@@ -207,7 +209,7 @@ def test_streamed_evaluation_equals_the_all_at_once_one_at_k12():
         solo, fired = E.reconstruction_metrics(checkpoint_sae(cc, k), x[:, k * d : (k + 1) * d])
         assert acc.fve_alone()[k] == pytest.approx(solo["fve"], abs=1e-4)
     assert torch.equal(acc.fired, (f > 0).sum(0))
-    beta = acc.latent_scaling()
+    beta = acc.latent_scaling()["beta"]
     W = cc.W_dec.double().view(m, K, d)
     fired_any = (f > 0).any(0)
     assert fired_any.sum() > m // 2

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from sfcd.crosscoders.io import checkpoint_sae, load_crosscoder, save_checkpoint_saes, save_crosscoder
 from sfcd.crosscoders.model import BatchTopKCrosscoder, L1Crosscoder
 from sfcd.crosscoders.reading import Accumulator, decoder_stats, summary
+from sfcd.errors import MissingArtifactError
 
 
 def _cc(cls, K=3, d=6, m=10, seed=0, **hp):
@@ -147,7 +148,7 @@ def test_latent_scaling_flags_a_latent_that_only_looks_exclusive():
     acc = Accumulator(cc)
     for xb in x.split(1000):
         acc.add(xb)
-    beta = acc.latent_scaling()
+    beta = acc.latent_scaling()["beta"]
     # numpy: beta^m = argmin_b || e^m + f_i W_dec,i^m - b f_i d_i ||^2 over tokens
     f = np.maximum(x.numpy() @ cc.W_enc.detach().numpy(), 0)
     W = cc.W_dec.detach().numpy().reshape(2, K, d)
@@ -167,8 +168,10 @@ def test_latent_scaling_flags_a_latent_that_only_looks_exclusive():
 
 
 def test_files_round_trip_and_each_checkpoint_loads_in_saelens(tmp_path):
-    """The saved crosscoder computes what the trained one does; the per-checkpoint SAE equals the crosscoder's
-    block when the other checkpoints contribute nothing (its documented meaning), and SAELens loads it exactly."""
+    """The saved crosscoder computes what the trained one does; the per-checkpoint SAE (checkpoint m alone) equals
+    the crosscoder's block m with the other checkpoints' activations replaced by their saved means (its documented
+    meaning; computed here through the whole crosscoder), and SAELens loads it exactly. Bugs caught: the means in
+    the wrong units (scaled vs raw), m's own mean added, the means lost on save/load."""
     K, d, m = 3, 8, 24
     cc = _cc(BatchTopKCrosscoder, K, d, m, k=3).float()
     with torch.no_grad():
@@ -178,13 +181,21 @@ def test_files_round_trip_and_each_checkpoint_loads_in_saelens(tmp_path):
     back = load_crosscoder(tmp_path / "cc")
     x = torch.randn(64, K * d)
     assert torch.allclose(back(x), cc(x), atol=1e-5)
+    with pytest.raises(MissingArtifactError, match="block means"):
+        checkpoint_sae(back, 0)  # a crosscoder saved without block means (trained before them): a clear error
+    means = torch.randn(K, d) * 3
+    with torch.no_grad():
+        cc.block_mean.copy_(means.reshape(-1))
+    save_crosscoder(cc, tmp_path / "cc", {"steps": [1, 5, 9], "site": "resid.0"})
+    back = load_crosscoder(tmp_path / "cc")
+    assert torch.equal(back.block_mean, cc.block_mean)
     save_checkpoint_saes(back, tmp_path / "cc", {"sfcd_site": "resid.0"})
     for j in range(K):
-        xj = torch.zeros(64, K * d)
+        xj = means.reshape(1, K * d).repeat(64, 1)  # the other checkpoints at their mean activation
         xj[:, j * d : (j + 1) * d] = x[:, j * d : (j + 1) * d]
         block = cc(xj)[:, j * d : (j + 1) * d]
         solo = checkpoint_sae(back, j)
-        assert torch.allclose(solo(x[:, j * d : (j + 1) * d]), block, atol=1e-5)
+        assert torch.allclose(solo(x[:, j * d : (j + 1) * d]), block, atol=1e-4)
     sae_lens = pytest.importorskip("sae_lens")
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "cc" / "step5"), device="cpu")
     xs = x[:, d : 2 * d]

@@ -147,7 +147,9 @@ def test_circuit_on_shared_latents_follows_the_same_ids(test_run, crosscoder_fol
     assert outs[24]["metadata"]["dictionaries"]["resid.0"] == str(crosscoder_folder)
     assert all(n["label"] == "" for n in outs[24]["nodes"])  # the run's SAE dashboards do not describe latents
     r = faithfulness_of(_cfg(test_run, *common), 16, "nounpp", ids)
-    assert np.isfinite(r["faithfulness"])
+    # the micro model is at chance: F(M) - F(empty) may be within its noise, and then no faithfulness is reported
+    f = r["faithfulness"]
+    assert (f is None and r.get("resolvable") is False) or np.isfinite(f)
     with pytest.raises(Exception, match="not one of them"):
         find_circuit(_cfg(test_run, "step=0", f"circuit.out_dir={tmp_path / '0'}", *common))
 
@@ -228,7 +230,45 @@ def test_without_steps_the_crosscoder_reads_the_study_steps_chosen_from_the_trai
     cfg = compose(["experiment=test", f"run_dir={run.root}", "study.steps=[]", "study.max_steps=3"])
     rows = read_csv(run.train_log)
     tasks = [k.removesuffix("_accuracy") for k in rows[0] if k.endswith("_accuracy")]
-    want = choose_steps(rows, tasks, [0.6, 0.9], 3)["steps"]
+    s = cfg.study
+    want = choose_steps(rows, tasks, list(s.step_thresholds), 3, s.min_step_ratio, s.step_margin)["steps"]
     assert len(want) >= 2 and want[-1] == 24
     assert crosscoder_steps(cfg) == want
     assert json.loads((run.root / "development" / "study_steps.json").read_text())["steps"] == want
+
+
+def test_stage_saves_block_means_lifecycle_and_latent_scaling(test_run, crosscoder_folder):
+    """The block means saved with the crosscoder are each checkpoint's mean activation over the first
+    crosscoder.scaling_tokens rows of the training tokens (computed here separately: windows in file order,
+    special tokens left out, one model at a time); the SAELens folders are checkpoint m alone; latents.json counts
+    every live latent in the onset histogram and reports support counts. Bugs caught: means in scaled units, from
+    another stream or another model's block; the lifecycle histogram dropping latents absent at the end."""
+    from safetensors.torch import load_file
+
+    from sfcd.crosscoders.io import load_crosscoder
+    from sfcd.data.tokens import read_tokens
+    from sfcd.io import read_json
+    from sfcd.models.sites import parse_site, run_with_cache
+    from sfcd.paths import RunDir
+
+    cc = load_crosscoder(crosscoder_folder)
+    assert cc.has_block_means()
+    cfg = _cfg(test_run)
+    n, seq = int(cfg.crosscoder.scaling_tokens), int(cfg.sae.seq_len or cfg.model.seq_len)
+    tokens = read_tokens(RunDir(test_run.run_dir).tokens("train"))
+    excl = torch.tensor(sorted(cc.cfg["exclude_special_tokens"]))
+    ids = torch.from_numpy(np.asarray(tokens[: 2 * n], dtype=np.int64)[: (2 * n // seq) * seq].reshape(-1, seq))
+    keep = ~torch.isin(ids, excl).flatten()
+    for m, model in enumerate(_models(test_run, STEPS)):
+        a = run_with_cache(model, ids, [parse_site("resid.0")])["resid.0"].flatten(0, 1)[keep][:n]
+        assert torch.allclose(cc.block_mean.view(3, cc.d)[m], a.mean(0), atol=1e-4), m
+    sae = load_file(str(crosscoder_folder / "step16" / "sae_weights.safetensors"))
+    assert torch.allclose(sae["b_enc"], cc.alone_bias(1), atol=1e-5)
+    latents = read_json(crosscoder_folder / "latents.json")
+    assert sum(latents["onset_at"].values()) == latents["n_live"]
+    assert latents["latent_scaling"]["tokens"] == n
+    assert latents["latent_scaling_support"]["median"] > 0
+    t = load_file(str(crosscoder_folder / "latents.safetensors"))
+    for key in ("onset", "offset", "transient", "gaps", "reldec_bin", "nu_eps", "nu_r", "nu_eps_lo", "support"):
+        assert key in t, key
+    assert int(t["support"].sum()) > 0

@@ -8,8 +8,10 @@ A folder may hold, one subfolder per site:
   ``mlp_out_layer<i>``, ``resid_out_layer<i>``, each holding ``<set>/ae.pt`` (with or without ``config.json``);
 - sparsify's: subfolders named by the module they read (``gpt_neox.layers.<l>``, ``...layers.<l>.mlp``, ...);
 - sfcd's crosscoders (``crosscoders/<site>/``): at a checkpoint the crosscoder was trained on, the site's dictionary
-  is that checkpoint's :class:`sfcd.crosscoders.view.JointView` (the crosscoder's own latents, the other
-  checkpoints' models run on the same tokens), so a latent id is the same feature at every checkpoint.
+  is that checkpoint alone (:func:`sfcd.crosscoders.view.alone_view`: the crosscoder's own latents, the other
+  checkpoints at their mean activation), so a latent id is the same feature at every checkpoint and nothing from
+  another checkpoint's tokens reaches the circuit; ``crosscoder_view="joint"`` opts in to
+  :class:`sfcd.crosscoders.view.JointView` (the other checkpoints' models run on the same tokens).
 Each dictionary is loaded with :func:`sfcd.sae.io.load_sae` and checked against the site's width.
 """
 
@@ -139,11 +141,16 @@ def dictionary_folders(spec, run: RunDir, step: int, sites: list[Site]) -> dict[
 
 
 def load_dictionaries(
-    model, sites: list[Site], folders: dict[Site, Path] | None, step: int | None = None
+    model,
+    sites: list[Site],
+    folders: dict[Site, Path] | None,
+    step: int | None = None,
+    crosscoder_view: str = "alone",
 ) -> dict[Site, torch.nn.Module]:
     """The dictionary of each site from ``folders`` (see :func:`dictionary_folders`), on the model's device;
-    ``folders=None``: identity dictionaries (the neuron baseline). A crosscoder folder gives the view of
-    checkpoint ``step`` (``model``'s), attached to ``model``; the other checkpoints' models are loaded once."""
+    ``folders=None``: identity dictionaries (the neuron baseline). A crosscoder folder gives checkpoint ``step``
+    (``model``'s) alone; ``crosscoder_view="joint"``: the joint view attached to ``model``, the other checkpoints'
+    models loaded once."""
     device = next(model.parameters()).device
     if folders is None:
         return {s: Identity(site_dim(model, s)).to(device) for s in sites}
@@ -151,7 +158,7 @@ def load_dictionaries(
     others: dict[int, torch.nn.Module] = {}
     for s in sites:
         if is_crosscoder(folders[s]):
-            dicts[s] = _crosscoder_view(model, s, folders[s], step, others)
+            dicts[s] = _crosscoder_view(model, s, folders[s], step, others, crosscoder_view)
             continue
         sae = load_sae(folders[s])
         try:
@@ -162,10 +169,14 @@ def load_dictionaries(
     return dicts
 
 
-def _crosscoder_view(model, site: Site, folder: Path, step: int | None, others: dict) -> torch.nn.Module:
-    from sfcd.crosscoders.view import JointView
+def _crosscoder_view(
+    model, site: Site, folder: Path, step: int | None, others: dict, how: str = "alone"
+) -> torch.nn.Module:
+    from sfcd.crosscoders.view import VIEWS, JointView, alone_view
     from sfcd.models.loading import load_model
 
+    if how not in VIEWS:
+        raise ConfigError(f"crosscoder view {how!r}; expected one of {list(VIEWS)}")
     cc = load_crosscoder(folder)
     if cc.cfg.get("site") != site.name:
         raise InputError(f"{folder}: a crosscoder of site {cc.cfg.get('site')}, not {site.name}")
@@ -173,6 +184,16 @@ def _crosscoder_view(model, site: Site, folder: Path, step: int | None, others: 
         raise ConfigError(f"{folder} is a crosscoder: its dictionary needs the checkpoint (step)")
     m = block_index(cc, step)
     device = next(model.parameters()).device
+    if how == "alone":
+        try:
+            view = alone_view(cc.to(device), m)
+        except MissingArtifactError as e:
+            raise MissingArtifactError(f"{folder}: {e}") from None
+        try:
+            check_sae_fits(view, model, site)
+        except InputError as e:
+            raise InputError(f"{folder}: {e}") from None
+        return view
     steps = list(cc.cfg["steps"])
     for j, st in enumerate(steps):
         if j != m and st not in others:

@@ -2,16 +2,18 @@
 
 ``crosscoders/<site>/``: ``cfg.json`` (architecture, per-checkpoint width ``d``, ``d_sae``, the ``steps`` in block
 order, the site, where the checkpoints' models come from) and ``crosscoder_weights.safetensors``:
-``W_enc`` [K, d, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, K, d], ``b_dec`` [K, d], ``scales`` [K] and
-``threshold`` [] (BatchTopK). Weights are kept in the normalised units the crosscoder trained in (so decoder norms
-compare across checkpoints); block m reads ``a^m * scales[m]``.
+``W_enc`` [K, d, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, K, d], ``b_dec`` [K, d], ``scales`` [K],
+``threshold`` [] (BatchTopK) and ``block_means`` [K, d] (each checkpoint's mean activation in raw units over the
+crosscoder's held-out evaluation tokens; absent in crosscoders trained before it was saved). Weights are kept in
+the normalised units the crosscoder trained in (so decoder norms compare across checkpoints); block m reads
+``a^m * scales[m]``.
 
-The view of one checkpoint as an ordinary SAE (:func:`checkpoint_sae`, written as SAELens folders
-``crosscoders/<site>/step<N>/``) sees *only* that checkpoint's activations: its pre-activations are
-``a^m W_enc^m + b_enc``, without the other checkpoints' terms ``sum_{m' != m} a^{m'} W_enc^{m'}``. It equals the
-crosscoder's latents only where those terms vanish; it is what a tool that knows one model can load. The faithful
-per-checkpoint dictionary, with the other checkpoints' activations on the same tokens, is
-:class:`sfcd.crosscoders.view.JointView` (the circuit stage's).
+Checkpoint m *alone* (:func:`checkpoint_sae`: the circuit stage's dictionary, the spliced CE loss, ``fve_alone``,
+and the SAELens folders ``crosscoders/<site>/step<N>/``) is an ordinary SAE on m's raw activations: the other
+checkpoints' encoder terms ``sum_{m' != m} a^{m'} s_{m'} W_enc^{m'}`` are replaced by their expectation
+``sum_{m' != m} E[a^{m'}] s_{m'} W_enc^{m'}`` (folded into its ``b_enc``), so nothing token-specific from another
+checkpoint reaches m's latents and no other checkpoint's model is needed. The joint view with the other checkpoints
+run on the same tokens (:class:`sfcd.crosscoders.view.JointView`) is an explicit opt-in.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def save_crosscoder(cc: Crosscoder, folder: str | Path, meta: dict[str, Any]) ->
             "scales": cc.block_scales(),
             "threshold": cc.threshold,
         }
+        if cc.has_block_means():
+            tensors["block_means"] = cc.block_mean.view(K, d)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
@@ -88,6 +92,8 @@ def load_crosscoder(path: str | Path) -> Crosscoder:
         "scales": (K,),
         "threshold": (),
     }
+    if "block_means" in t:
+        want["block_means"] = (K, d)
     for name, shape in want.items():
         if name not in t or tuple(t[name].shape) != shape:
             got = tuple(t[name].shape) if name in t else "missing"
@@ -100,6 +106,8 @@ def load_crosscoder(path: str | Path) -> Crosscoder:
         cc.b_dec.copy_(t["b_dec"].reshape(K * d))
         cc.scale.copy_(t["scales"].repeat_interleave(d))
         cc.threshold.copy_(t["threshold"])
+        if "block_means" in t:
+            cc.block_mean.copy_(t["block_means"].reshape(K * d))
     cc.cfg = cfg
     return cc.eval()
 
@@ -113,8 +121,10 @@ def block_index(cc: Crosscoder, step: int) -> int:
 
 @torch.no_grad()
 def checkpoint_sae(cc: Crosscoder, m: int) -> SAE:
-    """Checkpoint ``m``'s block as an ordinary SAE on raw activations (see the module docstring for what it
-    leaves out). BatchTopK becomes JumpReLU with threshold ``theta / sum_m' ||W_dec,i^m'||``; L1 becomes ReLU."""
+    """Checkpoint ``m`` alone as an ordinary SAE on its raw activations: ``W_enc^m s_m`` and the encoder bias
+    :meth:`Crosscoder.alone_bias` (the other checkpoints at their mean activation; see the module docstring).
+    BatchTopK becomes JumpReLU with threshold ``theta / sum_m' ||W_dec,i^m'||``; L1 becomes ReLU. A crosscoder
+    without block means is a :class:`MissingArtifactError`."""
     d, k = cc.d, cc.d_sae
     s = cc.block_scales()[m]
     blk = slice(m * d, (m + 1) * d)
@@ -124,7 +134,7 @@ def checkpoint_sae(cc: Crosscoder, m: int) -> SAE:
     else:
         sae = ReLUSAE(d, k)
     sae.W_enc.copy_(cc.W_enc[blk] * s)
-    sae.b_enc.copy_(cc.b_enc)
+    sae.b_enc.copy_(cc.alone_bias(m))
     sae.W_dec.copy_(cc.W_dec[:, blk] / s)
     sae.b_dec.copy_(cc.b_dec[blk] / s)
     return sae.eval()
@@ -136,7 +146,7 @@ def save_checkpoint_saes(cc: Crosscoder, folder: Path, meta: dict[str, Any]) -> 
     out = []
     models = cc.cfg.get("sfcd_models") or {}
     for m, step in enumerate(cc.cfg["steps"]):
-        note = "crosscoder block seen alone: the other checkpoints' encoder terms are left out"
+        note = "crosscoder block seen alone: the other checkpoints' encoder terms at their mean activation (b_enc)"
         own = models.get(str(step))
         extra = {"sfcd_model": own, "model_name": own.get("path") or meta.get("model_name")} if own else {}
         out.append(

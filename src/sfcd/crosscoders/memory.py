@@ -10,7 +10,7 @@ Training holds, per group of sites trained together (``dims``: each site's per-c
 - ``joined``: the joined chunk ``rows x K x sum(d)`` (buffer dtype); it *is* the shuffled buffer the batches are
   drawn from (through ``shuffle_index``, a permutation of its rows: 8 bytes a row), never copied again;
 - ``weights``: ``W_enc`` [K d, m], ``W_dec`` [m, K d], ``b_enc`` [m], ``b_dec`` [K d] per site (param dtype),
-  with the module's buffers (input scale, firing counters);
+  with the module's buffers (input scale, block means, firing counters);
 - ``grads``: one per parameter (param dtype);
 - ``adam``: ``adam_states`` (2: first and second moments) per parameter (param dtype);
 - ``autocast``: under bf16-mixed, autocast's cached half-precision copies of ``W_enc`` and ``W_dec`` (kept for the
@@ -61,7 +61,8 @@ def memory_plan(
         raise ValueError(f"{len(dims)} widths for {len(d_sae)} latent counts")
     buf, par = itemsize(buffer_dtype), itemsize(param_dtype)
     n_params = sum(2 * K * d * m + m + K * d for d, m in zip(dims, d_sae, strict=True))
-    module_buffers = sum(4 * K * d + 8 * m + 4 for d, m in zip(dims, d_sae, strict=True))  # scale, counters
+    # input scale and block means (K d each), counters
+    module_buffers = sum(2 * 4 * K * d + 8 * m + 4 for d, m in zip(dims, d_sae, strict=True))
     work = max((3 * K * d + 3 * m for d, m in zip(dims, d_sae, strict=True)), default=0)
     return {
         "models": int(model_bytes),

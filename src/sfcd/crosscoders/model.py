@@ -47,6 +47,10 @@ class Crosscoder(BatchTopKSAE):
             self.W_enc.copy_(w.reshape(d_sae, d_in).t())
         self.scale = torch.ones(d_in)  # per block, repeated over the block's d inputs (a buffer: replaced)
         self.register_buffer("threshold", torch.tensor(0.0))
+        # each checkpoint's mean activation (raw units, [K*d]), measured after training (crosscoders/io.py saves it):
+        # what "checkpoint m alone" puts in place of the other checkpoints' activations; NaN until known. Not in the
+        # training state (persistent=False), so resumable states from before it load unchanged
+        self.register_buffer("block_mean", torch.full((d_in,), float("nan")), persistent=False)
 
     @property
     def n_blocks(self) -> int:
@@ -65,6 +69,29 @@ class Crosscoder(BatchTopKSAE):
         if not torch.isfinite(norms).all() or (norms <= 0).any():
             raise ValueError(f"mean activation norms per checkpoint {norms.tolist()}; cannot scale them")
         self.scale.copy_((math.sqrt(self.d) / norms).repeat_interleave(self.d))
+
+    def has_block_means(self) -> bool:
+        return bool(torch.isfinite(self.block_mean).all())
+
+    def alone_bias(self, m: int) -> torch.Tensor:
+        """[d_sae]: ``b_enc + sum_{m' != m} E[a^{m'}] s_{m'} W_enc^{m'}``, checkpoint ``m``'s encoder bias when it is
+        seen alone: every other checkpoint's term is replaced by its expectation over the crosscoder's data (so
+        nothing token-specific from another checkpoint reaches m's latents). Needs :attr:`block_mean`."""
+        if not self.has_block_means():
+            from sfcd.errors import MissingArtifactError
+
+            raise MissingArtifactError(
+                "this crosscoder has no block means (block_means in its weights file: crosscoders trained before "
+                "they were saved lack them), which checkpoint-alone views need; retrain it with `sfcd crosscoder`"
+            )
+        d, K = self.d, self.n_blocks
+        mean = (self.block_mean * self.scale).view(K, d)
+        enc = self.W_enc.view(K, d, self.d_sae)
+        others = [j for j in range(K) if j != m]
+        out = self.b_enc.detach().clone()
+        for j in others:
+            out = out + mean[j].to(enc.dtype) @ enc[j].detach()
+        return out
 
     def decoder_norms(self) -> torch.Tensor:
         """[d_sae, K]: each latent's decoder norm at each checkpoint (in the normalised units it trains in)."""

@@ -6,15 +6,20 @@ The K models run over the same windows (same seed, same exclusions) and their ch
 ``crosscoder.n_tokens``. Before anything is trained or removed, :func:`plan_training` counts every part (models,
 chunks, weights, gradients, Adam, a batch; :mod:`sfcd.crosscoders.memory`): the sites train together when they
 fit, in groups one after another when not, and a site that cannot fit alone stops the stage with one line naming
-what would. Evaluation streams (one harvest batch of ``K x d`` at a time). Training is the SAE stage's loop
+what would. Evaluation streams (one harvest batch of ``K x d`` at a time): after training, one pass over
+``crosscoder.scaling_tokens`` training tokens (every site of the group at once) gives Latent Scaling, support counts
+and each checkpoint's mean activation (the block means that checkpoint-alone views need); then each site's held-out
+``eval_tokens`` give FVE (joint and alone) and densities, and ``ce_tokens`` each checkpoint's CE loss score alone.
+Training is the SAE stage's loop
 (:class:`sfcd.sae.train.SAEModule`: Lightning, resumable, deterministic, DDP), with crosscoder classes as the
 dictionaries; the settings ``crosscoder.*`` does not name (betas, warmup, decay, clip, buffer dtype, harvest
 batch, exclusions, context length) are ``sae.*``'s.
 
 Output per site, ``crosscoders/<site>/``: cfg.json + crosscoder_weights.safetensors (:mod:`sfcd.crosscoders.io`),
-``step<N>/`` (each checkpoint's block as a SAELens SAE, seen alone), latents.safetensors (per latent and
-checkpoint: decoder norms, RelDec, presence, emergence, death, cosines, Latent Scaling betas, density),
-latents.json (per checkpoint: FVE, CE loss score, shares present / exclusive / emerged / died), latents.png,
+``step<N>/`` (each checkpoint alone as a SAELens SAE), latents.safetensors (per latent and checkpoint: decoder norms,
+RelDec and its bins, presence, onset, offset, transient, gaps, emergence, death, cosines, Latent Scaling betas and
+ratios with intervals, support, density), latents.json (per checkpoint: FVE, CE loss score, shares present /
+exclusive / onset / offset / emerged / died / per RelDec bin; histograms; support quantiles), latents.png,
 and metrics.json (written last: it marks the crosscoder complete).
 """
 
@@ -36,8 +41,8 @@ from sfcd.activations.stream import ConcatSource, HarvestSource
 from sfcd.crosscoders.io import save_checkpoint_saes, save_crosscoder
 from sfcd.crosscoders.memory import GIB, HEADROOM, PlanInputs, Schedule, describe, fmt_bytes, schedule_sites
 from sfcd.crosscoders.model import CROSSCODERS, Crosscoder
-from sfcd.crosscoders.reading import Accumulator, decoder_stats, emergence_counts, summary
-from sfcd.crosscoders.view import JointView
+from sfcd.crosscoders.reading import Accumulator, decoder_stats, emergence_counts, lifecycle_counts, summary
+from sfcd.crosscoders.view import alone_view
 from sfcd.data.tokens import read_tokens
 from sfcd.devices import available_bytes, work_device
 from sfcd.errors import ConfigError, InputError
@@ -184,10 +189,24 @@ def train_crosscoders(cfg: DictConfig, callbacks: list | None = None) -> list[Pa
         rank0 = module.trainer.is_global_zero
         if not rank0:  # DDP's other ranks: rank 0 evaluates and writes
             continue
-        for spec, cc in zip(specs, module.saes, strict=True):
-            site = next(s for s in group_sites if s.name == spec.site)
-            cc = cc.to(device).eval()  # Lightning's teardown leaves the trained module on the CPU
-            _finish(cc, site, models, steps, eval_windows, ce_windows, excl, c, xcfg, meta, out_root)
+        # Lightning's teardown leaves the trained modules on the CPU
+        ccs = {spec.site: cc.to(device).eval() for spec, cc in zip(specs, module.saes, strict=True)}
+        scaled = _scaling_pass(ccs, models, group_sites, tokens, seq_len, int(c.scaling_tokens), excl, c, xcfg)
+        for site in group_sites:
+            _finish(
+                ccs[site.name],
+                scaled[site.name],
+                site,
+                models,
+                steps,
+                eval_windows,
+                ce_windows,
+                excl,
+                c,
+                xcfg,
+                meta,
+                out_root,
+            )
         del module
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -251,32 +270,76 @@ def _eval_blocks(models: list, site: Site, windows: np.ndarray, n: int, excl, ba
             return
 
 
-def _finish(cc: Crosscoder, site: Site, models, steps, eval_windows, ce_windows, excl, c, xcfg, meta, out_root) -> Path:
+def _scaling_pass(
+    ccs: dict[str, Crosscoder], models: list, sites: list[Site], tokens: np.ndarray, seq_len: int, n: int, excl, c, xcfg
+) -> dict[str, Accumulator]:
+    """One streamed pass over the first ``n`` rows of the training tokens (consecutive windows, read lazily from
+    the memory-mapped file) through the K models, every site of the group at once: per site an
+    :class:`Accumulator` with ``crosscoder.scaling_blocks`` blocks (Latent Scaling sums, support counts, and the
+    block means). Memory: one harvest batch of K x d per site and the accumulators' fixed sums, whatever ``n``."""
+    accs = {s.name: Accumulator(ccs[s.name], blocks=c.scaling_blocks) for s in sites}
+    batch = int(xcfg.harvest_batch)
+    n_windows = len(tokens) // seq_len
+    seen = 0
+    for b in range(0, n_windows, batch):
+        w = np.asarray(tokens[b * seq_len : min(n_windows, b + batch) * seq_len], dtype=np.int64).reshape(-1, seq_len)
+        acts = [next(harvest(m, [w], sites, exclude_ids=excl)) for m in models]
+        rows = 0
+        for s in sites:
+            x = torch.cat([a[s.name] for a in acts], dim=1)[: n - seen]
+            rows = len(x)
+            for xb in x.split(2048):
+                accs[s.name].add(xb)
+        seen += rows
+        if seen >= n:
+            break
+    if seen < n:
+        log.warning(
+            "Latent Scaling: the training tokens hold %d rows, fewer than crosscoder.scaling_tokens=%d", seen, n
+        )
+    for s in sites:
+        cc = ccs[s.name]
+        with torch.no_grad():
+            cc.block_mean.copy_(accs[s.name].means().reshape(-1).to(cc.block_mean.device))
+    return accs
+
+
+def _finish(
+    cc: Crosscoder,
+    scaled: Accumulator,
+    site: Site,
+    models,
+    steps,
+    eval_windows,
+    ce_windows,
+    excl,
+    c,
+    xcfg,
+    meta,
+    out_root,
+) -> Path:
     K, folder = len(steps), out_root / site.name
-    acc = Accumulator(cc)
+    # FVE (the crosscoder's and each checkpoint's alone), densities and L0 over the held-out evaluation tokens;
+    # Latent Scaling and the block means came from the scaling pass over the training tokens (scaled)
+    acc = Accumulator(cc, blocks=1)
     for block in _eval_blocks(models, site, eval_windows, c.eval_tokens, excl, xcfg.harvest_batch):
         for xb in block.split(2048):
             acc.add(xb)
     density = (acc.fired.double() / max(1, acc.n)).cpu()
     live = density > 0
     stats = decoder_stats(cc, c.presence)
-    beta = acc.latent_scaling()
-    summ = summary(stats, beta, live, steps, c.scaling_flag)
+    scaling = scaled.latent_scaling(resamples=c.scaling_resamples, seed=c.seed)
+    beta = scaling["beta"]
+    summ = summary(stats, beta, live, steps, c.scaling_flag, scaling)
     fve, fve_alone = acc.fve(), acc.fve_alone()
     save_crosscoder(cc, folder, {**meta, "site": site.name})  # both copy the weights to the CPU themselves
     cc.cfg = read_json(folder / "cfg.json")
     save_checkpoint_saes(cc, folder, {"sfcd_site": site.name, "model_name": meta["model_source"]})
     for k, row in enumerate(summ["per_checkpoint"]):
-        others = {j: models[j] for j in range(K) if j != k}
-        view = JointView(cc, k, site, others)
-        handle = view.attach(models[k])
-        try:
-            ce = E.spliced_losses(models[k], site, view, ce_windows, excl)
-        finally:
-            handle.remove()
+        ce = E.spliced_losses(models[k], site, alone_view(cc, k), ce_windows, excl)
         row |= {"fve": fve[k], "fve_alone": fve_alone[k], "ce_loss_score": ce["ce_loss_score"]}
         log.info(
-            "crosscoder %s @ step %d: FVE %.3f (block alone %.3f), CE score %.3f, present %.3f",
+            "crosscoder %s @ step %d: FVE %.3f (alone %.3f), CE score alone %.3f, present %.3f",
             site.name,
             steps[k],
             fve[k],
@@ -288,16 +351,37 @@ def _finish(cc: Crosscoder, site: Site, models, steps, eval_windows, ce_windows,
         folder / "latents.safetensors",
         {
             **{k: v.float() if v.dtype == torch.bool else v for k, v in stats.items()},
-            "beta": beta,
+            **{k: v for k, v in scaling.items()},
             "density": density.float(),
         },
     )
     counts = emergence_counts(stats, live, K)
+    life = lifecycle_counts(stats, live, K)
     latents = {
         "site": site.name,
         "steps": steps,
         "presence": c.presence,
+        "rules": {
+            "present": f"decoder norm >= {c.presence:g} x the latent's largest (the relative-norm rule)",
+            "reldec_bins": "Bayazit et al.: RelDec < 0.3 absent, 0.3-0.7 shared, > 0.7 dominant (K-way, and per "
+            "adjacent pair)",
+            "onset": "first checkpoint present; offset: the one after the last present (none when present at the "
+            "last); transient: absent at the first and the last checkpoint; gap: absent between two present ones",
+            "emerged": "present from that checkpoint to the last",
+        },
         "emerged_at": {str(s): int(n) for s, n in zip(steps, counts, strict=True)},
+        "onset_at": {str(s): int(n) for s, n in zip(steps, life["onset"], strict=True)},
+        "offset_at": {str(s): int(n) for s, n in zip(steps, life["offset"], strict=True)},
+        "transient_onset_at": {str(s): int(n) for s, n in zip(steps, life["transient_onset"], strict=True)},
+        "latent_scaling": {
+            "tokens": scaled.n,
+            "data": "the first crosscoder.scaling_tokens rows of the training tokens, in file order",
+            "blocks": scaled.blocks,
+            "resamples": int(c.scaling_resamples),
+            "ratios": "nu_eps (error + own term), nu_r (reconstruction - own term), each / its strongest "
+            "checkpoint's; intervals: 2.5-97.5 percentiles over block resamples (latents.safetensors)",
+        },
+        "alone": "checkpoint m alone: the other checkpoints' encoder terms at their mean activation (block_means)",
         **summ,
     }
     write_json(folder / "latents.json", latents)
@@ -313,6 +397,7 @@ def _finish(cc: Crosscoder, site: Site, models, steps, eval_windows, ce_windows,
         "l0": acc.l0 / max(1, acc.n),
         "dead_fraction": float((~live).float().mean()),
         "eval_tokens": acc.n,
+        "latent_scaling_tokens": scaled.n,
         "train_tokens": max(1, c.n_tokens // c.batch_size) * c.batch_size,
         "fve": {str(s): r["fve"] for s, r in zip(steps, summ["per_checkpoint"], strict=True)},
         "ce_loss_score": {str(s): r["ce_loss_score"] for s, r in zip(steps, summ["per_checkpoint"], strict=True)},

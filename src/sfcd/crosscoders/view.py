@@ -1,13 +1,25 @@
 """One checkpoint's dictionary from a crosscoder, with the crosscoder's own latents: the circuit stage's (and the
 spliced CE loss's) view.
 
-Attached to checkpoint m's model, :class:`JointView` sees the token ids of each forward pass (a forward pre-hook)
-and runs the other checkpoints' models on the same ids (once per distinct batch, cached), so
-``encode(a^m) = act(a^m s_m W_enc^m + sum_{m' != m} a^{m'} s_{m'} W_enc^{m'} + b_enc)`` is the crosscoder's latent
-vector for those tokens, a function of checkpoint m's activation only through its own block (the other checkpoints
-are not part of model m's computation: constants of its graph, as in Bayazit et al.'s relative indirect effects).
-``decode(f) = (f W_dec^m + b_dec^m) / s_m``; a circuit's error node at the site is what checkpoint m's
-reconstruction misses. Same latent id, same feature, at every checkpoint.
+The default is checkpoint m **alone** (:func:`alone_view`, the same SAE as :func:`sfcd.crosscoders.io.
+checkpoint_sae`): ``encode(a^m) = act(a^m s_m W_enc^m + sum_{m' != m} E[a^{m'}] s_{m'} W_enc^{m'} + b_enc)``, the
+other checkpoints at their mean activation over the crosscoder's data. It is a function of checkpoint m's
+activation alone, so a circuit found at m, or a later circuit's latent ids scored at m, measure checkpoint m: no
+token-specific information from another checkpoint reaches m's graph while m's nodes are ablated. It needs no
+other model at circuit time (at pythia-70m's scale that is K - 1 fewer models on the device and no K - 1 extra
+forward passes per batch).
+
+:class:`JointView` (opt-in, ``load_dictionaries(..., crosscoder_view="joint")``) is the crosscoder's latent
+itself: attached to checkpoint m's model, it sees the token ids of each forward pass (a forward pre-hook) and runs
+the other checkpoints' models on the same ids (once per distinct batch, cached), adding
+``sum_{m' != m} a^{m'} s_{m'} W_enc^{m'}`` computed on those tokens and held fixed while m's nodes are ablated.
+Those terms carry the other checkpoints' information about the tokens into m's latents (Bayazit et al.'s
+single-site relative indirect effects do this; for a multi-site circuit it mixes checkpoints): a latent kept in
+m's circuit still receives a later checkpoint's share of its clean pre-activation. Use it to reproduce the joint
+encoding, not to date a circuit.
+
+Both decode with checkpoint m's decoder, ``(f W_dec^m + b_dec^m) / s_m``; a circuit's error node at the site is
+what checkpoint m's reconstruction misses. Same latent id, same feature, at every checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +32,15 @@ from torch import nn
 from sfcd.crosscoders.model import Crosscoder
 from sfcd.errors import SfcdError
 from sfcd.models.sites import Site, run_with_cache
+
+VIEWS = ("alone", "joint")
+
+
+def alone_view(cc: Crosscoder, m: int) -> nn.Module:
+    """Checkpoint ``m`` alone: an SAE on m's raw activations (the other checkpoints at their mean activation)."""
+    from sfcd.crosscoders.io import checkpoint_sae
+
+    return checkpoint_sae(cc, m).to(cc.W_enc.device)
 
 
 class JointView(nn.Module):

@@ -6,7 +6,9 @@ Per task, a circuit is found at every checkpoint with the crosscoders as the dic
   each checkpoint;
 - their node effects at each checkpoint and the relative indirect effect ``RelIE_i^m = |IE_i^m| / sum_m' |IE_i^m'|``
   (Bayazit et al.);
-- the faithfulness of the last circuit's node ids at each checkpoint (the same ids, no matching);
+- the faithfulness of the last circuit's node ids at each checkpoint (the same ids, no matching), each checkpoint
+  alone (the crosscoder's other checkpoints at their mean activation: :mod:`sfcd.crosscoders.view`), reported only
+  where F(M) - F(empty) is resolvable (``faithfulness_resolvable``; None otherwise, never NaN);
 - beside them, the share of the last SAE circuit's features at the same sites that independent SAEs match at that
   checkpoint (the matching method), when the study's circuit development is given.
 """
@@ -29,6 +31,22 @@ def _load(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def _resolved(r: dict) -> tuple[float | None, bool]:
+    """The faithfulness where F(M) - F(empty) is resolvable (the circuit code's ``resolvable``; a missing key, from
+    circuit code that did not write it, counts as resolvable), else None; never NaN (strict JSON)."""
+    resolvable = bool(r.get("resolvable", True))
+    f = r.get("faithfulness")
+    if not resolvable or f is None or not np.isfinite(f):
+        return None, False
+    return float(f), True
+
+
+def _finite(a, b) -> float | None:
+    if a is None or b is None or not np.isfinite(a - b):
+        return None
+    return float(a - b)
 
 
 def circuit_cfg(cfg: DictConfig, run: RunDir, task: str, step: int, sites: list[str]) -> DictConfig:
@@ -82,9 +100,10 @@ def crosscoder_development(
         rows = []
         for k, step in enumerate(steps):
             if step == steps[-1]:
-                faith = last["metadata"]["faithfulness"]
+                r = last["metadata"]
             else:
-                faith = faithfulness_of(circuit_cfg(cfg, run, task, step, sites), step, task, ids)["faithfulness"]
+                r = faithfulness_of(circuit_cfg(cfg, run, task, step, sites), step, task, ids)
+            faith, resolvable = _resolved(r)
             row = {
                 "step": step,
                 "latents": len(feats),
@@ -94,6 +113,8 @@ def crosscoder_development(
                 else None,
                 "mean_rel_ie": float(rel_ie[k].mean()) if feats else None,
                 "final_circuit_faithfulness": faith,
+                "faithfulness_resolvable": resolvable,
+                "F_M_minus_F_empty": _finite(r.get("F_M"), r.get("F_empty")),
             }
             if sae_circuits and task in sae_circuits:
                 sae_row = next((r for r in sae_circuits[task] if r["step"] == step), None)
