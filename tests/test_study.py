@@ -55,6 +55,13 @@ def test_study_writes_the_development_and_a_report_that_renders(reference_study,
     rows = dev["sae_rows"]
     assert {r["step"] for r in rows} == {8, 16, 24} and all(r["seed_baseline"] is not None for r in rows)
     assert all(r["shared_with_final"] == 1.0 for r in rows if r["step"] == 24)  # an SAE shares all with itself
+    # a seed baseline at every step: the floor everywhere, and changes beyond it never above the raw counts
+    assert all(r["floor_births"] is not None and r["floor_shared"] is not None for r in rows)
+    for r in (r for r in rows if r["step"] > 8):
+        for x in ("births", "deaths", "splits", "merges"):
+            assert r[x] is not None and 0 <= r[x] <= r[f"{x}_raw"], (r["site"], r["step"], x)
+    for site in dev["sites"].values():
+        assert [f["step"] for f in site["floor"]] == [8, 16, 24] and set(site["floor_band"]) >= {"births", "shared"}
     assert set(dev["circuits"]) == {"nounpp"}
     for key in (
         "n_nodes",

@@ -61,7 +61,9 @@ def run_study(cfg: DictConfig) -> Path:
     for k, step in enumerate(steps):
         # each checkpoint's SAE gets its own initialisation, so that shared features come from the data,
         # not from a shared init (or, with sae.init=previous, starts from the previous checkpoint's SAE);
-        # the seed baseline is a second SAE at the last step (another seed again)
+        # the seed baseline is a second SAE at every step (another init seed and another stream seed, so that
+        # the two seeds of one checkpoint differ in what two steps' SAEs differ in besides the model): the noise
+        # floor of the development analysis
         warm = (
             {"sae.init_from": str(run.root / "saes" / f"step{steps[k - 1]}")}
             if cfg.sae.init == "previous" and k
@@ -69,14 +71,16 @@ def run_study(cfg: DictConfig) -> Path:
         )
         folders = train_saes(_at(cfg, step=step, **{"sae.seed": cfg.sae.seed + step}, **warm))
         sites = [f.name for f in folders]
-        if step == steps[-1] and s.seed_baseline:
-            train_saes(_at(cfg, step=step, **{"sae.sweep": {"seed": [cfg.sae.seed + step + 1]}}))
+        if s.seed_baseline:  # a randomly initialised second seed, also with sae.init=previous
+            # (its decoders and live features are what the floor reads: no CE scores, which cost most of its time)
+            second = {"sae.sweep": {"seed": [cfg.sae.seed + step + 1]}, "sae.init_from": None, "sae.ce_tokens": 0}
+            train_saes(_at(cfg, step=step, **second))
         if s.features_at == "all" or step == steps[-1]:
             build_features(_at(cfg, step=step, **{"features.saes": sites}))
         for task in tasks:
             if not (run.root / "circuits" / task / f"step{step}" / "circuit.json").exists():
                 find_circuit(_at(cfg, step=step, **{"circuit.task": task, "circuit.baselines": step == steps[-1]}))
-    seed_suffix = f"@seed={cfg.sae.seed + steps[-1] + 1}" if s.seed_baseline else None
+    seed_suffix = {step: f"@seed={cfg.sae.seed + step + 1}" for step in steps} if s.seed_baseline else None
     dev = analyse(run, steps, sites, tasks, s.shared_threshold, seed_suffix, cfg)
     dev["study_steps"] = steps_meta
     dev["identical_checkpoints"] = identical
@@ -108,6 +112,11 @@ def run_study(cfg: DictConfig) -> Path:
         folders = train_crosscoders(cc_cfg)
         cc_dev = crosscoder_development(cc_cfg, run, cc_steps, [f.name for f in folders], tasks, dev["circuits"])
         dev["crosscoder"] = cc_dev
+        if dev.get("findings"):
+            from sfcd.development.findings import add_crosscoder
+
+            add_crosscoder(dev["findings"], cc_dev)
+            write_json(run.root / "development" / "development.json", dev)
         if cc_dev["circuits"]:
             plots["crosscoder_circuits"] = crosscoder_circuits_plot(cc_dev["circuits"], d / "crosscoder_circuits.png")
         plots |= {f"crosscoder_latents:{f.name}": f / "latents.png" for f in folders}

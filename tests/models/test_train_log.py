@@ -90,7 +90,8 @@ def test_study_steps_from_the_run_train_log_and_explicit_steps_win(test_run, tmp
     meta = study_steps(cfg, run)
     written = json.loads((run.root / "development" / "study_steps.json").read_text())
     assert written == json.loads(json.dumps(meta)) and written["source"] == str(run.train_log)
-    assert meta["steps"] == choose_steps(rows, written["tasks"], [0.6, 0.9], 3)["steps"]
+    assert meta["steps"] == choose_steps(rows, written["tasks"], [0.6, 0.9], 3, 1.5, 0.05)["steps"]
+    assert written["min_step_ratio"] == 1.5 and written["margin"] == 0.05  # the config's defaults
     assert meta["steps"][-1] == 24 and set(meta["steps"]) <= set(run.model_steps()) and len(meta["steps"]) <= 3
     assert written["tasks"] == [k.removesuffix("_accuracy") for k in rows[0] if k.endswith("_accuracy")]
     explicit = study_steps(compose(["experiment=test", f"run_dir={run.root}", "study.steps=[16,8]"]), run)
@@ -99,3 +100,111 @@ def test_study_steps_from_the_run_train_log_and_explicit_steps_win(test_run, tmp
         study_steps(
             compose(["experiment=test", f"run_dir={run.root}", "study.steps=[]", "study.step_tasks=[nope]"]), run
         )
+
+
+# A hand-written log like the demo's: s learned at 128; n and c at 250 (c only just: 0.905); w learned late, at
+# 500 (its 0.64 at 250 falls back to 0.53); e crosses 0.6 early (64). n dips to 0.87 at 1000 (within the 0.05
+# margin of 0.9).
+#        step   s     n     c      w     e
+DEMO_LIKE = """
+          0   0.50  0.50  0.50   0.50  0.50
+          1   0.50  0.50  0.50   0.50  0.50
+          2   0.50  0.50  0.50   0.50  0.50
+          4   0.50  0.50  0.50   0.50  0.50
+          8   0.50  0.50  0.50   0.50  0.50
+         16   0.50  0.50  0.50   0.50  0.50
+         32   0.54  0.50  0.50   0.50  0.52
+         64   0.50  0.50  0.50   0.50  0.66
+        128   1.00  0.50  0.50   0.48  0.95
+        250   1.00  1.00  0.905  0.64  1.00
+        256   1.00  1.00  1.00   0.53  1.00
+        500   1.00  1.00  1.00   0.98  1.00
+        512   1.00  1.00  1.00   0.99  1.00
+        750   1.00  1.00  1.00   0.955 1.00
+       1000   1.00  0.87  0.93   0.955 1.00
+       1250   1.00  1.00  0.99   0.99  1.00
+       1500   1.00  1.00  0.97   0.99  1.00
+"""
+TASKS = ["s", "n", "c", "w", "e"]
+
+
+def table(text: str, **changes: float) -> list[dict]:
+    """Rows of the log above; ``changes``: ``<task>_<step>=accuracy``."""
+    rows = []
+    for line in text.strip().splitlines():
+        step, *acc = line.split()
+        row = {"step": step} | {f"{t}_accuracy": a for t, a in zip(TASKS, acc, strict=True)}
+        for key, v in changes.items():
+            t, s = key.split("_")
+            if s == step:
+                row[f"{t}_accuracy"] = str(v)
+        rows.append(row)
+    return rows
+
+
+def robust(rows, max_steps=5):
+    return choose_steps(rows, TASKS, [0.6, 0.9], max_steps, min_ratio=1.5, margin=0.05)
+
+
+def test_robust_crossings_ignore_spikes_and_dips_within_the_margin():
+    rows = table(DEMO_LIKE, s_16=0.62)  # a spike of s at 16
+    cross = crossings(rows, TASKS, [0.6, 0.9], margin=0.05)
+    # s: not 16 (it falls back to 0.54 and 0.50 after); n: 250, though 0.87 at 1000 (within 0.9 - 0.05); w:
+    # 0.6 only from 500 on, where it stays (its 0.64 at 250 is followed by 0.53, below 0.6 - 0.05)
+    assert cross == {
+        "s": {"0.6": 128, "0.9": 128},
+        "n": {"0.6": 250, "0.9": 250},
+        "c": {"0.6": 250, "0.9": 250},
+        "w": {"0.6": 500, "0.9": 500},
+        "e": {"0.6": 64, "0.9": 128},
+    }
+    assert crossings(rows, ["s"], [0.6])["s"]["0.6"] == 16  # the plain first crossing takes the spike
+    # a dip beyond the margin after the crossing moves it past the dip
+    assert crossings(table(DEMO_LIKE, n_1000=0.84), ["n"], [0.9], margin=0.05)["n"]["0.9"] == 1250
+
+
+def test_studied_steps_are_spread_and_the_same_on_a_jittered_log():
+    """The answer by hand: before = 32 (e crosses 0.6 at 64 = 2 x 32); 250: n and c learned; 128: s and e
+    learned; 500: w learned; and the last. The jittered copy (the noise between machines the issue
+    measured: c at 250 just below 0.9, w at 500 at 0.90 instead of 0.98) picks the same steps."""
+    want = [32, 128, 250, 500, 1500]
+    got = robust(table(DEMO_LIKE))
+    assert got["steps"] == want
+    assert got["reasons"]["500"] == ["w >= 0.6", "w >= 0.9"] and got["left_out"] == {"64": ["e >= 0.6"]}
+    jittered = table(DEMO_LIKE, c_250=0.89, w_500=0.90, n_1000=0.86, s_32=0.57, e_64=0.64)
+    got = robust(jittered)
+    assert got["steps"] == want
+    assert "c >= 0.9 (at step 256)" in got["reasons"]["250"]  # 256 is covered by 250, not a step of its own
+    # exact crossings without the spread (today's rule): the jitter moves a place from 500 to 256, next to 250
+    exact = choose_steps(jittered, TASKS, [0.6, 0.9], 5)
+    assert exact["steps"] == [32, 128, 250, 256, 1500]
+    # random noise of +-0.02 on every accuracy: the same steps, every time
+    import random
+
+    rnd = random.Random(0)
+    for _ in range(30):
+        rows = table(DEMO_LIKE)
+        for r in rows:
+            for t in TASKS:
+                r[f"{t}_accuracy"] = str(min(1.0, float(r[f"{t}_accuracy"]) + rnd.uniform(-0.02, 0.02)))
+        assert robust(rows)["steps"] == want
+
+
+def test_no_two_chosen_steps_closer_than_the_ratio():
+    # every crossing at a different one of 250, 256, 500, 512 and 1250: at ratio 1.5 at most one of each pair
+    rows = table(DEMO_LIKE, s_128=0.5, s_250=1.0, n_250=0.5, n_256=1.0, c_256=0.5, c_500=1.0, w_500=0.5, w_512=0.99)
+    for r in rows:
+        if int(r["step"]) >= 1250:
+            r["e_accuracy"] = "1.0"
+        elif int(r["step"]) >= 64:
+            r["e_accuracy"] = "0.5"
+    got = robust(rows, max_steps=10)
+    steps = got["steps"]
+    assert all(b / a >= 1.5 for a, b in zip(steps[1:], steps[2:], strict=False)) and steps[0] < steps[1]
+    assert steps == [128, 250, 500, 1500]  # before = 128 (<= 250 / 1.5); 1250 is covered by the last
+    assert "e >= 0.9 (at step 1250)" in got["reasons"]["1500"]
+    # the first crossing at 256: "before" is 128 (<= 256 / 1.5), not 250, six steps before it
+    later = table(DEMO_LIKE, s_128=0.5, s_250=0.5, e_64=0.5, e_128=0.5, e_250=0.5, n_250=0.5, c_250=0.5, w_250=0.5)
+    assert robust(later)["steps"][:2] == [128, 256]
+    with pytest.raises(ValueError, match="min_step_ratio=0.5: at least 1"):
+        choose_steps(rows, TASKS, [0.6], 4, min_ratio=0.5)

@@ -1,5 +1,10 @@
-"""Development across checkpoints: SAE quality, shared features against the seed baseline, lineage, and
-circuits through training (size, node Jaccard through matched features, weighted Jaccard)."""
+"""Development across checkpoints: SAE quality, shared features against the seed baseline, lineage, births,
+deaths, splits and merges against their noise floor (the definitions are in :mod:`sfcd.development.lineage`),
+and circuits through training (size, node, weighted and edge Jaccard through matched features).
+
+Circuit ids may carry a position (``resid.0/3@2``, per-position circuits): translation keeps it. Edge Jaccard
+counts only a circuit's edges at or above its own ``metadata.edge_threshold``. A faithfulness the circuit stage
+marks unresolvable (``None``) stays ``None``; nothing here writes NaN."""
 
 from __future__ import annotations
 
@@ -10,8 +15,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from sfcd.development.lineage import lineage
-from sfcd.development.matching import Matching, match_decoders
+from sfcd.development.lineage import FLOOR_STATS, band, beyond_floor, floor, lineage
+from sfcd.development.matching import Matching, match_decoders, presence
 from sfcd.devices import work_device
 from sfcd.errors import InputError, MissingArtifactError
 from sfcd.io import read_json, write_csv, write_json
@@ -56,10 +61,19 @@ def sae_folder(run: RunDir, step: int, name: str) -> Path:
 
 
 def site_development(
-    run: RunDir, steps: list[int], site: str, threshold: float, seed_name: str | None, device=None
+    run: RunDir,
+    steps: list[int],
+    site: str,
+    threshold: float,
+    seed_names: dict[int, str] | str | None,
+    device=None,
 ) -> dict:
-    """Matchings between adjacent steps at one site, the lineage of the last SAE's features, and the seed
-    baseline (the last step's SAE against a second seed)."""
+    """Matchings between adjacent steps at one site, the lineage of the last SAE's features, the noise floor at
+    every step with a seed baseline (``seed_names``: step -> the second seed's SAE name; a plain name: the last
+    step's), and the changes beyond it (:mod:`sfcd.development.lineage`)."""
+    if isinstance(seed_names, str):
+        seed_names = {steps[-1]: seed_names}
+    seed_names = {int(k): v for k, v in (seed_names or {}).items() if int(k) in steps}
     folders = [sae_folder(run, s, site) for s in steps]
     W = [decoder(f) for f in folders]
     if len({tuple(w.shape) for w in W}) > 1:
@@ -74,13 +88,68 @@ def site_development(
         return float((m.sim[a] >= threshold).mean()) if len(a) else float("nan")
 
     vs_final = [shared(match_live(folders[-1], f, device), alive[-1]) for f in folders]
-    seed = None
-    if seed_name:
-        seed = shared(match_live(folders[-1], sae_folder(run, steps[-1], seed_name), device), alive[-1])
+    # the noise floor: each step's main SAE against its second seed, as if they were two steps
+    rows_a = [W[k][alive[k]] for k in range(len(steps))]
+    rows_b: list[torch.Tensor | None] = []
+    within: list = []  # each step's presence of the main SAE's features in its second seed, computed once
+    floors: list[dict | None] = []
+    for k, s in enumerate(steps):
+        if s not in seed_names:
+            rows_b.append(None)
+            within.append(None)
+            floors.append(None)
+            continue
+        other = sae_folder(run, s, seed_names[s])
+        rows_b.append(decoder(other)[live(other)])
+        within.append(presence(rows_a[k], rows_b[k], threshold, device))
+        m = match_live(folders[k], other, device)
+        fl = floor(rows_a[k], rows_b[k], m.sim[alive[k]], threshold, device, within[k])
+        floors.append({"step": s, "seed_sae": seed_names[s], **fl})
+    out_changes = []
+    for k, c in enumerate(changes):  # the change from steps[k] to steps[k + 1]
+        row = {
+            "step": c.step,
+            "births": None,
+            "deaths": None,
+            "splits": None,
+            "merges": None,
+            "births_raw": c.births,
+            "deaths_raw": c.deaths,
+            "splits_raw": c.splits,
+            "merges_raw": c.merges,
+            "shared_fraction": c.shared_fraction,
+            "mmcs": c.mmcs,
+        }
+        if rows_b[k] is not None and rows_b[k + 1] is not None:
+            bf = beyond_floor(
+                rows_a[k],
+                rows_b[k],
+                rows_a[k + 1],
+                rows_b[k + 1],
+                threshold,
+                device,
+                (within[k], within[k + 1]),
+                null=True,
+            )
+            null = bf.pop("null")
+            row |= {key: int(len(v)) for key, v in bf.items()}
+            # what the rule counts from seed variance alone: the seeds paired across the two steps (4 pairings)
+            row["null"] = null
+            row |= {f"{key}_null": float(np.mean(v)) for key, v in null.items()}
+            row |= {f"{key}_null_max": int(max(v)) for key, v in null.items()}
+            # which features (full SAE indices): born/merged at steps[k + 1], died/split from steps[k]
+            row["born_features"] = alive[k + 1][bf["births"]].tolist()
+            row["died_features"] = alive[k][bf["deaths"]].tolist()
+            row["split_features"] = alive[k][bf["splits"]].tolist()
+            row["merged_features"] = alive[k + 1][bf["merges"]].tolist()
+        out_changes.append(row)
+    seed = floors[-1]["shared"] if floors and floors[-1] is not None else None
     return {
         "site": site,
         "steps": steps,
-        "changes": [c.__dict__ for c in changes],
+        "changes": out_changes,
+        "floor": floors,
+        "floor_band": band(floors),
         "first_step_counts": {int(s): int((first == s).sum()) for s in steps},
         "persisted_fraction": float(persisted.mean()) if len(persisted) else float("nan"),
         "live_features": [int(len(a)) for a in alive],
@@ -102,12 +171,16 @@ def weighted_jaccard(a: dict, b: dict) -> float:
 
 
 def circuit_graph(run: RunDir, task: str, step: int) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
-    """A circuit's nodes {id: effect} and edges {(from, to): weight}."""
+    """A circuit's nodes {id: effect} and its edges {(from, to): weight} at or above its own edge threshold
+    (``metadata.edge_threshold``: ``|weight| >= threshold``; circuit.json keeps the weaker ones for the
+    interactive view's slider, but they are not edges of the circuit)."""
     p = run.root / "circuits" / task / f"step{step}" / "circuit.json"
     if not p.exists():
         raise MissingArtifactError(f"no circuit for task {task} at step {step} ({p})")
     c = read_json(p)
-    return {n["id"]: n["effect"] for n in c["nodes"]}, {(e["from"], e["to"]): e["weight"] for e in c["edges"]}
+    t = (c.get("metadata") or {}).get("edge_threshold") or 0.0
+    edges = {(e["from"], e["to"]): e["weight"] for e in c["edges"] if e["weight"] is not None and abs(e["weight"]) >= t}
+    return {n["id"]: n["effect"] for n in c["nodes"]}, edges
 
 
 def translate_edges(edges: dict[tuple[str, str], float], maps: dict[str, np.ndarray]) -> dict[tuple[str, str], float]:
@@ -123,15 +196,26 @@ def translate_edges(edges: dict[tuple[str, str], float], maps: dict[str, np.ndar
 
 def translate(nodes: dict[str, float], maps: dict[str, np.ndarray]) -> dict[str, float]:
     """Node ids of one step rewritten in the feature indices of another, through one-to-one matches >= threshold
-    (``maps[site][j]`` = the matched index, or -1). Error nodes keep their ids; unmatched features are dropped."""
+    (``maps[site][j]`` = the matched index, or -1). Error nodes keep their ids; unmatched features are dropped.
+    A per-position id (``resid.0/3@2``, ``resid.0/eps@2``) keeps its position: ``resid.0/<match>@2``."""
     out = {}
     for nid, e in nodes.items():
-        site, _, feat = nid.partition("/")
+        site, _, rest = nid.partition("/")
+        feat, at, pos = rest.partition("@")
         if feat == "eps":
             out[nid] = e
-        elif site in maps and maps[site][int(feat)] >= 0:
-            out[f"{site}/{maps[site][int(feat)]}"] = e
+        elif site in maps and 0 <= int(feat) < len(maps[site]) and maps[site][int(feat)] >= 0:
+            out[f"{site}/{maps[site][int(feat)]}{at}{pos}"] = e
     return out
+
+
+def _num(x):
+    """A number for strict JSON: None stays None (a faithfulness the circuit stage marks unresolvable), NaN and
+    inf become None, never NaN."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if np.isfinite(x) else None
 
 
 def circuit_development(
@@ -147,17 +231,19 @@ def circuit_development(
         for k, s in enumerate(steps):
             row = {"step": s, "n_nodes": len(nodes[k])}
             meta = read_json(run.root / "circuits" / task / f"step{s}" / "circuit.json")["metadata"]
-            row["faithfulness"] = meta["faithfulness"]
-            row["F_M"] = meta["F_M"]
+            row["faithfulness"] = _num(meta.get("faithfulness"))  # None: unresolvable (F(M) - F(empty) ~ 0)
+            row["F_M"] = _num(meta.get("F_M"))
+            if "resolvable" in meta:
+                row["resolvable"] = meta["resolvable"]
             if k > 0:  # map step k's features back to step k-1 through its matching (A = step k, B = step k-1)
                 maps = {
                     site: np.where(d["matchings"][k - 1].sim >= threshold, d["matchings"][k - 1].match, -1)
                     for site, d in sites.items()
                 }
                 here = translate(nodes[k], maps)
-                row["jaccard_prev"] = jaccard(set(here), set(nodes[k - 1]))
-                row["edge_jaccard_prev"] = jaccard(set(translate_edges(edges[k], maps)), set(edges[k - 1]))
-                row["weighted_jaccard_prev"] = weighted_jaccard(here, nodes[k - 1])
+                row["jaccard_prev"] = _num(jaccard(set(here), set(nodes[k - 1])))
+                row["edge_jaccard_prev"] = _num(jaccard(set(translate_edges(edges[k], maps)), set(edges[k - 1])))
+                row["weighted_jaccard_prev"] = _num(weighted_jaccard(here, nodes[k - 1]))
             # against the last step: compose the matchings from the last step back to this one
             maps = {}
             for site, d in sites.items():
@@ -177,14 +263,14 @@ def circuit_development(
                 got[1] += int(site in maps and len(maps[site]) > int(feat) and maps[site][int(feat)] >= 0)
             row["final_features_by_site"] = {site: v[0] for site, v in by_site.items()}
             row["final_features_matched_by_site"] = {site: v[1] for site, v in by_site.items()}
-            row["jaccard_final"] = jaccard(set(last_here), set(nodes[k]))
-            row["edge_jaccard_final"] = jaccard(set(translate_edges(edges[-1], maps)), set(edges[k]))
-            row["weighted_jaccard_final"] = weighted_jaccard(last_here, nodes[k])
+            row["jaccard_final"] = _num(jaccard(set(last_here), set(nodes[k])))
+            row["edge_jaccard_final"] = _num(jaccard(set(translate_edges(edges[-1], maps)), set(edges[k])))
+            row["weighted_jaccard_final"] = _num(weighted_jaccard(last_here, nodes[k]))
             if cfg is not None:  # the last circuit, carried to this checkpoint through matched features
                 from sfcd.circuits.stage import faithfulness_of
 
                 r = faithfulness_of(cfg, s, task, set(last_here))
-                row["final_circuit_faithfulness"] = r["faithfulness"]
+                row["final_circuit_faithfulness"] = _num(r.get("faithfulness"))
                 row["final_circuit_nodes_matched"] = len(last_here)
             rows.append(row)
         out[task] = rows
@@ -197,14 +283,17 @@ def analyse(
     site_names: list[str],
     tasks: list[str],
     threshold: float,
-    seed_suffix: str | None,
+    seed_suffix: str | dict[int, str] | None,
     cfg=None,
 ) -> dict:
-    """Everything of the development/ folder; CSV and JSON beside each other."""
+    """Everything of the development/ folder; CSV and JSON beside each other. ``seed_suffix``: per step, the
+    suffix of the seed baseline's SAE name (``{1500: "@seed=1501"}``: ``<site>@seed=1501``); a plain suffix
+    means the last step's only (no floor elsewhere, and then no changes beyond it)."""
     dev = run.root / "development"
     device = work_device(cfg.trainer) if cfg is not None else None
+    suffixes = {steps[-1]: seed_suffix} if isinstance(seed_suffix, str) else dict(seed_suffix or {})
     sites = {
-        s: site_development(run, steps, s, threshold, f"{s}{seed_suffix}" if seed_suffix else None, device)
+        s: site_development(run, steps, s, threshold, {k: f"{s}{v}" for k, v in suffixes.items()}, device)
         for s in site_names
     }
     rows = []
@@ -212,6 +301,7 @@ def analyse(
         for k, step in enumerate(steps):
             m = read_json(sae_folder(run, step, s) / "metrics.json")
             ch = d["changes"][k - 1] if k > 0 else {}
+            fl = d["floor"][k] or {}
             rows.append(
                 {
                     "site": s,
@@ -222,11 +312,18 @@ def analyse(
                     "dead_fraction": m["dead_fraction"],
                     "shared_with_final": d["shared_with_final"][k],
                     "seed_baseline": d["seed_baseline"],
-                    "births": ch.get("births"),
+                    "births": ch.get("births"),  # beyond the noise floor (None without both steps' seeds)
                     "deaths": ch.get("deaths"),
                     "splits": ch.get("splits"),
                     "merges": ch.get("merges"),
                     "shared_with_prev": ch.get("shared_fraction"),
+                    **{f"{x}_raw": ch.get(f"{x}_raw") for x in ("births", "deaths", "splits", "merges")},
+                    **{
+                        f"{x}_null{m}": ch.get(f"{x}_null{m}")
+                        for x in ("births", "deaths", "splits", "merges")
+                        for m in ("", "_max")
+                    },
+                    **{f"floor_{x}{b}": fl.get(f"{x}{b}") for x in FLOOR_STATS for b in ("", "_lo", "_hi")},
                 }
             )
     write_csv(dev / "sae_development.csv", rows, list(rows[0]))
@@ -237,5 +334,16 @@ def analyse(
         write_csv(dev / "circuit_development.csv", crow, cols)
     lineage_json = {s: {k: v for k, v in d.items() if k != "matchings"} for s, d in sites.items()}
     result = {"steps": steps, "sites": lineage_json, "sae_rows": rows, "circuits": circuits}
+    if circuits:
+        from sfcd.development.findings import collect, summarise
+
+        ms = {s: d["matchings"] for s, d in sites.items()}
+        thresholds = list(cfg.study.step_thresholds) if cfg is not None else None
+        margin = cfg.study.step_margin if cfg is not None else None
+        result["findings"] = collect(
+            run, steps, circuits, ms, threshold, suffixes.get(steps[-1]), thresholds, device, margin
+        )
+        for line in summarise(result["findings"]):
+            log.info("finding: %s", line)
     write_json(dev / "development.json", result)
     return result

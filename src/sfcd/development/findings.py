@@ -1,8 +1,9 @@
 """The study's findings, per task: when the behaviour appears (train log), when its circuit appears, and which of
 the last circuit's features are new and which carried over, each judged against what noise alone would give.
 
-- **Behaviour**: the first checkpoint whose task accuracy reaches each of the study's thresholds (the train log's
-  crossings, :func:`sfcd.models.train_log.crossings`).
+- **Behaviour**: the first checkpoint whose task accuracy reaches each of the study's thresholds and stays within
+  the study's margin of it (the train log's crossings, :func:`sfcd.models.train_log.crossings`, as the studied
+  steps are chosen).
 - **Circuit**: the first studied checkpoint whose own circuit is *resolvable* (the model's F(M) - F(empty) stands
   out of the per-example noise, see the circuit stage) and reaches faithfulness ``FAITHFUL`` at some swept size;
   and the first studied checkpoint from which the *last* circuit, carried back through matched features, stays
@@ -61,7 +62,6 @@ def task_findings(
     seed: dict[str, Matching],
     threshold: float,
     behaviour: dict[str, int | None] | None,
-    crosscoder: dict | None = None,
 ) -> dict:
     """One task's findings (see the module docstring). ``rows``: the task's circuit development rows;
     ``circuit_meta``: each studied step's circuit.json metadata; ``last_nodes``: the last circuit's node ids;
@@ -128,10 +128,6 @@ def task_findings(
             for r in rows
         ],
     }
-    if crosscoder:
-        em = crosscoder.get("emerged_at") or {}
-        out["crosscoder_emerged_at"] = {str(k): v for k, v in em.items()}
-        out["crosscoder_latents"] = len(crosscoder.get("latents") or [])
     return out
 
 
@@ -166,8 +162,8 @@ def collect(
     threshold: float,
     seed_suffix: str | None,
     thresholds: list[float] | None = None,
-    crosscoder: dict | None = None,
     device=None,
+    margin: float | None = None,
 ) -> dict:
     """Every task's findings from a study's run folder: its circuits' development rows (``circuits``, as
     :func:`sfcd.development.analysis.circuit_development` returns them), the adjacent-step matchings per site,
@@ -195,9 +191,19 @@ def collect(
         last = read_json(run.root / "circuits" / task / f"step{steps[-1]}" / "circuit.json")
         behaviour = None
         if rows_log and f"{task}_accuracy" in rows_log[0]:
-            behaviour = crossings(rows_log, [task], list(thresholds or [0.6, 0.9]))[task]
-        cc = ((crosscoder or {}).get("circuits") or {}).get(task)
+            behaviour = crossings(rows_log, [task], list(thresholds or [0.6, 0.9]), margin)[task]
         out[task] = task_findings(
-            task, steps, rows, meta, [n["id"] for n in last["nodes"]], matchings, seed, threshold, behaviour, cc
+            task, steps, rows, meta, [n["id"] for n in last["nodes"]], matchings, seed, threshold, behaviour
         )
     return out
+
+
+def add_crosscoder(findings: dict, crosscoder: dict) -> dict:
+    """Each task's crosscoder circuit beside its findings: its number of latents and when they emerge (the
+    crosscoder development's ``circuits[task]``)."""
+    for task, f in findings.items():
+        cc = (crosscoder.get("circuits") or {}).get(task)
+        if cc:
+            f["crosscoder_emerged_at"] = {str(k): v for k, v in (cc.get("emerged_at") or {}).items()}
+            f["crosscoder_latents"] = len(cc.get("latents") or [])
+    return findings

@@ -129,3 +129,41 @@ def match_activations(acts_a: torch.Tensor, acts_b: torch.Tensor, candidates: in
     best, cand = _candidates(a, b, candidates)
     match, sim = assign(*cand, len(a), len(b))
     return Matching(match, sim, best, cand)
+
+
+@dataclass
+class Presence:
+    """Block-wise cosine statistics between two sets of decoder rows, in both directions: for each row, its
+    largest cosine to any row of the other set and how many rows of the other set reach ``threshold``."""
+
+    best_a: np.ndarray  # [Fa]
+    count_a: np.ndarray  # [Fa]
+    best_b: np.ndarray  # [Fb]
+    count_b: np.ndarray  # [Fb]
+
+
+@torch.no_grad()
+def presence(W_a: torch.Tensor, W_b: torch.Tensor, threshold: float = SHARED, device=None, tile: int = 2**26):
+    """:class:`Presence` of A's rows in B and B's rows in A, exactly (every pair, not only candidates), computed
+    in [block x Fb] tiles of at most ``tile`` similarities (256 MB in float32) on ``device`` (default: where
+    ``W_a`` is): memory is one tile, whatever the widths."""
+    if W_a.shape[1] != W_b.shape[1]:
+        raise InputError(
+            f"cannot compare SAEs of input widths {W_a.shape[1]} and {W_b.shape[1]}: they read different sites"
+        )
+    device = W_a.device if device is None else device
+    a, b = unit_rows(W_a.float().to(device)), unit_rows(W_b.float().to(device))
+    best_a = torch.full((len(a),), -1.0, device=device)
+    count_a = torch.zeros(len(a), dtype=torch.long, device=device)
+    best_b = torch.full((len(b),), -1.0, device=device)
+    count_b = torch.zeros(len(b), dtype=torch.long, device=device)
+    if len(a) and len(b):
+        block = max(1, tile // len(b))
+        for i in range(0, len(a), block):
+            s = a[i : i + block] @ b.t()
+            best_a[i : i + block] = s.max(1).values
+            hit = s >= threshold
+            count_a[i : i + block] = hit.sum(1)
+            best_b = torch.maximum(best_b, s.max(0).values)
+            count_b += hit.sum(0)
+    return Presence(*(x.cpu().numpy() for x in (best_a, count_a, best_b, count_b)))

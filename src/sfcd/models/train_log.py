@@ -38,25 +38,60 @@ def tasks_of(rows: list[dict]) -> list[str]:
     return [k[: -len("_accuracy")] for k in (rows[0] if rows else {}) if k.endswith("_accuracy")]
 
 
-def crossings(rows: list[dict], tasks: list[str], thresholds: list[float]) -> dict[str, dict[str, int | None]]:
-    """Per task and threshold, the first checkpoint whose accuracy is at least the threshold (None: never)."""
+def crossings(
+    rows: list[dict], tasks: list[str], thresholds: list[float], margin: float | None = None
+) -> dict[str, dict[str, int | None]]:
+    """Per task and threshold, the first checkpoint whose accuracy is at least the threshold (None: never).
+
+    With ``margin``: the first checkpoint whose accuracy is at least the threshold and *stays* at least
+    threshold - margin at every later checkpoint, so that a spike above the threshold, followed by a fall, is
+    not a crossing, and a dip within the margin after it does not undo one."""
     out = {}
     for t in tasks:
         acc = [(int(r["step"]), float(r[f"{t}_accuracy"])) for r in rows if r.get(f"{t}_accuracy") not in (None, "")]
-        out[t] = {str(th): next((s for s, a in acc if a >= th), None) for th in thresholds}
+        by = {}
+        for th in thresholds:
+            if margin is None:
+                by[str(th)] = next((s for s, a in acc if a >= th), None)
+                continue
+            found = None  # scan from the end: the earliest step from which the rest stays >= th - margin
+            for s, a in reversed(acc):
+                if a < th - margin:
+                    break
+                if a >= th:
+                    found = s
+            by[str(th)] = found
+        out[t] = by
     return out
 
 
-def choose_steps(rows: list[dict], tasks: list[str], thresholds: list[float], max_steps: int) -> dict:
+def _close(a: int, b: int, ratio: float) -> bool:
+    """Two steps closer than ``ratio`` on the log axis (step 0 is close only to itself)."""
+    lo, hi = min(a, b), max(a, b)
+    return lo == hi or (lo > 0 and hi / lo < ratio)
+
+
+def choose_steps(
+    rows: list[dict],
+    tasks: list[str],
+    thresholds: list[float],
+    max_steps: int,
+    min_ratio: float = 1.0,
+    margin: float | None = None,
+) -> dict:
     """The checkpoints where the model's agreement develops, from its train log.
 
-    Candidates: each task's first checkpoint at or above each threshold; the last checkpoint before any task
-    reaches the lowest threshold ("before": nothing learned yet; the first checkpoint if a task starts above it);
-    and the last checkpoint. With more than ``max_steps``, "before" and the last stay, and the other places go,
-    one at a time, to the candidate where the most tasks not yet covered reach the highest threshold (learned),
-    then where the most (task, threshold) crossings not yet covered fall, then the earlier step; so a task
-    learned alone, late, keeps its step beside the crowded early ones. Returns the steps, why each was chosen,
-    the crossings and what was left out."""
+    Crossings are :func:`crossings` with ``margin`` (the first checkpoint from which a task's accuracy stays
+    within ``margin`` below the threshold for the rest of the log). Candidates: each task's crossing of each
+    threshold; "before": the last checkpoint at most (the earliest crossing of the lowest threshold) /
+    ``min_ratio`` (the first checkpoint if a task starts above it); and the last checkpoint. No two chosen
+    steps are closer than ``min_ratio`` on the log axis: a crossing within that factor of a chosen step counts
+    as covered by it (250 and 256 are one moment at ratio 1.5), so noise that moves a crossing from one of two
+    near checkpoints to the other does not change the choice. "Before" and the last stay; the other places go,
+    one at a time, to the candidate where the most tasks not yet covered reach the highest threshold
+    (learned), then where the most (task, threshold) crossings not yet covered fall, then the earlier step; so
+    a task learned alone, late, keeps its step beside the crowded early ones. Returns the steps, why each was
+    chosen (with the crossings each covers at nearby steps), the crossings and what was left out."""
     if not rows:
         raise ValueError("the train log has no rows")
     missing = [t for t in tasks if f"{t}_accuracy" not in rows[0]]
@@ -64,8 +99,10 @@ def choose_steps(rows: list[dict], tasks: list[str], thresholds: list[float], ma
         raise ValueError(f"tasks {missing} are not in the train log; it scores {tasks_of(rows)}")
     if max_steps < 2:
         raise ValueError(f"max_steps={max_steps}: at least 2 (before learning and the last checkpoint)")
+    if min_ratio < 1:
+        raise ValueError(f"min_step_ratio={min_ratio}: at least 1 (1: no spacing)")
     steps = [int(r["step"]) for r in rows]
-    cross = crossings(rows, tasks, thresholds)
+    cross = crossings(rows, tasks, thresholds, margin)
     reasons: dict[int, list[str]] = {}
     for t, by in cross.items():
         for th, s in by.items():
@@ -73,30 +110,50 @@ def choose_steps(rows: list[dict], tasks: list[str], thresholds: list[float], ma
                 reasons.setdefault(s, []).append(f"{t} >= {th}")
     low = str(min(thresholds))
     learned = [by[low] for by in cross.values() if by[low] is not None]
-    before = max([s for s in steps if s < min(learned)], default=steps[0]) if learned else steps[0]
+    before = steps[0]
+    if learned:
+        first = min(learned)
+        before = max([s for s in steps if s < first and (s == 0 or s * min_ratio <= first)], default=steps[0])
     keep = {before: ["before any task is learned"], steps[-1]: ["last checkpoint"]}
     top = str(max(thresholds))
-    events = {s: set(rs) for s, rs in reasons.items()}  # "task >= threshold"
-    covered = set().union(*(events.get(s, set()) for s in keep))
+    events = {(s, e) for s, rs in reasons.items() for e in rs}  # (step, "task >= threshold")
+
+    def covers(c: int) -> set:
+        return {(s, e) for s, e in events if _close(s, c, min_ratio)}
+
+    covered = set().union(*(covers(s) for s in keep))
 
     def gain(s: int) -> tuple[int, int, int]:
-        new = events[s] - covered
-        return (-sum(e.endswith(f">= {top}") for e in new), -len(new), s)
+        new = covers(s) - covered
+        return (-sum(e.endswith(f">= {top}") for _, e in new), -len(new), s)
 
-    pool = [s for s in reasons if s not in keep]
+    pool = [s for s in sorted(reasons) if not any(_close(s, k, min_ratio) for k in keep)]
     while pool and len(keep) < max_steps:
         best = min(pool, key=gain)
+        if gain(best)[1] == 0:  # nothing left that a chosen step does not already cover
+            break
         keep[best] = []
-        covered |= events[best]
-        pool.remove(best)
+        covered |= covers(best)
+        pool = [s for s in pool if not _close(s, best, min_ratio)]
     chosen = sorted(keep)
+    why = {}
+    for s in chosen:
+        near = sorted((e_s, e) for e_s, e in covers(s) if e_s != s)
+        why[str(s)] = keep[s] + reasons.get(s, []) + [f"{e} (at step {e_s})" for e_s, e in near]
+    taken = set().union(*(covers(s) for s in chosen))
     return {
         "steps": chosen,
-        "reasons": {str(s): keep[s] + reasons.get(s, []) for s in chosen},
+        "reasons": why,
         "crossings": cross,
         "thresholds": list(thresholds),
         "tasks": list(tasks),
-        "left_out": {str(s): reasons[s] for s in sorted(reasons) if s not in keep},
+        "min_step_ratio": min_ratio,
+        "margin": margin,
+        "left_out": {  # crossings no chosen step covers
+            str(s): rest
+            for s in sorted(reasons)
+            if s not in keep and (rest := [e for e in reasons[s] if (s, e) not in taken])
+        },
     }
 
 
@@ -156,9 +213,10 @@ def study_steps(cfg: DictConfig, run: RunDir) -> dict:
         rows = read_csv(run.train_log)
         tasks = list(s.step_tasks) or tasks_of(rows)
         try:
-            meta = {**choose_steps(rows, tasks, list(s.step_thresholds), s.max_steps), "source": str(run.train_log)}
+            chosen = choose_steps(rows, tasks, list(s.step_thresholds), s.max_steps, s.min_step_ratio, s.step_margin)
+            meta = {**chosen, "source": str(run.train_log)}
         except ValueError as e:
-            raise ConfigError(f"study.step_tasks / step_thresholds / max_steps: {e}") from None
+            raise ConfigError(f"study.step_tasks / step_thresholds / max_steps / min_step_ratio: {e}") from None
         log.info("studied steps from the train log: %s", meta["reasons"])
     write_json(run.root / "development" / "study_steps.json", meta)
     return meta

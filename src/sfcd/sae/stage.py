@@ -185,7 +185,7 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
         metrics, fired = E.reconstruction_metrics(sae, acts)
         dens, density = E.density_metrics(fired, len(acts))
         metrics |= dens
-        if model is not None:
+        if model is not None and s.ce_tokens != 0:  # 0: no CE/KL scores (the study's seed baselines)
             metrics |= E.spliced_losses(model, parse_site(spec.site, model), sae, ce_windows, excl)
         metrics |= {
             "name": spec.name,
