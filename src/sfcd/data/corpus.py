@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from sfcd.data import grammar
+from sfcd.data import grammar, planted
 from sfcd.data.sources import hf_documents, text_file_documents
 from sfcd.data.tokenizer import load_tokenizer_dir, train_bpe
 from sfcd.data.tokens import write_tokens
@@ -24,13 +24,42 @@ log = logging.getLogger(__name__)
 
 KINDS = ("agreement", "text", "hf")
 TOKENIZER_SAMPLE_DOCS = 20_000
+#: the training tokens before the planted step (sfcd/data/planted.py): ``corpus/train_before.tokens``
+BEFORE_SPLIT = "train_before"
+
+
+def planted_on(cfg: DictConfig) -> bool:
+    """Whether ``cfg`` plants a construction (corpus.planted.step set); checks the settings when it does."""
+    p = cfg.corpus.get("planted")
+    if p is None or p.step is None:
+        return False
+    if cfg.corpus.kind != "agreement":
+        raise ConfigError(
+            f"corpus.planted needs the built-in corpus (corpus=agreement), not corpus.kind={cfg.corpus.kind}; "
+            "unset corpus.planted.step"
+        )
+    if p.construction not in planted.CONSTRUCTIONS:
+        raise ConfigError(
+            f"corpus.planted.construction={p.construction!r} is unknown; expected one of {list(planted.CONSTRUCTIONS)}"
+        )
+    if p.step < 1 or p.weight <= 0 or p.control_weight <= 0:
+        raise ConfigError(
+            f"corpus.planted needs step >= 1 and positive weights (got step={p.step}, weight={p.weight}, "
+            f"control_weight={p.control_weight}); set them, or unset corpus.planted.step"
+        )
+    return True
 
 
 def _documents(cfg: DictConfig, split: str) -> Iterator[str]:
+    """``split``: train, val, or train_before (the training documents before the planted step)."""
     c = cfg.corpus
     if c.kind == "agreement":
-        seed = c.seed if split == "train" else c.seed + 1_000_003
-        return grammar.documents(seed, dict(c.mixture), tuple(c.sentences_per_doc), tuple(c.copy_len))
+        seed = c.seed + 1_000_003 if split == "val" else c.seed
+        mixture = dict(c.mixture)
+        if planted_on(cfg):
+            before, after = planted.mixtures(mixture, c.planted.weight, c.planted.control_weight)
+            mixture = before if split == BEFORE_SPLIT else after
+        return grammar.documents(seed, mixture, tuple(c.sentences_per_doc), tuple(c.copy_len))
     if c.kind == "text":
         if not c.path:
             raise ConfigError("corpus=text needs corpus.path=<a .txt or .jsonl file>")
@@ -75,6 +104,13 @@ def write_tasks(cfg: DictConfig, run: RunDir) -> dict[str, dict[str, int]]:
         write_jsonl(run.task_file(task, "train"), train)
         write_jsonl(run.task_file(task, "test"), test)
         counts[task] = {"train": len(train), "test": len(test)}
+    if planted_on(cfg):
+        for task in planted.TASKS:
+            pairs = planted.task_pairs(task, c.task_pairs, c.seed)
+            train, test = grammar.split_pairs(pairs, c.test_fraction, c.seed)
+            write_jsonl(run.task_file(task, "train"), train)
+            write_jsonl(run.task_file(task, "test"), test)
+            counts[task] = {"train": len(train), "test": len(test)}
     spans = grammar.induction_spans(2 * c.induction_pairs, c.induction_len, c.seed)
     write_jsonl(run.task_file("induction", "train"), spans[: c.induction_pairs])
     write_jsonl(run.task_file("induction", "test"), spans[c.induction_pairs :])
@@ -83,8 +119,12 @@ def write_tasks(cfg: DictConfig, run: RunDir) -> dict[str, dict[str, int]]:
 
 
 def corpus_settings(cfg: DictConfig) -> dict:
-    """The settings that determine the corpus; a rerun with other settings must use another run directory."""
-    return OmegaConf.to_container(cfg.corpus, resolve=True) | {"model_source": cfg.model.source}
+    """The settings that determine the corpus; a rerun with other settings must use another run directory.
+    ``planted`` is left out when off, so corpora built before it existed keep their settings."""
+    settings = OmegaConf.to_container(cfg.corpus, resolve=True) | {"model_source": cfg.model.source}
+    if not planted_on(cfg):
+        settings.pop("planted", None)
+    return settings
 
 
 def build_corpus(cfg: DictConfig) -> RunDir:
@@ -112,15 +152,31 @@ def build_corpus(cfg: DictConfig) -> RunDir:
     else:  # one stream: skip what went to the validation split
         train_docs = _skip_tokens(_documents(cfg, "train"), tokenizer, n_val)
     n_train = write_tokens(run.tokens("train"), _token_chunks(train_docs, tokenizer), vocab, c.n_tokens)
+    n_tokens = {"train": n_train, "val": n_val}
+    planted_meta = None
+    if planted_on(cfg):
+        docs = _documents(cfg, BEFORE_SPLIT)
+        n_tokens[BEFORE_SPLIT] = write_tokens(
+            run.tokens(BEFORE_SPLIT), _token_chunks(docs, tokenizer), vocab, c.n_tokens
+        )
+        planted_meta = {
+            "step": c.planted.step,
+            "construction": c.planted.construction,
+            "before_file": run.tokens(BEFORE_SPLIT).name,
+            "words": {k: planted.own_words(k) for k in planted.KINDS},
+            "token_ids": {k: planted.own_token_ids(tokenizer, k) for k in planted.KINDS},
+        }
     # the built-in tasks are text (tokenized with the run's tokenizer when loaded), so any corpus gets them:
     # with corpus=hf and Pythia's tokenizer they are the paper's agreement tasks for Pythia
     tasks = write_tasks(cfg, run)
     meta = {
         "settings": settings,
         "vocab_size": vocab,
-        "n_tokens": {"train": n_train, "val": n_val},
+        "n_tokens": n_tokens,
         "tasks": tasks,
     }
+    if planted_meta:
+        meta["planted"] = planted_meta
     write_json(run.corpus_meta, meta)
     log.info("corpus: %d train and %d held-out tokens, vocabulary %d", n_train, n_val, vocab)
     return run

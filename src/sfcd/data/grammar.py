@@ -18,6 +18,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from sfcd.data import planted
 from sfcd.data import vocab as V
 
 SENTENCE_KINDS = ("simple", "pp", "pp2", "orc", "orc_pp", "src", "conj")
@@ -107,11 +108,13 @@ def documents(
     """An endless, deterministic stream of documents.
 
     ``mixture`` weighs the sentence kinds and ``copy`` (a repeated random span, which appears in a document
-    as its own line: ``span span``). Lines are joined by newlines, so every sentence starts with ``The``.
+    as its own line: ``span span``), and, when planted (sfcd/data/planted.py), ``planted`` and ``control``.
+    Lines are joined by newlines, so every sentence starts with ``The``.
     """
-    unknown = set(mixture) - set(SENTENCE_KINDS) - {"copy"}
+    known = [*SENTENCE_KINDS, "copy", *planted.KINDS]
+    unknown = set(mixture) - set(known)
     if unknown:
-        raise ValueError(f"unknown mixture keys {sorted(unknown)}; expected {list(SENTENCE_KINDS) + ['copy']}")
+        raise ValueError(f"unknown mixture keys {sorted(unknown)}; expected {known}")
     kinds = [k for k, w in mixture.items() if w > 0]
     weights = [mixture[k] for k in kinds]
     if not kinds:
@@ -124,6 +127,8 @@ def documents(
             if kind == "copy":
                 span = copy_span(rng, rng.randint(*copy_len)).lstrip()
                 lines.append(f"{span} {span}")
+            elif kind in planted.KINDS:
+                lines.append(planted.sentence(rng, kind))
             else:
                 lines.append(sentence(rng, kind).text)
         yield "\n".join(lines)

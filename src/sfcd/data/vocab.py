@@ -106,3 +106,14 @@ ALL_WORDS: list[str] = sorted(
     | {w for conts in CLAUSE_CONTINUATIONS.values() for w in conts}
     | {"the", "that", "and"}
 )
+
+# ------------------------------------------------------------------------------ the planted constructions
+# Two agreement constructions of the same kind, each with its own nouns and verbs (made-up words, none of them in
+# ALL_WORDS, so no other sentence kind or copy span ever emits one): ``planted`` enters the training batches at a
+# chosen step (corpus.planted.step), ``control`` is there from the start (sfcd/data/planted.py).
+PLANTED_NOUNS = _pairs(["wug", "dax", "fep", "zib"])
+PLANTED_VERBS = [("blicks", "blick"), ("glorps", "glorp"), ("mipes", "mipe")]
+CONTROL_NOUNS = _pairs(["tove", "rath", "jub", "vorp"])
+CONTROL_VERBS = [("gimbles", "gimble"), ("frabs", "frab"), ("snarks", "snark")]
+#: What follows a planted or control verb (words every other construction uses too).
+PLANTED_COMPLEMENTS = ["today", "again", "well", "home", "often", "slowly"]

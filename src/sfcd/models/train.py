@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
-from sfcd.data.corpus import build_corpus, corpus_tokenizer
+from sfcd.data import planted
+from sfcd.data.corpus import BEFORE_SPLIT, build_corpus, corpus_tokenizer, planted_on
 from sfcd.data.grammar import TASKS
 from sfcd.data.tasks import load_task
 from sfcd.data.tokens import read_tokens
@@ -39,27 +40,52 @@ class StepBatches(IterableDataset):
 
     The batch of a step is drawn from a generator seeded by (seed, step), so a resumed run sees exactly
     the batches an uninterrupted one would (an endless stream also keeps Lightning's epoch bookkeeping out).
+
+    With ``before=(path, S)`` (a planted construction, sfcd/data/planted.py) the steps before S read ``path``
+    (the corpus without the construction) and the steps from S on ``tokens_path``: the switch is exact.
     """
 
-    def __init__(self, tokens_path: Path, seq_len: int, batch_size: int, seed: int, start: int = 0):
+    def __init__(
+        self,
+        tokens_path: Path,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        before: tuple[Path, int] | None = None,
+    ):
         self.tokens_path, self.seq_len, self.batch_size = tokens_path, seq_len, batch_size
-        self.seed, self.start = seed, start
-        self._tokens: np.ndarray | None = None
+        self.seed, self.start, self.before = seed, start, before
+        self._tokens: dict[Path, np.ndarray] = {}
+
+    def path(self, step: int) -> Path:
+        """The token file step ``step`` reads."""
+        return self.before[0] if self.before is not None and step < self.before[1] else self.tokens_path
 
     def batch(self, step: int) -> torch.Tensor:
-        if self._tokens is None:
-            self._tokens = read_tokens(self.tokens_path)
-        n = len(self._tokens) - self.seq_len - 1
+        path = self.path(step)
+        if path not in self._tokens:
+            self._tokens[path] = read_tokens(path)
+        tokens = self._tokens[path]
+        n = len(tokens) - self.seq_len - 1
         if n <= 0:
             raise ConfigError(
-                f"{self.tokens_path} holds {len(self._tokens)} tokens, fewer than one training "
+                f"{path} holds {len(tokens)} tokens, fewer than one training "
                 f"window of {self.seq_len + 1}; raise corpus.n_tokens or lower model.seq_len"
             )
         starts = np.random.default_rng([self.seed, step]).integers(0, n, self.batch_size)
-        return torch.from_numpy(self._tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64))
+        return torch.from_numpy(tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return map(self.batch, itertools.count(self.start))
+
+
+def step_batches(cfg: DictConfig, run: RunDir, start: int = 0) -> StepBatches:
+    """The model stage's batches from step ``start`` on (with the planted schedule when the corpus plants one)."""
+    before = None
+    if planted_on(cfg):
+        before = (run.tokens(BEFORE_SPLIT), int(cfg.corpus.planted.step))
+    return StepBatches(run.tokens("train"), cfg.model.seq_len, cfg.train.batch_size, cfg.train.seed, start, before)
 
 
 def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
@@ -70,13 +96,13 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
 class CausalLM(L.LightningModule):
     """A ``GPTNeoXForCausalLM`` with Pythia's optimizer: AdamW, warmup + cosine, no decay on biases and norms."""
 
-    def __init__(self, hf_config, cfg: DictConfig, tokens_path: Path):
+    def __init__(self, hf_config, cfg: DictConfig, run: RunDir):
         super().__init__()
         from transformers import GPTNeoXForCausalLM
 
         self.model = GPTNeoXForCausalLM(hf_config)
         self.cfg = cfg
-        self.tokens_path = tokens_path
+        self.run = run
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = lm_loss(self.model, batch)
@@ -97,9 +123,8 @@ class CausalLM(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def train_dataloader(self) -> DataLoader:
-        t = self.cfg.train
         start = self.trainer.global_step  # restored before the dataloader is built, so a resume continues
-        ds = StepBatches(self.tokens_path, self.cfg.model.seq_len, t.batch_size, t.seed, start)
+        ds = step_batches(self.cfg, self.run, start)
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
 
 
@@ -109,7 +134,8 @@ class Evaluator:
     def __init__(self, cfg: DictConfig, run: RunDir, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.val = read_tokens(run.tokens("val"))
-        self.tasks = {t: load_task(run.task_file(t), tokenizer, t) for t in TASKS if run.task_file(t).exists()}
+        names = (*TASKS, *planted.TASKS)  # the planted constructions' tasks exist when the corpus plants one
+        self.tasks = {t: load_task(run.task_file(t), tokenizer, t) for t in names if run.task_file(t).exists()}
         ind = run.task_file("induction")
         self.induction = read_jsonl(ind) if ind.exists() else []
 
@@ -141,9 +167,7 @@ class CheckpointAndEvaluate(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_step == 0 and 0 in self.steps:
-            batch = StepBatches(
-                pl_module.tokens_path, self.cfg.model.seq_len, self.cfg.train.batch_size, self.cfg.train.seed
-            ).batch(0)
+            batch = step_batches(self.cfg, self.run).batch(0)
             with torch.no_grad():
                 loss = lm_loss(pl_module.model, batch.to(pl_module.device)).item()
             self._checkpoint(trainer, pl_module, 0, loss)
@@ -218,7 +242,7 @@ def train_model(cfg: DictConfig, callbacks: list[L.Callback] | None = None) -> R
     steps = checkpoint_steps(t.steps, t.checkpoints.log_until, t.checkpoints.every, tuple(t.checkpoints.extra))
     L.seed_everything(t.seed, workers=True, verbose=False)
     hf_config = neox_config(cfg.model, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    module = CausalLM(hf_config, cfg, run.tokens("train"))
+    module = CausalLM(hf_config, cfg, run)
     callback = CheckpointAndEvaluate(cfg, run, tokenizer, steps)
     trainer = make_trainer(
         cfg.trainer, t.steps, run.model, [callback, *(callbacks or [])], gradient_clip_val=t.grad_clip

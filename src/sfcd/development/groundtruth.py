@@ -1,0 +1,166 @@
+"""Scoring a study against a planted construction (sfcd/data/planted.py): which dictionary features are the
+construction's, at which studied checkpoint they first appear, and whether its circuit appears there too.
+
+A feature (an SAE's or a crosscoder's latent) is the construction's when its activation is concentrated on the
+construction's own words: ``precision`` (its activation mass on those tokens over its whole mass) and ``recall``
+(the share of those tokens' positions where it fires) are both above thresholds, and it is a feature of the
+construction, not of one token: it fires on at least ``WORDS`` of its words, each at ``WORD_RECALL`` of their
+occurrences. The last rule is what keeps a checkpoint before the planted step clean: there the construction's
+words are tokens the model never saw, whose embeddings are still their random initialisation, and a dictionary
+that meets them may spend a latent on one of them (a token latent of an untrained embedding); nothing the model
+has not learned makes several of them share a direction. Both are streamed over held-out
+windows one batch at a time, with per-feature sums on the model's device (memory: a few d_sae vectors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+
+from sfcd.errors import ConfigError
+from sfcd.io import read_json
+from sfcd.models.sites import parse_site, run_with_cache
+from sfcd.paths import RunDir
+
+#: a feature is a construction's when both hold (see the module docstring)
+PRECISION = 0.5
+RECALL = 0.05
+WORDS = 2
+WORD_RECALL = 0.2
+
+
+def planted_meta(run: RunDir) -> dict:
+    """The corpus's planted construction (step, words, token ids); an error when the corpus plants none."""
+    meta = read_json(run.corpus_meta) if run.corpus_meta.exists() else {}
+    if "planted" not in meta:
+        raise ConfigError(
+            f"the corpus of {run.root} plants no construction; build it with corpus.planted.step=<S> in another run_dir"
+        )
+    return meta["planted"]
+
+
+def held_out_windows(tokens: np.ndarray, seq_len: int, n_tokens: int) -> np.ndarray:
+    n = min(len(tokens) // seq_len, max(1, n_tokens // seq_len))
+    return np.asarray(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+
+
+class Concentration:
+    """Per-feature sums over streamed batches: activation mass overall and on each construction's tokens, and
+    firings on each construction's tokens."""
+
+    def __init__(self, kinds: dict[str, list[int]], device):
+        self.ids = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in kinds.items()}
+        self.mass: torch.Tensor | None = None
+        self.mass_on: dict[str, torch.Tensor] = {}
+        self.fires_on: dict[str, torch.Tensor] = {}
+        self.n_on = dict.fromkeys(kinds, 0)
+        self.n = 0
+        # per word: firings [n_words, d_sae] and occurrences, for the coverage rule
+        self.word_fires: dict[str, torch.Tensor] = {}
+        self.word_n = {k: torch.zeros(len(v), dtype=torch.float64, device=device) for k, v in kinds.items()}
+
+    def add(self, f: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """``f`` [n, d_sae] feature activations at positions whose tokens are ``token_ids`` [n]."""
+        f = f.float().clamp_min(0)
+        if self.mass is None:
+            z = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
+            self.mass = z.clone()
+            self.mass_on = {k: z.clone() for k in self.ids}
+            self.fires_on = {k: z.clone() for k in self.ids}
+            self.word_fires = {
+                k: torch.zeros(len(v), f.shape[1], dtype=torch.float64, device=f.device) for k, v in self.ids.items()
+            }
+        self.mass += f.sum(0, dtype=torch.float64)
+        self.n += len(f)
+        for k, ids in self.ids.items():
+            on = torch.isin(token_ids, ids)
+            self.mass_on[k] += f[on].sum(0, dtype=torch.float64)
+            self.fires_on[k] += (f[on] > 0).sum(0, dtype=torch.float64)
+            self.n_on[k] += int(on.sum())
+            onehot = (token_ids[on, None] == ids[None, :]).to(torch.float64)  # [n_on, n_words]
+            self.word_fires[k] += onehot.T @ (f[on] > 0).to(torch.float64)
+            self.word_n[k] += onehot.sum(0)
+
+    def scores(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """(precision, recall) of every feature for ``kind``'s tokens."""
+        precision = (self.mass_on[kind] / self.mass.clamp_min(1e-12)).cpu().numpy()
+        recall = (self.fires_on[kind] / max(1, self.n_on[kind])).cpu().numpy()
+        return precision, recall
+
+    def words(self, kind: str, word_recall: float = WORD_RECALL) -> np.ndarray:
+        """How many of ``kind``'s words each feature fires on at ``word_recall`` of their occurrences (or more)."""
+        rate = self.word_fires[kind] / self.word_n[kind].clamp_min(1)[:, None]
+        seen = (self.word_n[kind] > 0)[:, None]
+        return ((rate >= word_recall) & seen).sum(0).cpu().numpy()
+
+    def features(
+        self, kind: str, precision: float = PRECISION, recall: float = RECALL, words: int = WORDS
+    ) -> list[int]:
+        """The construction's features: precision and recall above the thresholds, on ``words`` of its words."""
+        p, r = self.scores(kind)
+        return [int(i) for i in np.nonzero((p >= precision) & (r >= recall) & (self.words(kind) >= words))[0]]
+
+    def summary(self, kind: str) -> dict:
+        p, r = self.scores(kind)
+        feats = self.features(kind)
+        best = int(np.argmax(p * r)) if len(p) else -1
+        return {
+            "features": feats,
+            "n_features": len(feats),
+            "best_feature": best,
+            "best_precision": float(p[best]) if best >= 0 else 0.0,
+            "best_recall": float(r[best]) if best >= 0 else 0.0,
+            "best_words": int(self.words(kind)[best]) if best >= 0 else 0,
+            "token_features": int(((p >= PRECISION) & (r >= RECALL)).sum()),  # the precision rule alone
+            "tokens": self.n_on[kind],
+        }
+
+
+def stream(
+    models: list, site: str, windows: np.ndarray, exclude: Iterable[int], batch: int = 32
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """(activations, token ids) per batch of windows: each model's activations at ``site`` at the same positions,
+    concatenated along the last axis (one model: an SAE's input; K checkpoints: a crosscoder's), the positions of
+    ``exclude`` (BOS/EOS) left out as the SAEs' training leaves them out."""
+    device = next(models[0].parameters()).device
+    excl = torch.tensor(sorted(exclude), dtype=torch.long, device=device)
+    s = parse_site(site, models[0])
+    with torch.no_grad():
+        for b in range(0, len(windows), batch):
+            x = torch.from_numpy(windows[b : b + batch]).to(device)
+            acts = [run_with_cache(m, x, [s])[s.name].flatten(0, 1).float() for m in models]
+            keep = ~torch.isin(x.flatten(), excl)
+            yield torch.cat(acts, -1)[keep], x.flatten()[keep]
+
+
+def concentration(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    kinds: dict[str, list[int]],
+) -> Concentration:
+    """Stream ``batches`` through ``encode`` and accumulate each feature's concentration on ``kinds``' tokens."""
+    acc = None
+    with torch.no_grad():
+        for a, ids in batches:
+            if acc is None:
+                acc = Concentration(kinds, a.device)
+            acc.add(encode(a), ids)
+    if acc is None:
+        raise ConfigError("no held-out tokens to score the planted construction on; raise corpus.val_tokens")
+    return acc
+
+
+def onset(steps: list[int], present: list[bool]) -> int | None:
+    """The first studied step from which something is present at every later studied step (None: never)."""
+    for i, s in enumerate(steps):
+        if all(present[i:]):
+            return s
+    return None
+
+
+def first_after(steps: list[int], planted_step: int) -> int | None:
+    """The first studied checkpoint that has seen the planted construction: checkpoint N is after N optimizer
+    steps, i.e. the batches of steps 0..N-1, so the first N > S."""
+    return next((s for s in steps if s > planted_step), None)
