@@ -1,6 +1,7 @@
 """Sparse feature circuits on the test run's micro model and its resid.0 / mlp.1 SAEs."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -73,10 +74,12 @@ def test_full_circuit_is_faithful_and_empty_is_not(setup):
     model, dicts, bs = setup
     everything = {s: (torch.ones(d.d_sae, dtype=torch.bool), True) for s, d in dicts.items()}
     nothing = {s: (torch.zeros(d.d_sae, dtype=torch.bool), False) for s, d in dicts.items()}
-    for ablation in ("mean", "zero", "resample"):  # the ratios' algebra: no resolvability rule (z = floor = 0)
-        full = faithfulness(model, dicts, bs, everything, ablation, z=0, floor=0)
+    # the ratios' algebra: no resolvability rule (z = floor = -inf, so the one-sided rule passes a negative
+    # F(M) - F(empty) too)
+    for ablation in ("mean", "zero", "resample"):
+        full = faithfulness(model, dicts, bs, everything, ablation, z=-math.inf, floor=-math.inf)
         assert full["faithfulness"] == pytest.approx(1.0) and full["completeness"] == pytest.approx(0.0)
-        empty = faithfulness(model, dicts, bs, nothing, ablation, z=0, floor=0)
+        empty = faithfulness(model, dicts, bs, nothing, ablation, z=-math.inf, floor=-math.inf)
         assert empty["faithfulness"] == pytest.approx(0.0) and empty["completeness"] == pytest.approx(1.0)
     assert abs(full["F_M"] - full["F_empty"]) > 1e-5  # ablating everything changes the metric
 
@@ -102,8 +105,8 @@ def test_mean_ablation_is_one_mean_whatever_the_batching(setup):
         for i in range(len(task_pairs))
     ]
     by_12, by_1 = (
-        Faithfulness(model, dicts, bs, "mean", z=0, floor=0),
-        Faithfulness(model, dicts, ones, "mean", z=0, floor=0),
+        Faithfulness(model, dicts, bs, "mean", z=-math.inf, floor=-math.inf),
+        Faithfulness(model, dicts, ones, "mean", z=-math.inf, floor=-math.inf),
     )
     a, b = by_12(keep), by_1(keep)
     assert a["faithfulness"] == pytest.approx(b["faithfulness"], abs=2e-4)  # float32 sums in another order

@@ -125,7 +125,7 @@ def test_resample_draws_over_the_whole_set_whatever_the_batch_size(model_dicts):
     runs = {}
     for bsz in (5, 24, 7):
         bs = batches(task, n, bsz)
-        runs[bsz] = Faithfulness(model, dicts, bs, "resample", seed=3, z=0, floor=0)
+        runs[bsz] = Faithfulness(model, dicts, bs, "resample", seed=3, z=-math.inf, floor=-math.inf)
     a = runs[24]
     src = a.ablation_info["sources"]
     assert sorted(src) == list(range(n)) and all(j != i for i, j in enumerate(src))  # a derangement
@@ -155,7 +155,7 @@ def test_faithfulness_is_reported_only_where_resolvable(model_dicts):
     # rule not applied (faithfulness reported anyway), completeness left when faithfulness is null
     model, dicts, task = model_dicts
     (b,) = batches(task, 24, 24)
-    probe = Faithfulness(model, dicts, [b], "resample", seed=1, z=0, floor=0)
+    probe = Faithfulness(model, dicts, [b], "resample", seed=1, z=-math.inf, floor=-math.inf)
     m = plain_metric(model, b.clean, b.clean_answer, b.patch_answer, b.clean).double().numpy()
     e = plain_metric(model, b.clean, b.clean_answer, b.patch_answer, b.patch[probe.ablation_info["sources"]])
     d = m - e.double().numpy()
@@ -300,7 +300,7 @@ def test_mean_ablation_is_per_length(model_dicts, test_run):
     assert sorted({b.clean.shape[1] for b in bs}) == [3, 6]
     resid0 = parse_site("resid.0", model)
     only = {resid0: dicts[resid0]}  # (mlp.1's mean is not the MLP of the mean stream)
-    ev = Faithfulness(model, only, bs, "mean", z=0, floor=0)
+    ev = Faithfulness(model, only, bs, "mean", z=-math.inf, floor=-math.inf)
     assert ev.ablation_info["examples_per_length"] == {"3": 6, "6": 6}
     got = []
     for T in (3, 6):

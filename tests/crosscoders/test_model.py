@@ -246,3 +246,18 @@ def test_ground_truth_directions_and_emergence_are_recovered(arch, steps, hp):
     fresh = recovery(BatchTopKCrosscoder(4 * 48, 128, n_blocks=4, k=3), truth)
     assert fresh["mean_max_cos"] < 0.6
     assert fresh["emergence_exact_by_kind"]["emerging"] < 0.2 and fresh["emergence_exact_by_kind"]["dying"] < 0.2
+
+
+def test_latent_scaling_flags_nothing_where_the_strongest_beta_is_not_positive():
+    """Latent 0 is absent at checkpoint 0 by norm; its beta there is 0.6 of a positive beta at its strongest
+    checkpoint: flagged. Latent 1 has the same beta 0.6 there but a negative fit at its strongest checkpoint: no
+    ratio, so no flag (the bug: dividing by the reference clamped to 1e-12, a huge ratio, flagged)."""
+    st = {
+        "norms": torch.tensor([[0.1, 1.0], [0.1, 1.0]]),
+        "present": torch.tensor([[False, True], [False, True]]),
+    }
+    full = decoder_stats(BatchTopKCrosscoder(8, 2, seed=0, n_blocks=2, k=1))  # the other keys: any 2 latents
+    st = {**full, **st}
+    beta = torch.tensor([[0.6, 1.0], [0.6, -1.0]])
+    s = summary(st, beta, torch.tensor([True, True]), [10, 20], flag=0.5)
+    assert s["per_checkpoint"][0]["absent_but_scaled"] == 0.5

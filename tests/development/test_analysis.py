@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import torch
+from scipy.stats import poisson
 
 from sfcd.development.analysis import analyse, circuit_development, translate
 from sfcd.development.matching import Matching
@@ -48,7 +49,15 @@ def test_analyse_reports_births_beyond_the_floor_raw_counts_and_the_floor(tmp_pa
     out = analyse(run, [1, 2], ["resid.0"], [], 0.7, {1: "@seed=2", 2: "@seed=3"})
     rows = list(csv.DictReader((tmp_path / "development" / "sae_development.csv").read_text().splitlines()))
     assert [r["step"] for r in rows] == ["1", "2"]
-    assert (rows[1]["births"], rows[1]["deaths"], rows[1]["splits"], rows[1]["merges"]) == ("4", "5", "0", "0")
+    # the per-feature rule finds exactly the planted changes; the reported counts are what exceeds the crossed-seed
+    # null's 95% upper bound (Poisson of its mean count, at least its largest), computed here from the null
+    rule = tuple(int(rows[1][f"{x}_rule"]) for x in ("births", "deaths", "splits", "merges"))
+    assert rule == (4, 5, 0, 0)
+    for x, n in zip(("births", "deaths", "splits", "merges"), rule, strict=True):
+        mean, top = float(rows[1][f"{x}_null"]), int(rows[1][f"{x}_null_max"])
+        hi = max(top, int(poisson.ppf(0.95, mean)) if mean > 0 else 0)
+        assert int(rows[1][x]) == max(0, n - hi)
+    assert int(rows[1]["births"]) >= 3 and int(rows[1]["deaths"]) >= 4
     assert int(rows[1]["births_raw"]) > 4 and int(rows[1]["deaths_raw"]) >= 5  # seed noise on top
     assert rows[0]["births"] == ""  # no previous step
     # the seeds paired across the steps: the planted changes drop out, only seed variance is left (here none:
@@ -121,3 +130,13 @@ def test_per_position_circuits_edge_jaccard_at_the_threshold_and_null_faithfulne
     assert rows[0]["faithfulness"] is None and rows[0]["resolvable"] is False
     assert rows[1]["faithfulness"] is None and rows[1]["F_M"] == 2.0  # a NaN read back is None, never NaN
     json.dumps(rows, allow_nan=False)
+
+
+def test_null_upper_bound_by_hand():
+    """Poisson(1): P(<=2) = 0.920, P(<=3) = 0.981, so the 95% bound is 3; Poisson(0.25): P(<=1) = 0.974 -> 1, below
+    the largest crossed count 4; no null count at all -> 0 (every rule count is beyond it)."""
+    from sfcd.development.analysis import null_upper
+
+    assert null_upper(1.0, 2) == 3
+    assert null_upper(0.25, 4) == 4
+    assert null_upper(0.0, 0) == 0

@@ -131,8 +131,9 @@ class Faithfulness:
     The ablation values and F(M), F(empty) are computed once; each circuit then costs two forward passes per
     batch. Faithfulness divides by F(M) - F(empty); where the model barely does the task that difference is
     noise, and the ratio means nothing. So it is reported only when the mean of the per-example differences
-    d_i = M_i - empty_i is resolvable: |mean d| > ``z`` x its standard error (std(d) / sqrt(n), paired: the same
-    examples under both) and |mean d| > ``floor`` (logits). Otherwise faithfulness and completeness are
+    d_i = M_i - empty_i is resolvable: mean d > ``z`` x its standard error (std(d) / sqrt(n), paired: the same
+    examples under both) and mean d > ``floor`` (logits); one-sided, as a model that does the task worse than with
+    everything ablated has no behaviour for a circuit to reproduce. Otherwise faithfulness and completeness are
     ``None`` and ``resolvable`` is false; the standard error is reported either way."""
 
     def __init__(
@@ -175,7 +176,9 @@ class Faithfulness:
         self.F_M, self.F_empty = self.M_i.mean().item(), self.empty_i.mean().item()
         d = (self.M_i - self.empty_i).double()
         self.se = (d.std() / math.sqrt(self.n)).item() if self.n > 1 else math.nan
-        diff = abs(self.F_M - self.F_empty)
+        # one-sided: the model must do the task better than with everything ablated; a model below its own
+        # ablation (at or under chance) has no behaviour for a circuit to be faithful to
+        diff = self.F_M - self.F_empty
         self.resolvable = bool(self.n > 1 and diff > self.z * self.se and diff > self.floor)
 
     def values(self, keep: dict) -> torch.Tensor:
@@ -196,7 +199,7 @@ class Faithfulness:
             "resolvable": self.resolvable,
             "F_M_minus_F_empty": self.F_M - self.F_empty,
             "F_M_minus_F_empty_se": self.se,
-            "rule": f"|F(M) - F(empty)| > {self.z} x its paired standard error over the {self.n} examples and > "
+            "rule": f"F(M) - F(empty) > {self.z} x its paired standard error over the {self.n} examples and > "
             f"{self.floor}",
         }
 

@@ -18,7 +18,6 @@ run on the same tokens (:class:`sfcd.crosscoders.view.JointView`) is an explicit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 
 from sfcd.crosscoders.model import CROSSCODERS, BatchTopKCrosscoder, Crosscoder
 from sfcd.errors import InputError, MissingArtifactError
-from sfcd.io import atomic_dir, read_json, save_safetensors
+from sfcd.io import atomic_dir, dumps, read_json, save_safetensors
 from sfcd.sae.base import SAE
 from sfcd.sae.io import _load_safetensors, save_sae
 from sfcd.sae.jumprelu import JumpReLUSAE
@@ -67,7 +66,7 @@ def save_crosscoder(cc: Crosscoder, folder: str | Path, meta: dict[str, Any]) ->
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
-        (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "cfg.json").write_text(dumps(cfg, indent=2) + "\n")
         save_safetensors(tmp / WEIGHTS, tensors)
     return folder
 

@@ -235,7 +235,10 @@ def summary(
     present, K = stats["present"][live], len(steps)
     n_live = max(1, int(live.sum()))
     strongest = stats["norms"].argmax(1)
-    beta_ratio = beta / beta.gather(1, strongest[:, None]).clamp_min(1e-12)
+    # Minder et al.'s nu_eps where the strongest checkpoint's beta is positive (no ratio, so no flag, elsewhere)
+    ref = beta.gather(1, strongest[:, None])
+    nu = scaling["nu_eps"] if scaling is not None else beta / ref.clamp_min(1e-12)
+    beta_ratio = torch.where(ref > 0, nu, torch.full_like(beta, float("nan")))
     looks_exclusive = (~stats["present"]) & (beta_ratio >= flag) & live[:, None]
     bins = stats["reldec_bin"][live]
     pair = stats["pair_bin"][live]

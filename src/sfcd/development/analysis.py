@@ -137,6 +137,12 @@ def site_development(
             row["null"] = null
             row |= {f"{key}_null": float(np.mean(v)) for key, v in null.items()}
             row |= {f"{key}_null_max": int(max(v)) for key, v in null.items()}
+            # the counts beyond what seed variance alone gives: the rule's count less the null's 95% upper bound
+            # (a Poisson of the crossed pairings' mean count, and at least their largest count), never below 0
+            for key in bf:
+                row[f"{key}_rule"] = row[key]
+                row[f"{key}_null_hi"] = null_upper(row[f"{key}_null"], row[f"{key}_null_max"])
+                row[key] = max(0, row[key] - row[f"{key}_null_hi"])
             # which features (full SAE indices): born/merged at steps[k + 1], died/split from steps[k]
             row["born_features"] = alive[k + 1][bf["births"]].tolist()
             row["died_features"] = alive[k][bf["deaths"]].tolist()
@@ -157,6 +163,14 @@ def site_development(
         "seed_baseline": seed,
         "matchings": ms,
     }
+
+
+def null_upper(mean: float, largest: int, q: float = 0.95) -> int:
+    """The count seed variance alone reaches: the ``q`` quantile of a Poisson of the null's mean count, and at
+    least the largest count the null gave."""
+    from scipy.stats import poisson
+
+    return max(int(largest), int(poisson.ppf(q, mean)) if mean > 0 else 0)
 
 
 def jaccard(a: set, b: set) -> float:
@@ -318,10 +332,11 @@ def analyse(
                     "merges": ch.get("merges"),
                     "shared_with_prev": ch.get("shared_fraction"),
                     **{f"{x}_raw": ch.get(f"{x}_raw") for x in ("births", "deaths", "splits", "merges")},
+                    **{f"{x}_rule": ch.get(f"{x}_rule") for x in ("births", "deaths", "splits", "merges")},
                     **{
                         f"{x}_null{m}": ch.get(f"{x}_null{m}")
                         for x in ("births", "deaths", "splits", "merges")
-                        for m in ("", "_max")
+                        for m in ("", "_max", "_hi")
                     },
                     **{f"floor_{x}{b}": fl.get(f"{x}{b}") for x in FLOOR_STATS for b in ("", "_lo", "_hi")},
                 }

@@ -118,8 +118,22 @@ def choose_steps(
     top = str(max(thresholds))
     events = {(s, e) for s, rs in reasons.items() for e in rs}  # (step, "task >= threshold")
 
+    # a crossing at s is stood for by a close checkpoint at or after it, or before it where the task already is
+    # within the margin of the threshold (and stays there): never by one where it is not yet learned
+    near_by: dict[str, int | None] = {}
+    if margin:
+        below = crossings(rows, tasks, [th - margin for th in thresholds], margin)
+        for t in tasks:
+            for th in thresholds:
+                near_by[f"{t} >= {th}"] = below[t][str(th - margin)]
+
+    def stands_for(c: int, s: int, e: str) -> bool:
+        if not _close(s, c, min_ratio):
+            return False
+        return s <= c or (near_by.get(e) is not None and near_by[e] <= c)
+
     def covers(c: int) -> set:
-        return {(s, e) for s, e in events if _close(s, c, min_ratio)}
+        return {(s, e) for s, e in events if stands_for(c, s, e)}
 
     covered = set().union(*(covers(s) for s in keep))
 
