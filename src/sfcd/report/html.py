@@ -331,8 +331,9 @@ def _findings_section(root: Path, dev: dict) -> list[str]:
             f"{_e(c.get('not reproducible', 0))} not reproducible by a second seed; {_e(f.get('error_nodes', 0))} "
             "error nodes."
             + (
-                f" Crosscoder circuit: {_e(f.get('crosscoder_latents'))} latents, emerging by checkpoint "
-                f"{_e(f.get('crosscoder_emerged_at'))}."
+                f" Crosscoder circuit: {_e(f.get('crosscoder_latents'))} latents, emerging at "
+                + _e(", ".join(f"step {k}: {v}" for k, v in (f.get("crosscoder_emerged_at") or {}).items()))
+                + "."
                 if f.get("crosscoder_latents")
                 else ""
             )
