@@ -141,7 +141,9 @@ def test_the_hub_code_path_on_a_local_save_pretrained_folder(test_run, tmp_path)
 
     source = RunDir(test_run.run_dir).model_step(24)
     base = ["experiment=test", f"run_dir={tmp_path / 'hubrun'}", f"model.source={source}"]
-    run = build_corpus(compose(base))
+    from sfcd.models.loading import named_tokenizer
+
+    run = build_corpus(compose(base), named_tokenizer(compose(base)))
     assert (run.tokenizer / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
     with pytest.raises(ConfigError, match="needs step=<N>"):
         train_saes(compose([*base, "sae.sites=[resid.0]"]))

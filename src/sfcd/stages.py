@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 def corpus(cfg: DictConfig) -> None:
     """Generate (or read) the corpus, train its tokenizer, write token files and task files."""
     from sfcd.data.corpus import build_corpus
+    from sfcd.models.loading import named_tokenizer
 
-    run = build_corpus(cfg)
+    run = build_corpus(cfg, named_tokenizer(cfg))
     print(f"corpus: {run.corpus}")
 
 

@@ -7,6 +7,7 @@ from sfcd.config import compose
 from sfcd.data.corpus import build_corpus, corpus_tokenizer
 from sfcd.data.tokens import read_tokens
 from sfcd.errors import ConfigError, InputError, OfflineError
+from sfcd.models.loading import named_tokenizer
 from sfcd.paths import RunDir
 
 
@@ -82,7 +83,7 @@ def test_hf_dataset_offline_is_a_clear_error(test_run, tmp_path, monkeypatch):
         ["corpus=hf", "corpus.dataset=some-org/some-dataset", f"corpus.tokenizer={tok}", f"run_dir={tmp_path / 'r'}"]
     )
     with pytest.raises(OfflineError, match="needs the network"):
-        build_corpus(cfg)
+        build_corpus(cfg, named_tokenizer(cfg))
 
 
 def test_the_pythia_preset_streams_the_pile_and_says_so_offline(tmp_path, tokenizer):
@@ -98,5 +99,19 @@ def test_the_pythia_preset_streams_the_pile_and_says_so_offline(tmp_path, tokeni
     assert cfg.corpus.kind == "hf" and cfg.corpus.dataset == "monology/pile-uncopyrighted"
     assert cfg.sae.d_sae == 32768 and cfg.sae.lr == pytest.approx(2e-4 / (32768 / 2**14) ** 0.5, rel=1e-3)
     with pytest.raises(OfflineError, match="monology/pile-uncopyrighted.*needs the network"):
-        build_corpus(cfg)
+        build_corpus(cfg, named_tokenizer(cfg))
     assert not (tmp_path / "run" / "corpus" / "meta.json").exists()
+
+
+def test_a_named_tokenizer_is_loaded_a_floor_up_and_its_absence_said(tmp_path, test_run):
+    # catches: the corpus (sfcd.data) loading a model's tokenizer itself (an import of sfcd.models, a floor up),
+    # or silently training its own BPE when corpus.tokenizer names one
+    from sfcd.config import compose
+    from sfcd.errors import ConfigError
+
+    tok = RunDir(test_run.run_dir).tokenizer
+    cfg = compose(["experiment=test", f"corpus.tokenizer={tok}", f"run_dir={tmp_path / 'r'}"])
+    with pytest.raises(ConfigError, match="name a tokenizer to load"):
+        build_corpus(cfg)
+    run = build_corpus(cfg, named_tokenizer(cfg))
+    assert (run.tokenizer / "tokenizer.json").read_text() == (tok / "tokenizer.json").read_text()

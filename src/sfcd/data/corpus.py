@@ -71,16 +71,16 @@ def _documents(cfg: DictConfig, split: str) -> Iterator[str]:
     raise ConfigError(f"unknown corpus.kind {c.kind!r}; expected one of {list(KINDS)}")
 
 
-def _tokenizer(cfg: DictConfig, run: RunDir):
+def _tokenizer(cfg: DictConfig, run: RunDir, named=None):
     c = cfg.corpus
-    if c.tokenizer:
-        from sfcd.models.loading import load_tokenizer
-
-        return load_tokenizer(c.tokenizer)
-    if cfg.model.source:
-        from sfcd.models.loading import load_tokenizer
-
-        return load_tokenizer(cfg.model.source)
+    if c.tokenizer or cfg.model.source:  # a model's tokenizer: loaded a floor up (sfcd.models.loading)
+        if named is None:
+            raise ConfigError(
+                f"corpus.tokenizer / model.source name a tokenizer to load ({c.tokenizer or cfg.model.source}); "
+                "build this corpus with `sfcd corpus`, or pass build_corpus(cfg, "
+                "tokenizer=sfcd.models.loading.named_tokenizer(cfg))"
+            )
+        return named
     sample = list(itertools.islice(_documents(cfg, "train"), TOKENIZER_SAMPLE_DOCS))
     if not sample:
         raise ConfigError("the corpus is empty: its source gave no documents to train a tokenizer on")
@@ -127,8 +127,10 @@ def corpus_settings(cfg: DictConfig) -> dict:
     return settings
 
 
-def build_corpus(cfg: DictConfig) -> RunDir:
-    """Build the corpus of ``cfg.run_dir`` unless it is already complete with the same settings."""
+def build_corpus(cfg: DictConfig, tokenizer=None) -> RunDir:
+    """Build the corpus of ``cfg.run_dir`` unless it is already complete with the same settings. ``tokenizer``:
+    the tokenizer ``corpus.tokenizer`` or ``model.source`` names, loaded by the caller
+    (:func:`sfcd.models.loading.named_tokenizer`); the built-in corpus trains its own."""
     run = RunDir(cfg.run_dir)
     settings = corpus_settings(cfg)
     if run.corpus_meta.exists():
@@ -143,7 +145,7 @@ def build_corpus(cfg: DictConfig) -> RunDir:
         return run
     c = cfg.corpus
     log.info("building the %s corpus in %s", c.kind, run.corpus)
-    tokenizer = _tokenizer(cfg, run)
+    tokenizer = _tokenizer(cfg, run, tokenizer)
     tokenizer.save_pretrained(str(run.tokenizer))
     vocab = len(tokenizer)
     n_val = write_tokens(run.tokens("val"), _token_chunks(_documents(cfg, "val"), tokenizer), vocab, c.val_tokens)

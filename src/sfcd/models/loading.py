@@ -201,6 +201,13 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], step: int | None = None
     return _from_pretrained(AutoTokenizer, source, "tokenizer")
 
 
+def named_tokenizer(cfg):
+    """The tokenizer a corpus config names (``corpus.tokenizer``, else ``model.source``'s), None for the built-in
+    corpus, which trains its own: what :func:`sfcd.data.corpus.build_corpus` takes."""
+    name = cfg.corpus.tokenizer or cfg.model.source
+    return load_tokenizer(name) if name else None
+
+
 def checkpoint(cfg, step: int | None, stage: str | None = None, dtypes: tuple[str, ...] = MODEL_DTYPES):
     """(model, tokenizer, step) for a stage: ``cfg.model.source`` when set (a hub id at revision ``step<N>``, a
     checkpoint series folder's ``step<N>/``, or one local ``save_pretrained`` folder, for which ``step`` only names
