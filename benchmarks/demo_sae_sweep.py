@@ -18,7 +18,7 @@ an oversubscribed 2-core machine ran the stage about ten times slower here (the 
 
 Seeds follow the study: the SAE at step N has ``sae.seed = N`` and the last step's seed baseline ``N + 1``.
 Seed-shared is the share of the first SAE's live features matched one-to-one at decoder cosine >= 0.7 in the
-second (``sfcd.development.analysis.match_live``, the study's own rule).
+second (``sfcd.development.saes.match_live``, the study's own rule).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def metrics(folder: Path) -> dict:
 
 
 def seed_shared(a: Path, b: Path, threshold: float = 0.7) -> float:
-    from sfcd.development.analysis import live, match_live
+    from sfcd.development.saes import live, match_live
 
     la = live(a)
     if not len(la):

@@ -74,8 +74,8 @@ def settings(quick: bool, smoke: bool = False) -> tuple[int, list[int], list[str
 def score_saes(cfg, run, steps, S, windows, kinds, sites):
     import sfcd
     from sfcd.development import groundtruth as G
-    from sfcd.development.analysis import match_live, sae_folder
     from sfcd.development.findings import first_steps
+    from sfcd.development.saes import match_live, sae_folder
 
     after = G.first_after(steps, S)
     thr = cfg.study.shared_threshold

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -10,33 +11,80 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the networ
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+_SHARED: list[Path] = []  # the session's shared run directory, once built
+
+
 @pytest.fixture(scope="session")
-def test_run(tmp_path_factory):
-    """A run directory with the test profile's corpus and a trained micro model (~10 s)."""
+def _shared_run(tmp_path_factory):
+    """The one run every test may read: the test profile's corpus and micro model, TopK SAEs on resid.0 and mlp.1 of
+    its last checkpoint (cached activations) and their features. Built whole, so that what a test finds there never
+    depends on which tests ran before it; read-only (see ``_shared_run_is_read_only``)."""
     from sfcd.config import compose
+    from sfcd.features.stage import build_features
     from sfcd.models.train import train_model
-
-    cfg = compose(["experiment=test", f"run_dir={tmp_path_factory.mktemp('runs') / 'test'}"])
-    train_model(cfg)
-    return cfg
-
-
-@pytest.fixture(scope="session")
-def tokenizer(test_run):
-    from sfcd.data.corpus import corpus_tokenizer
-    from sfcd.paths import RunDir
-
-    return corpus_tokenizer(RunDir(test_run.run_dir))
-
-
-@pytest.fixture(scope="session")
-def test_saes(test_run):
-    """TopK SAEs on resid.0 and mlp.1 of the test run's last checkpoint (cached activations)."""
-    from sfcd.config import compose
     from sfcd.sae.stage import train_saes
 
-    cfg = compose(["experiment=test", f"run_dir={test_run.run_dir}", "sae.sites=[resid.0,mlp.1]", "sae.cache=true"])
-    return train_saes(cfg)
+    run_dir = tmp_path_factory.mktemp("runs") / "test"
+    base = ["experiment=test", f"run_dir={run_dir}"]
+    cfg = compose(base)
+    train_model(cfg)
+    saes = train_saes(compose([*base, "sae.sites=[resid.0,mlp.1]", "sae.cache=true"]))
+    features = build_features(
+        compose([*base, "features.n_tokens=4096", "features.top_k=5", "features.quantile_contexts=3"])
+    )
+    _SHARED.append(run_dir)
+    return cfg, saes, features
+
+
+@pytest.fixture(scope="session")
+def test_run(_shared_run):
+    """The shared run's config (experiment=test): read it, never write into it (use ``own_run`` to write)."""
+    return _shared_run[0]
+
+
+@pytest.fixture(scope="session")
+def test_saes(_shared_run):
+    """TopK SAEs on resid.0 and mlp.1 of the shared run's last checkpoint (what ``train_saes`` returned)."""
+    return _shared_run[1]
+
+
+@pytest.fixture(scope="session")
+def test_features(_shared_run):
+    """``sfcd features`` on the shared run's SAEs (what ``build_features`` returned)."""
+    return _shared_run[2]
+
+
+@pytest.fixture
+def own_run(test_run, tmp_path):
+    """A private copy of the shared run (model, SAEs, features) for a test that writes: its config, experiment=test."""
+    import shutil
+
+    from sfcd.config import compose
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(test_run.run_dir, run_dir)
+    return compose(["experiment=test", f"run_dir={run_dir}"])
+
+
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.fixture(autouse=True)
+def _shared_run_is_read_only(request):
+    """Fails a test that added, changed or removed a file of the shared run (it would make others order-dependent)."""
+    before = {root: _listing(root) for root in _SHARED}
+    yield
+    for root in _SHARED:
+        after = _listing(root)
+        old = before.get(root, after)  # built during this test: its state after is the shared one
+        changed = sorted(k for k in old.keys() | after.keys() if old.get(k) != after.get(k))
+        if changed:
+            pytest.fail(
+                f"{request.node.nodeid} wrote into the shared test run ({len(changed)} paths, e.g. {changed[:5]}): "
+                "use the `own_run` fixture (a private copy) or tmp_path for anything a test writes",
+                pytrace=False,
+            )
 
 
 @pytest.fixture(scope="session")
@@ -89,21 +137,3 @@ def run_chromium(chromium: str, url: str, *extra: str, timeout: int = 120) -> st
             timeout=timeout,
         )
     return p.stdout
-
-
-@pytest.fixture(scope="session")
-def test_features(test_run, test_saes):
-    """``sfcd features`` on the test run's SAEs."""
-    from sfcd.config import compose
-    from sfcd.features.stage import build_features
-
-    cfg = compose(
-        [
-            "experiment=test",
-            f"run_dir={test_run.run_dir}",
-            "features.n_tokens=4096",
-            "features.top_k=5",
-            "features.quantile_contexts=3",
-        ]
-    )
-    return build_features(cfg)

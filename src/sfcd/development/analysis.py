@@ -9,55 +9,20 @@ marks unresolvable (``None``) stays ``None``; nothing here writes NaN."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
+from sfcd.development.findings import collect, summarise
 from sfcd.development.lineage import FLOOR_STATS, band, beyond_floor, floor, lineage
-from sfcd.development.matching import Matching, match_decoders, presence
+from sfcd.development.matching import Matching, presence
+from sfcd.development.saes import decoder, live, match_live, sae_folder
 from sfcd.devices import work_device
 from sfcd.errors import InputError, MissingArtifactError
 from sfcd.io import read_json, write_csv, write_json
 from sfcd.paths import RunDir
 
 log = logging.getLogger(__name__)
-
-
-def decoder(folder: Path) -> torch.Tensor:
-    return load_file(str(folder / "sae_weights.safetensors"))["W_dec"]
-
-
-def live(folder: Path) -> np.ndarray:
-    """Indices of the features that fired on the SAE's evaluation tokens (all, when no density was saved)."""
-    p = folder / "sparsity.safetensors"
-    if not p.exists():
-        return np.arange(decoder(folder).shape[0])
-    return np.nonzero(load_file(str(p))["sparsity"].numpy() > -9.99)[0]  # log10(density + 1e-10) > -10
-
-
-def match_live(fa: Path, fb: Path, device=None) -> Matching:
-    """Match the live features of two SAEs; the result is indexed by the SAEs' full feature indices (dead
-    features: no match). Dead features never fired, so their decoder rows say nothing about what was learned."""
-    la, lb = live(fa), live(fb)
-    m = match_decoders(decoder(fa)[la], decoder(fb)[lb], device=device)
-    n_a = decoder(fa).shape[0]
-    match, sim = np.full(n_a, -1), np.zeros(n_a)
-    ok = m.match >= 0
-    match[la[ok]] = lb[m.match[ok]]
-    sim[la] = m.sim
-    best = np.zeros(n_a)
-    best[la] = m.best
-    r, c, v = m.candidates
-    return Matching(match, sim, best[la] if len(la) else best, (la[r], lb[c], v))
-
-
-def sae_folder(run: RunDir, step: int, name: str) -> Path:
-    f = run.root / "saes" / f"step{step}" / name
-    if not (f / "metrics.json").exists():
-        raise MissingArtifactError(f"no SAE {name} at step {step} ({f}); run the study's sae stage for that step")
-    return f
 
 
 def site_development(
@@ -350,8 +315,6 @@ def analyse(
     lineage_json = {s: {k: v for k, v in d.items() if k != "matchings"} for s, d in sites.items()}
     result = {"steps": steps, "sites": lineage_json, "sae_rows": rows, "circuits": circuits}
     if circuits:
-        from sfcd.development.findings import collect, summarise
-
         ms = {s: d["matchings"] for s, d in sites.items()}
         thresholds = list(cfg.study.step_thresholds) if cfg is not None else None
         margin = cfg.study.step_margin if cfg is not None else None

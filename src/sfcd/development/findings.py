@@ -168,7 +168,7 @@ def collect(
     """Every task's findings from a study's run folder: its circuits' development rows (``circuits``, as
     :func:`sfcd.development.analysis.circuit_development` returns them), the adjacent-step matchings per site,
     the train log (when there is one) and, with ``seed_suffix``, each site's second-seed SAE at the last step."""
-    from sfcd.development.analysis import match_live, sae_folder
+    from sfcd.development.saes import match_live, sae_folder
     from sfcd.io import read_csv, read_json
     from sfcd.models.train_log import crossings
 
