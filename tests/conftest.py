@@ -54,6 +54,14 @@ def test_features(_shared_run):
     return _shared_run[2]
 
 
+@pytest.fixture(scope="session")
+def tokenizer(test_run):
+    from sfcd.data.corpus import corpus_tokenizer
+    from sfcd.paths import RunDir
+
+    return corpus_tokenizer(RunDir(test_run.run_dir))
+
+
 @pytest.fixture
 def own_run(test_run, tmp_path):
     """A private copy of the shared run (model, SAEs, features) for a test that writes: its config, experiment=test."""
@@ -68,6 +76,17 @@ def own_run(test_run, tmp_path):
 
 def _listing(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch(request):
+    """torch's global generator seeded from the test's id (pytest-randomly seeds random and numpy, not torch), so a
+    test draws the same numbers whatever ran before it."""
+    import zlib
+
+    import torch
+
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(autouse=True)

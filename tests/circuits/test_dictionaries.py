@@ -56,7 +56,7 @@ def paper_dir(tmp_path):
     return root
 
 
-def test_paper_layout_is_read_and_computes_the_papers_formula(test_run, test_saes, paper_dir):
+def test_paper_layout_is_read_and_computes_the_papers_formula(own_run, test_saes, paper_dir):
     # catches: ae.pt refused without config.json, the paper's site names not mapped (resid_out_layer0 is
     # resid.0), the set folder not entered, the AutoEncoder's bias not subtracted before encoding, node effects
     # computed with another dictionary than the one given
@@ -76,7 +76,7 @@ def test_paper_layout_is_read_and_computes_the_papers_formula(test_run, test_sae
     cfg = compose(
         [
             "experiment=test",
-            f"run_dir={test_run.run_dir}",
+            f"run_dir={own_run.run_dir}",
             "circuit.sites=[resid.0,mlp.1]",
             f"circuit.dictionaries={paper_dir}",
             "circuit.n_examples=8",
@@ -88,7 +88,7 @@ def test_paper_layout_is_read_and_computes_the_papers_formula(test_run, test_sae
     meta = json.loads((out / "circuit.json").read_text())["metadata"]
     assert meta["dictionaries"] == {"resid.0": str(found["resid.0"]), "mlp.1": str(found["mlp.1"])}
     got = load_file(str(out / "node_effects.safetensors"))
-    run = RunDir(test_run.run_dir)
+    run = RunDir(own_run.run_dir)
     model, tok = load_model(run.root), load_tokenizer(run.root)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -253,7 +253,7 @@ def test_eval_blocks_are_the_k_checkpoints_on_the_same_tokens_in_bounded_blocks(
     assert torch.equal(torch.cat(blocks), whole)
 
 
-def test_crosscoder_that_cannot_fit_is_refused_in_one_line_before_anything_changes(test_run, tmp_path):
+def test_crosscoder_that_cannot_fit_is_refused_in_one_line_before_anything_changes(own_run):
     """Bad input: a memory limit below what one site needs. One line naming what would fit; the run's earlier
     crosscoder circuits and training state are untouched, no training state is made."""
     from pathlib import Path
@@ -261,7 +261,7 @@ def test_crosscoder_that_cannot_fit_is_refused_in_one_line_before_anything_chang
     from sfcd.config import compose
     from sfcd.crosscoders.stage import train_crosscoders
 
-    root = Path(test_run.run_dir) / "crosscoders"
+    root = Path(own_run.run_dir) / "crosscoders"
     keep = root / "circuits" / "keep.txt"
     keep.parent.mkdir(parents=True, exist_ok=True)
     keep.write_text("earlier circuits")
@@ -269,7 +269,7 @@ def test_crosscoder_that_cannot_fit_is_refused_in_one_line_before_anything_chang
     cfg = compose(
         [
             "experiment=test",
-            f"run_dir={test_run.run_dir}",
+            f"run_dir={own_run.run_dir}",
             "crosscoder.sites=[resid.0,resid.1]",
             "crosscoder.steps=[8,16,24]",
             "crosscoder.memory_limit=0.0072",  # ~7.4 MiB: one site needs ~8 MiB,

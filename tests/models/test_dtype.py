@@ -58,7 +58,7 @@ def test_series_is_stored_as_the_hub_stores_pythia(series):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
 
 
-def test_eval_reads_a_float16_series_by_step_in_float32(series, test_run):
+def test_eval_reads_a_float16_series_by_step_in_float32(series, own_run):
     """Bug caught: eval refusing model.source + step, or scoring in the stored float16 (different logits)."""
     from sfcd.models.eval_stage import evaluate_checkpoint
 
@@ -67,7 +67,7 @@ def test_eval_reads_a_float16_series_by_step_in_float32(series, test_run):
         compose(
             [
                 "experiment=test",
-                f"run_dir={test_run.run_dir}",
+                f"run_dir={own_run.run_dir}",
                 f"model.source={root}",
                 f"step={steps[0]}",
                 "tasks=[simple]",
@@ -83,7 +83,7 @@ def test_eval_reads_a_float16_series_by_step_in_float32(series, test_run):
     from sfcd.models.loading import load_tokenizer
 
     model = upcast_by_hand(root / f"step{steps[0]}")
-    task = load_task(task_path(RunDir(test_run.run_dir), "simple"), load_tokenizer(root, steps[0]), "simple")
+    task = load_task(task_path(RunDir(own_run.run_dir), "simple"), load_tokenizer(root, steps[0]), "simple")
     diffs = []
     with torch.no_grad():
         for p in task.pairs:
@@ -96,14 +96,14 @@ def test_eval_reads_a_float16_series_by_step_in_float32(series, test_run):
         compose(
             [
                 "experiment=test",
-                f"run_dir={test_run.run_dir}",
+                f"run_dir={own_run.run_dir}",
                 f"model.source={root / f'step{steps[0]}'}",
                 "tasks=[simple]",
             ]
         )
     )
     assert lone["simple"] == out["simple"]
-    assert (RunDir(test_run.run_dir).root / "eval" / f"step{steps[0]}.json").exists()
+    assert (RunDir(own_run.run_dir).root / "eval" / f"step{steps[0]}.json").exists()
     assert out["simple"]["logit_diff"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-4, abs=1e-4)
 
 
