@@ -156,3 +156,10 @@ def run_chromium(chromium: str, url: str, *extra: str, timeout: int = 120) -> st
             timeout=timeout,
         )
     return p.stdout
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The order's seed, even under -q: `pytest --randomly-seed=N` repeats this run's order."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None and config.pluginmanager.has_plugin("randomly"):
+        terminalreporter.write_line(f"tests ran in random order: repeat it with --randomly-seed={seed}")
