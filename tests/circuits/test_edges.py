@@ -152,12 +152,14 @@ def test_y_edge_of_a_site_with_chosen_sites_after_it_equals_finite_differences()
     assert abs(w.sum().item() - eff[up].ie_f.sum().item()) > 1e-3 * abs(fd.item())
 
 
-def test_exact_node_effects_give_edges_from_ig_gradients():
-    # method=exact with edges crashed (no gradients); now the edges use IG's gradients, as the paper does
+def test_consistency_exact_method_takes_its_edges_from_ig_gradients():
+    # a consistency check: method=exact with edges crashed (no gradients); its edges now use IG's gradients, as
+    # the paper does, so they equal IG's edges while its node effects stay exact's own. What the edges weigh is
+    # checked against finite differences in the tests below
     model = tiny("gpt2")
     sites = S("attn.0", "mlp.0")
     dicts = {s: Identity(site_dim(model, s)) for s in sites}
-    batch = pairs(seed=3)
+    batch = pairs(seed=3, B=2, T=4)
     ex = node_effects(model, dicts, batch, "exact", edge_grads=True)
     ig = node_effects(model, dicts, batch, "ig")
     (pair,) = edge_pairs(sites, parallel=False)
@@ -166,6 +168,114 @@ def test_exact_node_effects_give_edges_from_ig_gradients():
     torch.testing.assert_close(a, b)
     assert a.abs().max() > 0
     assert not torch.allclose(ex[sites[1]].ie_f, ig[sites[1]].ie_f)  # the node effects are exact's own
+
+
+def random_sae(model, site, kind: str, seed: int, batch: PairBatch):
+    """A random float64 dictionary (3x wide) at ``site``, its input scale fitted to the site's clean outputs, as
+    training would: ReLU or TopK (k=6). Its reconstruction error is far from zero."""
+    from sfcd.sae.relu import ReLUSAE
+    from sfcd.sae.topk import TopKSAE
+
+    d = site_dim(model, site)
+    sae = ReLUSAE(d, 3 * d, seed=seed) if kind == "relu" else TopKSAE(d, 3 * d, seed=seed, k=6)
+    with torch.no_grad():  # unit decoder rows, a tied encoder: a rough reconstruction (ReLU: 3d half-active rows)
+        w = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+        sae.W_dec.copy_(w)
+        sae.W_enc.copy_(w.t() * (2 / 3 if kind == "relu" else 1.0))
+    got = {}
+    with torch.no_grad(), hooks(model, {site: lambda x: got.setdefault("x", x)}):
+        model(batch.clean)
+    sae.fit_input_scale(got["x"].reshape(-1, d).float())
+    return sae.double().requires_grad_(False)
+
+
+def site_outputs(model, x, sites) -> dict:
+    got = {}
+    with torch.no_grad(), hooks(model, {s: (lambda o, s=s: got.setdefault(s, o)) for s in sites}):
+        model(x)
+    return got
+
+
+def nodes_of(sae, x):
+    """(f, err) of output ``x``: the dictionary's own encode; err = x - (f @ W_dec + b_dec) / scale."""
+    f = sae.encode(x)
+    return f, x - (f @ sae.W_dec + sae.b_dec) / sae.scale
+
+
+@pytest.mark.parametrize("kinds", [("relu", "topk"), ("topk", "relu")])
+def test_edges_through_random_saes_with_error_nodes_equal_finite_differences(kinds):
+    # attn.0 -> mlp.0 of a sequential (GPT-2) block through random ReLU / TopK dictionaries with real
+    # reconstruction errors: every upstream column (each feature, moved by h * delta_f[j] * W_dec[j] / scale, and
+    # the error node, moved by h * delta_err) to a downstream feature and to the downstream error node (its value
+    # g_err . (x - decode(encode(x))) re-encoded from the moved stream). Catches: the downstream error node's value
+    # detached or taken from the features, columns paired with the wrong feature's delta, the error column using
+    # the features' delta; with identity dictionaries (every test before this one) the error nodes are all zero
+    model = tiny("gpt2")
+    up, down = parse_site("attn.0"), parse_site("mlp.0")
+    batch = pairs(seed=9)
+    dicts = {up: random_sae(model, up, kinds[0], 11, batch), down: random_sae(model, down, kinds[1], 12, batch)}
+    ((_, _, stop),) = edge_pairs([up, down], parallel=False)
+    eff = node_effects(model, dicts, batch, "attrib")
+    k = int(eff[down].ie_f.sum((0, 1)).abs().argmax())
+    w = edge_effects(model, dicts, batch, up, down, stop, eff, [k, -1])
+    su, sd = dicts[up], dicts[down]
+    out = {n: site_outputs(model, getattr(batch, n), [up])[up] for n in ("clean", "patch")}
+    (fc, ec), (fp, ep) = nodes_of(su, out["clean"]), nodes_of(su, out["patch"])
+    assert ec.norm() > 0.1 * out["clean"].norm()
+    g_f, g_e = eff[down].grad_f[..., k], eff[down].grad_err
+
+    def values(x_up):
+        got = site_outputs_with(model, batch.clean, {up: lambda o: x_up}, down)
+        f, err = nodes_of(sd, got)
+        return torch.stack([(g_f * f[..., k]).sum(), (g_e * err).sum()])
+
+    h = 1e-6
+    fd = []
+    for j in range(su.d_sae + 1):
+        v = ep - ec if j == su.d_sae else (fp - fc)[..., j : j + 1] * (su.W_dec[j] / su.scale)
+        fd.append((values(out["clean"] + h * v) - values(out["clean"] - h * v)) / (2 * h))
+    fd = torch.stack(fd, 1)  # [2, F_up + 1]
+    top = fd.abs().max().item()  # small random weights: effects ~1e-6 to 1e-4
+    assert top > 1e-10 and fd[0, :-1].abs().max() > 1e-3 * top and fd[1, :-1].abs().max() > 1e-3 * top
+    assert fd[:, -1].abs().min() > 1e-3 * top
+    torch.testing.assert_close(w, fd, rtol=1e-5, atol=1e-7 * top)
+
+
+def site_outputs_with(model, x, fns, grab_site):
+    """The output of ``grab_site`` with hooks ``fns`` setting upstream outputs."""
+    got = {}
+    with torch.no_grad(), hooks(model, {**fns, grab_site: lambda o: got.setdefault("d", o)}):
+        model(x)
+    return got["d"]
+
+
+def test_node_effects_where_the_metric_reads_a_site_linearly_equal_the_planted_value():
+    # a GPT-NeoX without its final layer norm: the metric reads the last layer's mlp.1 linearly, so every method
+    # (attribution, IG at any number of steps, exact patching) gives each node its planted effect
+    # u . W_dec[j] / scale * delta_f[j] at the last position (u = W_U[patch answer] - W_U[clean answer]) and 0 before
+    # it (the MLP is position-wise, and no layer follows). Catches: IG divided by steps + 1 (or any wrong
+    # normaliser), a sign flip, effects at the wrong position or of the wrong example, exact patching of more than
+    # one node; per node, where a Pearson correlation would pass any scale
+    model = tiny("neox-parallel")
+    model.gpt_neox.final_layer_norm = torch.nn.Identity()
+    site = parse_site("mlp.1")
+    batch = pairs(seed=8)
+    sae = random_sae(model, site, "topk", 13, batch)
+    out = {n: site_outputs(model, getattr(batch, n), [site])[site] for n in ("clean", "patch")}
+    (fc, ec), (fp, ep) = nodes_of(sae, out["clean"]), nodes_of(sae, out["patch"])
+    W_U = model.get_output_embeddings().weight
+    u = W_U[batch.patch_answer] - W_U[batch.clean_answer]  # [B, d]
+    planted_f, planted_e = torch.zeros_like(fc), torch.zeros(fc.shape[:2], dtype=fc.dtype)
+    planted_f[:, -1] = (u @ (sae.W_dec / sae.scale).T) * (fp - fc)[:, -1]
+    planted_e[:, -1] = (u * (ep - ec)[:, -1]).sum(-1)
+    assert (planted_f[:, -1] != 0).sum() >= 6 and planted_e[:, -1].abs().min() > 1e-6
+    for method, steps in (("attrib", 1), ("ig", 3), ("ig", 10), ("exact", 1)):
+        e = node_effects(model, {site: sae}, batch, method, steps=steps)[site]
+        torch.testing.assert_close(e.ie_f, planted_f, rtol=1e-9, atol=1e-12, msg=lambda m, x=method: f"{x}: {m}")
+        tol = 1e-6 if method == "exact" else 1e-9  # exact's error effects are float32
+        torch.testing.assert_close(
+            e.ie_err.double(), planted_e, rtol=tol, atol=1e-12, msg=lambda m, x=method: f"{x}: {m}"
+        )
 
 
 def test_per_position_edges_equal_finite_differences_at_one_position():

@@ -3,6 +3,8 @@ each checkpoint's forward pass, circuits on shared latents, and one-line errors 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -54,8 +56,21 @@ def test_stage_writes_a_loadable_crosscoder_and_its_reading(test_run, crosscoder
     rows = latents["per_checkpoint"]
     assert [r["step"] for r in rows] == STEPS
     for r in rows:
-        assert np.isfinite(r["fve"]) and np.isfinite(r["ce_loss_score"]) and 0 <= r["present"] <= 1
-    assert sum(latents["emerged_at"].values()) <= latents["n_live"]
+        assert np.isfinite(r["fve"]) and np.isfinite(r["ce_loss_score"])
+    # the reading, recomputed from the saved weights (decoder norms [d_sae, K]) and densities: a live latent (fired
+    # on the evaluation tokens) is present at checkpoint m when its norm there is >= 0.3 x its largest, and emerged
+    # at m when present at m and every later checkpoint but not at m - 1. Bugs caught: presence against another
+    # latent's or the sum's norm, shares over dead latents, emergence counted from the first presence.
+    from safetensors.torch import load_file
+
+    norms = load_file(str(crosscoder_folder / "crosscoder_weights.safetensors"))["W_dec"].norm(dim=2)
+    live = load_file(str(crosscoder_folder / "latents.safetensors"))["density"] > 0
+    assert latents["n_live"] == int(live.sum()) > 0
+    present = (norms >= 0.3 * norms.max(1, keepdim=True).values)[live]
+    for m, r in enumerate(rows):
+        assert r["present"] == pytest.approx(present[:, m].float().mean().item(), abs=1e-6), m
+        emerged = present[:, m:].all(1) & (~present[:, m - 1] if m else True)
+        assert latents["emerged_at"][str(STEPS[m])] == int(emerged.sum()), m
     for s in STEPS:
         assert (crosscoder_folder / f"step{s}" / "sae_weights.safetensors").exists()
     assert (crosscoder_folder / "latents.png").stat().st_size > 1000
@@ -147,9 +162,55 @@ def test_circuit_on_shared_latents_follows_the_same_ids(test_run, crosscoder_fol
     assert outs[24]["metadata"]["dictionaries"]["resid.0"] == str(crosscoder_folder)
     assert all(n["label"] == "" for n in outs[24]["nodes"])  # the run's SAE dashboards do not describe latents
     r = faithfulness_of(_cfg(test_run, *common), 16, "nounpp", ids)
-    # the micro model is at chance: F(M) - F(empty) may be within its noise, and then no faithfulness is reported
-    f = r["faithfulness"]
-    assert (f is None and r.get("resolvable") is False) or np.isfinite(f)
+    # F(M) and F(empty) at step 16, recomputed with plain torch hooks on the step-16 model, no sfcd circuit code: the
+    # metric (logit of the clean answer minus the patch answer's, last position) on the evaluation rows the circuit
+    # names; empty = resid.0's output set to its mean over those rows' patch prefixes, position by position (with
+    # every latent and the error node at their means, the affine decoder gives back the mean of the stream). Catches
+    # faithfulness_of scoring another checkpoint, other pairs, or the clean prefixes' mean.
+    from sfcd.data.tasks import load_task
+    from sfcd.models.loading import load_tokenizer
+    from sfcd.paths import RunDir
+
+    run = RunDir(test_run.run_dir)
+    ev = outs[24]["metadata"]["pairs"]["evaluation"]
+    model = _models(test_run, [16])[0]
+    task = load_task(Path(ev["file"]), load_tokenizer(run.root), "nounpp")
+    pairs = [p for p in task.pairs if p.index in set(ev["rows"])]
+    assert len(pairs) == ev["n"] > 1 and len({len(p.clean_ids) for p in pairs}) == 1
+    clean = torch.tensor([p.clean_ids for p in pairs])
+    patch = torch.tensor([p.patch_ids for p in pairs])
+    rows = torch.arange(len(pairs))
+    ca, pa = torch.tensor([p.clean_answer for p in pairs]), torch.tensor([p.patch_answer for p in pairs])
+    layer = model.gpt_neox.layers[0]
+    seen = {}
+    h = layer.register_forward_hook(lambda m, i, o: seen.__setitem__("x", (o[0] if isinstance(o, tuple) else o)))
+    with torch.no_grad():
+        model(patch)
+    h.remove()
+    mean = seen["x"].mean(0, keepdim=True)
+
+    def metric(replace: bool) -> float:
+        def hook(m, i, o):
+            if not replace:
+                return None
+            first = mean.expand_as(o[0] if isinstance(o, tuple) else o)
+            return (first, *o[1:]) if isinstance(o, tuple) else first
+
+        h = layer.register_forward_hook(hook)
+        with torch.no_grad():
+            logits = model(clean).logits[:, -1]
+        h.remove()
+        return (logits[rows, ca] - logits[rows, pa]).mean().item()
+
+    F_M, F_empty = metric(False), metric(True)
+    assert abs(F_M - F_empty) > 1e-4  # the two cases differ, so each check below can fail
+    assert r["F_M"] == pytest.approx(F_M, abs=1e-5)
+    assert r["F_empty"] == pytest.approx(F_empty, abs=1e-5)
+    f = r["faithfulness"]  # the micro model is near chance: reported only where F(M) - F(empty) is resolvable
+    if r["resolvable"]:
+        assert f == pytest.approx((r["F_C"] - F_empty) / (F_M - F_empty), rel=1e-4)
+    else:
+        assert f is None and r["completeness"] is None
     with pytest.raises(Exception, match="not one of them"):
         find_circuit(_cfg(test_run, "step=0", f"circuit.out_dir={tmp_path / '0'}", *common))
 
@@ -216,25 +277,24 @@ def test_interrupted_training_resumes_to_the_uninterrupted_crosscoder(test_run, 
         assert torch.equal(resumed[name], t), name
 
 
-def test_without_steps_the_crosscoder_reads_the_study_steps_chosen_from_the_train_log(test_run):
-    """Catches: an empty crosscoder.steps and study.steps (the defaults) read as K = 0 instead of the study's
-    checkpoints."""
+def test_without_steps_the_crosscoder_reads_the_study_steps_chosen_from_the_train_log(tmp_path):
+    """A planted train log whose choice is known by hand: nounpp at chance to step 4, 0.7 at step 8 (crosses
+    0.6), 0.95 from step 16 (crosses 0.9). With study.max_steps=3 the study keeps the checkpoint before
+    learning (4: the last one at most 8 / 1.5), the last (24) and the one place left to the crossing of the
+    highest threshold (16, over 8); simple, never learned, adds nothing. Catches: an empty crosscoder.steps and
+    study.steps (the defaults) read as K = 0 instead of the study's checkpoints, or steps taken from elsewhere
+    than the train log's choice."""
     import json
 
     from sfcd.crosscoders.stage import crosscoder_steps
-    from sfcd.io import read_csv
-    from sfcd.models.train_log import choose_steps
-    from sfcd.paths import RunDir
+    from sfcd.io import write_csv
 
-    run = RunDir(test_run.run_dir)
-    cfg = compose(["experiment=test", f"run_dir={run.root}", "study.steps=[]", "study.max_steps=3"])
-    rows = read_csv(run.train_log)
-    tasks = [k.removesuffix("_accuracy") for k in rows[0] if k.endswith("_accuracy")]
-    s = cfg.study
-    want = choose_steps(rows, tasks, list(s.step_thresholds), 3, s.min_step_ratio, s.step_margin)["steps"]
-    assert len(want) >= 2 and want[-1] == 24
-    assert crosscoder_steps(cfg) == want
-    assert json.loads((run.root / "development" / "study_steps.json").read_text())["steps"] == want
+    acc = {0: 0.5, 1: 0.5, 2: 0.45, 4: 0.5, 8: 0.7, 16: 0.95, 24: 0.96}
+    rows = [{"step": s, "nounpp_accuracy": a, "simple_accuracy": 0.5} for s, a in acc.items()]
+    write_csv(tmp_path / "model" / "train_log.csv", rows, ["step", "nounpp_accuracy", "simple_accuracy"])
+    cfg = compose(["experiment=test", f"run_dir={tmp_path}", "study.steps=[]", "study.max_steps=3"])
+    assert crosscoder_steps(cfg) == [4, 16, 24]
+    assert json.loads((tmp_path / "development" / "study_steps.json").read_text())["steps"] == [4, 16, 24]
 
 
 def test_stage_saves_block_means_lifecycle_and_latent_scaling(test_run, crosscoder_folder):
