@@ -1,33 +1,74 @@
+import json
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sfcd.config import compose
 from sfcd.data.grammar import TASKS
 from sfcd.io import read_csv
 from sfcd.models.loading import load_model
-from sfcd.models.schedule import checkpoint_steps
 from sfcd.models.train import train_model
 from sfcd.paths import RunDir
 
 
+def direct_agreement(model, tokenizer, path, n_pairs: int) -> tuple[float, float]:
+    """Accuracy and mean logit difference on the first ``n_pairs`` usable pairs of a task file, computed with plain
+    transformers: the right verb's logit against the wrong one's at the last position, on the clean prefix and on
+    the patch prefix (a pair is usable when both answers are one token and the prefixes have equal lengths)."""
+    trials = []  # (prefix, right, wrong)
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "patch_prefix" not in row:
+            continue
+        answers = [tokenizer(row[k], add_special_tokens=False)["input_ids"] for k in ("clean_answer", "patch_answer")]
+        clean, patch = (tuple(tokenizer(row[k])["input_ids"]) for k in ("clean_prefix", "patch_prefix"))
+        if any(len(a) != 1 for a in answers) or len(clean) != len(patch):
+            continue
+        (a,), (b,) = answers
+        trials += [(clean, a, b), (patch, b, a)]
+        if len(trials) == 2 * n_pairs:
+            break
+    assert len(trials) == 2 * n_pairs, f"{path}: only {len(trials) // 2} usable pairs"
+    last = {}  # the last position's logits of each distinct prefix, prefixes of one length in one batch
+    for n in {len(p) for p, _, _ in trials}:
+        prefixes = sorted({p for p, _, _ in trials if len(p) == n})
+        with torch.no_grad():
+            last |= dict(zip(prefixes, model(torch.tensor(prefixes)).logits[:, -1], strict=True))
+    diffs = [float(last[p][right] - last[p][wrong]) for p, right, wrong in trials]
+    return sum(d > 0 for d in diffs) / len(diffs), sum(diffs) / len(diffs)
+
+
 def test_checkpoints_follow_the_schedule_and_log(test_run):
+    """The checkpoints are the schedule written by hand (every step to 8 in powers of two, then every 8), the log
+    has one row per checkpoint, and its accuracies at the last checkpoint are what plain transformers gives on the
+    first train.eval_pairs usable pairs of each task file. Catches: a wrong schedule, the clean or patch trial
+    scored the wrong way round, pairs other than the first usable ones, a column of another task."""
     run = RunDir(test_run.run_dir)
-    expected = checkpoint_steps(24, log_until=8, every=8)
-    assert run.model_steps() == expected == [0, 1, 2, 4, 8, 16, 24]
+    assert run.model_steps() == [0, 1, 2, 4, 8, 16, 24]
     rows = read_csv(run.train_log)
-    assert [int(r["step"]) for r in rows] == expected
-    assert int(rows[-1]["tokens"]) == 24 * test_run.train.batch_size * test_run.model.seq_len
-    for task in TASKS:  # every built-in task, the harder ones included, in the log
-        assert 0.0 <= float(rows[-1][f"{task}_accuracy"]) <= 1.0
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 4, 8, 16, 24]
+    assert [int(r["tokens"]) for r in rows] == [s * 16 * test_run.model.seq_len for s in (0, 1, 2, 4, 8, 16, 24)]
+    assert {k.removesuffix("_accuracy") for k in rows[0] if k.endswith("_accuracy")} == set(TASKS)
+    model = AutoModelForCausalLM.from_pretrained(str(run.model_step(24))).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(run.model_step(24)))
+    accuracies = []
+    for task in TASKS:  # every built-in task, the harder ones included
+        acc, diff = direct_agreement(model, tokenizer, run.task_file(task), test_run.train.eval_pairs)
+        assert float(rows[-1][f"{task}_accuracy"]) == pytest.approx(acc, abs=1e-6), task
+        assert float(rows[-1][f"{task}_logit_diff"]) == pytest.approx(diff, abs=1e-4), task
+        accuracies.append(acc)
+    assert len(set(accuracies)) > 2  # the tasks tell each other apart: a column copied across would not
     # the model learns: held-out loss falls from the uniform-ish start
     assert float(rows[-1]["heldout_loss"]) < float(rows[0]["heldout_loss"]) - 0.5
 
 
-def test_checkpoint_loads_with_from_pretrained_and_gives_the_same_logits(test_run, tokenizer):
+def test_checkpoint_loads_with_from_pretrained_and_gives_the_same_logits(test_run):
     run = RunDir(test_run.run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(run.model_step(24)))
     x = torch.tensor([tokenizer("The uncle near the cars")["input_ids"]])
     hf = AutoModelForCausalLM.from_pretrained(str(run.model_step(24))).eval()
     ours = load_model(run.root, step=24)

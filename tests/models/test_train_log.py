@@ -6,7 +6,6 @@ import pytest
 
 from sfcd.config import compose
 from sfcd.errors import ConfigError
-from sfcd.io import read_csv
 from sfcd.models.train_log import choose_steps, crossings, study_steps
 from sfcd.paths import RunDir
 
@@ -83,23 +82,34 @@ def test_choose_steps_errors():
         choose_steps(planted_rows(), ["a"], [0.6], 1)
 
 
-def test_study_steps_from_the_run_train_log_and_explicit_steps_win(test_run, tmp_path):
-    run = RunDir(test_run.run_dir)
-    rows = read_csv(run.train_log)
-    cfg = compose(["experiment=test", f"run_dir={run.root}", "study.steps=[]", "study.max_steps=3"])
-    meta = study_steps(cfg, run)
+def test_study_steps_read_a_planted_train_log_and_explicit_steps_win(tmp_path):
+    """``study_steps`` on a run whose train log is the hand-written DEMO_LIKE table (below), with the config's
+    defaults (thresholds 0.6/0.9, ratio 1.5, margin 0.05): the steps are known by hand. max_steps=3: "before" is 32
+    (e crosses 0.6 at 64 and 32 x 1.5 <= 64) and the last 1500; one place left, 128 (s and e learned: 3 crossings)
+    and 250 (n and c learned: 4) tie on tasks learned, and 250 covers more. step_tasks=[w]: w's only crossing is
+    500, before it 256 (256 x 1.5 <= 500). Catches: the config's ratio, margin, max_steps or step_tasks not passed
+    on, a wrong tie-break, a log other than the run's read."""
+    run = RunDir(tmp_path / "run")
+    run.train_log.parent.mkdir(parents=True)
+    with open(run.train_log, "w", newline="") as f:  # written by hand, not by sfcd's writer
+        f.write("step,tokens," + ",".join(f"{t}_accuracy,{t}_logit_diff" for t in TASKS) + "\n")
+        for line in DEMO_LIKE.strip().splitlines():
+            step, *acc = line.split()
+            f.write(f"{step},0," + ",".join(f"{a},0.0" for a in acc) + "\n")
+    base = ["experiment=test", f"run_dir={run.root}", "study.steps=[]"]
+    meta = study_steps(compose([*base, "study.max_steps=3"]), run)
+    assert meta["steps"] == [32, 250, 1500] and meta["source"] == str(run.train_log)
+    assert meta["reasons"]["32"] == ["before any task is learned"] and meta["tasks"] == TASKS
+    assert (meta["min_step_ratio"], meta["margin"], meta["thresholds"]) == (1.5, 0.05, [0.6, 0.9])
     written = json.loads((run.root / "development" / "study_steps.json").read_text())
-    assert written == json.loads(json.dumps(meta)) and written["source"] == str(run.train_log)
-    assert meta["steps"] == choose_steps(rows, written["tasks"], [0.6, 0.9], 3, 1.5, 0.05)["steps"]
-    assert written["min_step_ratio"] == 1.5 and written["margin"] == 0.05  # the config's defaults
-    assert meta["steps"][-1] == 24 and set(meta["steps"]) <= set(run.model_steps()) and len(meta["steps"]) <= 3
-    assert written["tasks"] == [k.removesuffix("_accuracy") for k in rows[0] if k.endswith("_accuracy")]
+    assert written == json.loads(json.dumps(meta))
+    assert study_steps(compose(base), run)["steps"] == [32, 128, 250, 500, 1500]  # max_steps 5, as by hand below
+    assert study_steps(compose([*base, "study.step_tasks=[w]"]), run)["steps"] == [256, 500, 1500]
     explicit = study_steps(compose(["experiment=test", f"run_dir={run.root}", "study.steps=[16,8]"]), run)
-    assert explicit["steps"] == [8, 16] and explicit["source"] == "study.steps"
+    assert explicit == {"steps": [8, 16], "source": "study.steps"}
+    assert json.loads((run.root / "development" / "study_steps.json").read_text()) == explicit
     with pytest.raises(ConfigError, match="study.step_tasks.*not in the train log"):
-        study_steps(
-            compose(["experiment=test", f"run_dir={run.root}", "study.steps=[]", "study.step_tasks=[nope]"]), run
-        )
+        study_steps(compose([*base, "study.step_tasks=[nope]"]), run)
 
 
 # A hand-written log like the demo's: s learned at 128; n and c at 250 (c only just: 0.905); w learned late, at

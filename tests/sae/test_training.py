@@ -96,7 +96,10 @@ def test_per_site_settings_lay_a_site_over_its_kind_over_the_defaults():
         make_specs(compose(["experiment=test", "+sae.per_site.embed={batch_size:2}"]).sae, {"embed": 4})
 
 
-def test_sae_stage_on_a_checkpoint(test_run, test_saes):
+def test_sae_stage_files_of_the_shared_run(test_run, test_saes):
+    """What the stage wrote for the shared run's TopK SAEs: SAELens metadata, the sparsity and density files, the
+    activation cache's size, a complete stage skipped. (Its metric values are checked on planted dictionaries in
+    ``test_sae_stage_scores_planted_dictionaries``.)"""
     from sfcd.paths import RunDir
     from sfcd.sae.stage import train_saes
 
@@ -106,26 +109,11 @@ def test_sae_stage_on_a_checkpoint(test_run, test_saes):
     assert [f.name for f in folders] == ["resid.0", "mlp.1"]
     for f in folders:
         m = json.loads((f / "metrics.json").read_text())
-        for key in (
-            "l0",
-            "fve",
-            "mse",
-            "cosine",
-            "l2_ratio",
-            "ce_loss_score",
-            "kl_score",
-            "ce_clean",
-            "ce_sae",
-            "ce_zero",
-            "dead_fraction",
-            "density_resolution",
-        ):
-            assert key in m and np.isfinite(m[key]), key
         # 2048 evaluation tokens cannot tell a density of 1e-5 from 0: not reported as if they could
         assert m["density_resolution"] == 1 / 2048 and m["below_1e-5"] is None and m["below_1e-6"] is None
         meta = json.loads((f / "cfg.json").read_text())["metadata"]
         assert meta["prepend_bos"] is False and meta["model_from_pretrained_kwargs"]["center_writing_weights"] is False
-        assert m["l0"] <= 8 + 1e-6 and m["ce_zero"] > m["ce_clean"]
+        assert m["l0"] <= 8 + 1e-6 and m["ce_zero"] > m["ce_clean"]  # TopK with k = 8
         assert (f / "sparsity.safetensors").exists() and (f / "density.png").stat().st_size > 1000
         assert load_sae(f).d_sae == 4 * 32
     cache = run.root / "activations" / "step24" / "resid.0"
@@ -136,6 +124,111 @@ def test_sae_stage_on_a_checkpoint(test_run, test_saes):
     before = (folders[0] / "sae_weights.safetensors").stat().st_mtime_ns
     train_saes(cfg)  # complete: skipped
     assert (folders[0] / "sae_weights.safetensors").stat().st_mtime_ns == before
+
+
+class Plant(L.Callback):
+    """When training ends, before the stage evaluates: SAE 0 becomes a perfect dictionary (latents relu(x_i) and
+    relu(-x_i), decoded by +-e_i: x_hat = x exactly; the other latents never fire) and SAE 1 a zero one (no latent
+    fires, b_dec = 0: x_hat = 0)."""
+
+    def on_train_end(self, trainer, pl_module):
+        perfect, zero = pl_module.saes
+        d = perfect.d_in
+        eye = torch.eye(d)
+        with torch.no_grad():
+            for p in (*perfect.parameters(), *zero.parameters()):
+                p.zero_()
+            perfect.W_enc[:, :d], perfect.W_enc[:, d : 2 * d] = eye, -eye
+            perfect.W_dec[:d], perfect.W_dec[d : 2 * d] = eye, -eye
+            perfect.b_enc[2 * d :] = -1.0
+            zero.b_enc.fill_(-1.0)
+
+
+def test_sae_stage_scores_planted_dictionaries(own_run):
+    """The stage's evaluation of two planted dictionaries against values known without its code: the perfect one
+    has FVE 1, CE loss score 1 and KL score 1 (spliced loss = clean loss), L0 = d_in and half its latents dead; the
+    zero one has CE loss score 0 and KL score 0 (splicing it in is the zero ablation), L0 0, every latent dead,
+    cosine 0, and FVE 1 - sum x^2 / sum (x - mean)^2. The clean and zero-ablated losses, and the activations, are
+    computed here with plain transformers and a forward hook on the first block."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sfcd.data.tokens import read_tokens
+    from sfcd.paths import RunDir
+    from sfcd.sae.stage import train_saes
+
+    run = RunDir(own_run.run_dir)
+    eval_tokens, ce_tokens = 512, 256
+    over = [
+        "experiment=test",
+        f"run_dir={run.root}",
+        "sae.sites=[resid.0]",
+        "sae.architecture=relu",
+        "+sae.sweep.seed=[1,2]",
+        "sae.n_tokens=2048",
+        f"sae.eval_tokens={eval_tokens}",
+        f"sae.ce_tokens={ce_tokens}",
+    ]
+    folders = train_saes(compose(over), [Plant()])
+    assert [f.name for f in folders] == ["resid.0@seed=1", "resid.0@seed=2"]
+    perfect, zero = (json.loads((f / "metrics.json").read_text()) for f in folders)
+
+    # the independent computation: val windows as the stage takes them (consecutive, from the start), BOS/EOS
+    # positions left out of the activations and kept unablated
+    model = AutoModelForCausalLM.from_pretrained(str(run.model_step(24))).eval()
+    special = torch.tensor(AutoTokenizer.from_pretrained(str(run.model_step(24))).all_special_ids)
+    seq_len = own_run.model.seq_len
+    val = torch.from_numpy(np.array(read_tokens(run.tokens("val")), dtype=np.int64))
+    block = model.gpt_neox.layers[0]
+    keep, seen = None, []
+
+    def hook(module, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        seen.append(h[keep[..., 0]])
+        if ablate:
+            h = torch.where(keep, torch.zeros_like(h), h)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def ce(x):
+        logits = model(x).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()
+
+    handle = block.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            n_eval = int(eval_tokens * 1.25 / seq_len) + 2
+            x = val[: n_eval * seq_len].view(n_eval, seq_len)
+            keep, ablate = ~torch.isin(x, special)[..., None], False
+            model(x)
+            acts = torch.cat(seen)[:eval_tokens]
+            x = val[: ce_tokens // seq_len * seq_len].view(-1, seq_len)
+            keep = ~torch.isin(x, special)[..., None]
+            ce_clean = ce(x)
+            ablate = True
+            ce_zero = ce(x)
+    finally:
+        handle.remove()
+    assert len(acts) == eval_tokens and ce_zero > ce_clean + 0.02
+
+    for m in (perfect, zero):
+        assert m["ce_clean"] == pytest.approx(ce_clean, abs=1e-4)
+        assert m["ce_zero"] == pytest.approx(ce_zero, abs=1e-4)
+        assert m["eval_tokens"] == eval_tokens and m["d_sae"] == 128 and m["architecture"] == "relu"
+    assert perfect["fve"] == pytest.approx(1, abs=1e-5) and perfect["ce_sae"] == pytest.approx(ce_clean, abs=1e-4)
+    assert perfect["ce_loss_score"] == pytest.approx(1, abs=1e-3) and perfect["kl_score"] == pytest.approx(1, abs=1e-3)
+    assert perfect["cosine"] == pytest.approx(1, abs=1e-5) and perfect["l2_ratio"] == pytest.approx(1, abs=1e-5)
+    assert perfect["l0"] == pytest.approx(float((acts != 0).sum(1).float().mean()), abs=1e-6) and perfect["l0"] > 30
+    # 64 of 128 latents can fire; relu(x_i) is dead when x_i is never positive, relu(-x_i) when never negative
+    never = int((acts > 0).sum(0).eq(0).sum() + (acts < 0).sum(0).eq(0).sum())
+    assert perfect["dead_fraction"] == (64 + never) / 128
+    assert zero["ce_loss_score"] == 0 and zero["kl_score"] == 0 and zero["ce_sae"] == zero["ce_zero"]
+    assert (zero["l0"], zero["dead_fraction"], zero["cosine"], zero["l2_ratio"]) == (0, 1, 0, 0)
+    fve_zero = 1 - acts.pow(2).sum() / (acts - acts.mean(0)).pow(2).sum()
+    assert zero["fve"] == pytest.approx(float(fve_zero), rel=1e-4) and zero["fve"] < -0.01
+    assert zero["mse"] == pytest.approx(float(acts.pow(2).mean()), rel=1e-4)
+    # the saved files (scale folded into the weights) compute the same planted functions
+    x = acts[:64]
+    torch.testing.assert_close(load_sae(folders[0])(x), x, atol=1e-4, rtol=1e-4)
+    assert load_sae(folders[1])(x).abs().max() == 0
 
 
 def test_sae_stage_errors(test_run, test_saes, tmp_path):
