@@ -455,32 +455,6 @@ def run_circuit(test_run, *overrides: str) -> tuple[dict, dict]:
     return json.loads((out / "circuit.json").read_text()), load_file(str(out / "node_effects.safetensors"))
 
 
-def test_circuit_stage_end_to_end(test_run, test_saes):
-    c, effects = run_circuit(
-        test_run, "circuit.n_examples=16", "circuit.node_threshold=0.001", "circuit.sweep_points=5"
-    )
-    out = RunDir(test_run.run_dir).root / "circuits" / "nounpp" / "step24"
-    m = c["metadata"]
-    assert m["task"] == "nounpp" and m["step"] == 24 and m["n_examples"] == 16
-    # the circuit's nodes are exactly the nodes whose effect passes the threshold
-    expected = {
-        f"{site}/{j}"
-        for site in ("resid.0", "mlp.1")
-        for j in (effects[f"{site}.features"].abs() > 0.001).nonzero().flatten().tolist()
-    }
-    expected |= {f"{site}/eps" for site in ("resid.0", "mlp.1") if effects[f"{site}.error"].abs() > 0.001}
-    assert {n["id"] for n in c["nodes"]} == expected and expected
-    assert all(abs(n["effect"]) > 0.001 for n in c["nodes"])
-    assert {"F_M", "F_empty", "faithfulness", "completeness"} <= set(m)
-    ids = {n["id"] for n in c["nodes"]} | {"y"}
-    assert all(e["from"] in ids and e["to"] in ids for e in c["edges"])
-    curves = json.loads((out / "faithfulness.json").read_text())
-    assert set(curves) == {"features", "features, no error nodes", "neurons"}
-    for ext in ("svg", "png"):
-        assert (out / f"circuit.{ext}").stat().st_size > 1000 and (out / f"faithfulness.{ext}").stat().st_size > 1000
-    assert (out / "circuit.svg").read_text().lstrip().startswith("<?xml")
-
-
 def test_per_position_circuit(own_run, setup, tmp_path):
     # catches: node effects not the mean over the discovery examples at each position (against attribution through
     # plain hooks on the pairs the metadata names), edges pointing at node ids that do not exist (ids without @pos),
@@ -552,32 +526,6 @@ def test_per_position_circuit(own_run, setup, tmp_path):
     base += ["circuit.lengths=all", f"circuit.eval_task={tmp_path / 'mixed_eval.jsonl'}"]  # keep both lengths
     with pytest.raises(InputError, match=r"one length.*found 3 tokens \(1 pairs\), 6 tokens \(1 pairs\)"):
         find_circuit(compose([*base, f"circuit.task={mixed}"]))
-
-
-def test_nopair_task_and_neuron_dictionary(test_run, test_saes, tmp_path):
-    from sfcd.circuits.stage import find_circuit
-    from sfcd.io import write_jsonl
-
-    rows = [
-        {"clean_prefix": "The boy near the car", "clean_answer": " is"},
-        {"clean_prefix": "The boys near the car", "clean_answer": " are"},
-    ] * 4
-    write_jsonl(tmp_path / "nopair.jsonl", rows)
-    cfg = compose(
-        [
-            "experiment=test",
-            f"run_dir={test_run.run_dir}",
-            "circuit.sites=[resid.0,mlp.1]",
-            f"circuit.task={tmp_path / 'nopair.jsonl'}",
-            "circuit.dictionary=neurons",
-            "circuit.edges=false",
-            "circuit.sweep_points=3",
-        ]
-    )
-    c = json.loads((find_circuit(cfg) / "circuit.json").read_text())
-    # a lone file is split: half of its 8 pairs find the circuit, the other half evaluate it
-    assert c["metadata"]["dictionary"] == "neurons" and c["metadata"]["n_examples"] == 4
-    assert all(n["feature"] is None or n["feature"] < 32 for n in c["nodes"])  # neurons of a 32-wide stream
 
 
 def test_circuit_errors(test_run, test_saes, tmp_path):

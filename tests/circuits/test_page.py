@@ -4,6 +4,7 @@ URL hash) filter nodes and edges, a node links to its dashboard entry, and marku
 import html
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from sfcd.circuits.page import render
 from tests.conftest import run_chromium
 
-from .test_circuits import run_circuit
+from .test_stage import _one_thread  # noqa: F401  (an autouse fixture: one torch thread, as in test_stage.py)
 
 
 def page_data(page: Path) -> dict:
@@ -27,47 +28,91 @@ def shown(dom: str) -> tuple[set[str], int]:
     return nodes, len(re.findall(r'class="edge"', dom))
 
 
-def expected(c: dict, node_t: float, edge_t: float) -> tuple[set[str], int]:
-    nodes = {n["id"] for n in c["nodes"] if abs(n["effect"]) >= node_t}
-    edges = [
-        e for e in c["edges"] if abs(e["weight"]) >= edge_t and e["from"] in nodes | {"y"} and e["to"] in nodes | {"y"}
-    ]
-    return nodes, len(edges)
+def test_stage_page_shows_what_the_model_computes(chromium, test_run, test_saes, test_features, tmp_path):
+    """The page ``sfcd circuit`` writes, read back (the JSON it embeds, and the DOM after headless Chromium ran its
+    scripts) against values computed here without sfcd's circuit code (attribution by autograd through plain hooks,
+    edges by finite differences, faithfulness by setting the modules' outputs; see test_stage.py), and the features
+    stage's own index for the hover. Bugs caught: a page carrying other numbers than the model's (stale, rescaled,
+    another run's; effects or edges that depend on ``circuit.batch_size``: means per batch, or over a full batch's
+    size), sliders that do not filter (or filter edges without their nodes), links to dashboards that do not exist,
+    hover text without the feature's effect and density, a summary with another faithfulness."""
+    from transformers import AutoTokenizer
 
-
-def test_circuit_page_renders_filters_and_links(chromium, test_run, test_saes, test_features):
-    # catches: a page that does not render, sliders that do not filter (or filter edges without their nodes),
-    # links to dashboards that do not exist, hover text without the feature's data
-    c, _ = run_circuit(
-        test_run,
-        "circuit.n_examples=8",
-        "circuit.node_threshold=0.0005",
-        "circuit.edge_threshold=0.0001",
-        "circuit.baselines=false",
-        "circuit.sweep_points=3",
+    from .test_stage import (
+        attrib_effects,
+        check_edges,
+        check_nodes,
+        mean_ablated,
+        reference_model,
+        sae_sites,
+        stage,
+        task_rows,
     )
-    out = Path(test_run.run_dir) / "circuits" / "nounpp" / "step24"
+
+    tau, edge_tau = 0.0005, 0.0001
+    _, eff, out = stage(
+        test_run,
+        tmp_path,
+        "page",
+        "circuit.method=attrib",
+        "circuit.n_examples=8",
+        "circuit.batch_size=3",  # batches of 3, 3 and 2 pairs: effects and edges are means over all 8
+        f"circuit.node_threshold={tau}",
+        f"circuit.edge_threshold={edge_tau}",
+        "circuit.resolve_z=0",
+        "circuit.resolve_floor=0",
+        "circuit.sweep_points=2",
+    )
     page = out / "circuit.html"
-    assert page_data(page)["circuit"] == c  # the page's data, read out of circuit.html, is circuit.json's
+    shown_c = page_data(page)["circuit"]
+    folder = Path(test_run.run_dir) / "model" / "step24"
+    model, tok = reference_model(folder), AutoTokenizer.from_pretrained(folder)
+    p = task_rows(shown_c["metadata"]["pairs"]["discovery"], tok)
+    sites = sae_sites(test_run, model, p)
+    want, grads = attrib_effects(model, p, sites)
+    kept = check_nodes(shown_c, eff, want, tau)  # the page's nodes: every node above tau, with its effect
+    weights = check_edges(shown_c, model, p, sites, kept, grads["mlp.1"], len(p))  # its edges, each valued
+    weights |= {
+        (f"mlp.1/{'eps' if k < 0 else k}", "y"): float(want["mlp.1"][0][k]) if k >= 0 else want["mlp.1"][1]
+        for k in kept["mlp.1"]
+    }
+    effect = {
+        f"{s}/{'eps' if j < 0 else j}": float(want[s][0][j] if j >= 0 else want[s][1])
+        for s, js in kept.items()
+        for j in js
+    }
+
+    def expected(node_t: float, edge_t: float) -> tuple[set[str], int]:
+        nodes = {k for k, v in effect.items() if abs(v) >= node_t}
+        ok = nodes | {"y"}
+        return nodes, sum(abs(w) >= edge_t and a in ok and b in ok for (a, b), w in weights.items())
+
     dom = run_chromium(chromium, page.as_uri())
     nodes, n_edges = shown(dom)
-    assert (nodes, n_edges) == expected(c, 0.0005, 0.0001) and len(nodes) > 5 and n_edges > 5
-    effects = sorted(abs(n["effect"]) for n in c["nodes"])
-    weights = sorted(abs(e["weight"]) for e in c["edges"])
-    node_t, edge_t = effects[len(effects) // 2], weights[len(weights) // 2]
+    assert (nodes, n_edges) == expected(tau, edge_tau) and len(nodes) > 5 and n_edges > 5
+    node_t = sorted(abs(v) for v in effect.values())[len(effect) // 2] * 1.0001  # between two effects
+    edge_t = sorted(abs(w) for w in weights.values())[len(weights) // 2] * 1.0001
     dom = run_chromium(chromium, page.as_uri() + f"#node={node_t}&edge={edge_t}")
     nodes2, n_edges2 = shown(dom)
-    assert (nodes2, n_edges2) == expected(c, node_t, edge_t)
-    assert len(nodes2) < len(nodes) and n_edges2 < n_edges
-    # a feature node links to its dashboard entry, which exists
-    links = re.findall(r'<a href="([^"]+)" class="node" data-id="(resid\.0/\d+)"', dom)
+    assert (nodes2, n_edges2) == expected(node_t, edge_t)
+    assert 0 < len(nodes2) < len(nodes) and 0 < n_edges2 < n_edges
+    # the summary's faithfulness: the circuit's, on the evaluation pairs
+    q = task_rows(shown_c["metadata"]["pairs"]["evaluation"], tok)
+    f_m, f_e, f_c, _ = mean_ablated(model, q, sae_sites(test_run, model, q), shown_c)
+    faith = float(re.search(r"faithfulness (-?[0-9.]+),", re.search(r'<p id="summary">([^<]*)</p>', dom).group(1))[1])
+    assert faith == pytest.approx((f_c - f_e) / (f_m - f_e), abs=1.5e-3)  # printed to 3 decimals
+    # a feature node links to its dashboard entry, which exists; its hover shows its effect and its density
+    links = re.findall(r'<a href="([^"]+)" class="node" data-id="(resid\.0/(\d+))"><title>([^<]*)</title>', dom)
     assert links
-    href, nid = links[0]
-    target, _, frag = html.unescape(href).partition("#")
-    assert (out / target).resolve() == (Path(test_run.run_dir) / "features/step24/resid.0/index.html").resolve()
-    assert frag == f"open={nid.split('/')[1]}" and (out / target).exists()
-    titles = re.findall(r"<title>([^<]*)</title>", dom)
-    assert any("density" in t and "[" in t for t in titles)  # hover: density and a top context
+    index = json.loads((Path(test_run.run_dir) / "features/step24/resid.0/index.json").read_text())
+    for href, nid, feat, title in links:
+        target, _, frag = html.unescape(href).partition("#")
+        assert (out / target).resolve() == (Path(test_run.run_dir) / "features/step24/resid.0/index.html").resolve()
+        assert frag == f"open={feat}" and (out / target).exists()
+        lines = html.unescape(title).split("\n")
+        assert lines[0] == nid and float(lines[1].removeprefix("effect ")) == pytest.approx(effect[nid], rel=1e-3)
+        density = float(next(x for x in lines if x.startswith("density ")).removeprefix("density "))
+        assert density == pytest.approx(index["density"][int(feat)], rel=1e-3)
 
 
 def test_markup_in_a_label_stays_text(chromium, tmp_path):
@@ -167,5 +212,7 @@ def test_page_at_300k_edges_with_missing_values(chromium, tmp_path):
     weights = [abs(e["weight"]) for e in c["edges"] if np.isfinite(e["weight"])]
     smin = float(re.search(r'id="edge-slider" min="([^"]+)"', dom).group(1))
     assert smin == pytest.approx(np.log10(min(weights)) - 0.5, abs=1e-6)
-    drawn_from = re.findall(r'class="edge"[^>]*data-from="([^"]+)"', dom)
-    assert len(drawn_from) == 20_000 and set(drawn_from) <= want_nodes
+    # the edges drawn are the strongest 20000 that pass
+    drawn = Counter(re.findall(r'class="edge"[^>]*data-from="([^"]+)" data-to="([^"]+)"', dom))
+    strongest = sorted(passing, key=lambda e: -abs(e["weight"]))[:20_000]
+    assert drawn == Counter((e["from"], e["to"]) for e in strongest)
