@@ -86,7 +86,7 @@ def node_effects(
     elif method == "ig" or edge_grads:  # exact effects have no gradients: edges use IG's, as the paper does
         grads = {}
         B = len(batch)
-        alphas = torch.arange(steps, dtype=torch.float32, device=batch.clean.device) / steps  # 0, 0.1, ..., 0.9
+        alphas = torch.arange(steps, dtype=clean[sites[0]][0].dtype, device=batch.clean.device) / steps  # 0, .1, .., .9
         per = max(1, (ig_batch or steps * B) // B)  # interpolation points per forward pass (bounds memory)
         for s in sites:  # each site separately: the others run as in the clean forward
             gf, ge = torch.zeros_like(clean[s][0]), torch.zeros_like(clean[s][1])
@@ -118,7 +118,7 @@ def _exact(model, dicts, batch: PairBatch, s: Site, clean: tuple, patch: tuple) 
     fp, ep = patch
     m0 = metric(last_logits(model, batch.clean, Splice({s: dicts[s]}, values={s: clean})), batch)
     ie_f = torch.zeros_like(fc)
-    ie_err = torch.zeros(fc.shape[:2], device=fc.device)
+    ie_err = torch.zeros(fc.shape[:2], dtype=fc.dtype, device=fc.device)
     T = fc.shape[1]
     for t in range(T):
         for j in ((fp[:, t] != fc[:, t]).any(0)).nonzero().flatten().tolist():

@@ -149,7 +149,7 @@ class Faithfulness:
             src = "clean" if batches and batches[0].nopair else "patch"
             self.ablation_info = {
                 "kind": ablation,
-                "over": "zeros"
+                "over": "features and error nodes at 0 (the site's output becomes the decoder bias)"
                 if ablation == "zero"
                 else f"another example's {src} prefix, of the same length, drawn over the whole evaluation set "
                 "(a seeded derangement: never the example itself)",
