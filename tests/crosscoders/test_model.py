@@ -227,7 +227,10 @@ def _train_on(x: np.ndarray, arch: str, K: int, steps: int, hp: dict, m: int = 1
 
 
 @pytest.mark.parametrize(
-    ("arch", "steps", "hp"), [("batchtopk", 500, {"k": 3, "aux_coeff": 1 / 32}), ("l1", 300, {"l1_coeff": 1.0})]
+    ("arch", "steps", "hp"),
+    # measured (seed 0): batchtopk at 300 steps mean best cosine 0.986, emergence exact 0.984, worst kind 0.938 (at
+    # 500: 0.992, 0.984, 0.938); l1 at 200 steps 1.0 on all three (as at 300)
+    [("batchtopk", 300, {"k": 3, "aux_coeff": 1 / 32}), ("l1", 200, {"l1_coeff": 1.0})],
 )
 def test_ground_truth_directions_and_emergence_are_recovered(arch, steps, hp):
     """Planted series (16 features each present throughout, appearing at a known checkpoint, dying at a known

@@ -43,7 +43,7 @@ def test_streaming_statistics_equal_brute_force(test_run, test_saes):
         torch.testing.assert_close(stats.sample_vals[f][ok], acts[stats.sample_pos[f][ok], f])
 
 
-def test_features_stage_writes_stats_dashboard_and_api(test_features, test_run):
+def test_features_stage_writes_stats_dashboard_and_api(test_features, test_run, test_saes):
     from sfcd.features.dashboard import read_shard
 
     folders = test_features
@@ -70,6 +70,37 @@ def test_features_stage_writes_stats_dashboard_and_api(test_features, test_run):
         api.feature(test_run.run_dir, 24, "resid.0", 999)
     html = (folders[1] / "index.html").read_text()
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
+    # every feature's density and max against a brute-force count without sfcd's code: the stage's val windows
+    # (consecutive, from the start), resid.0 read by a plain forward hook on block 0, special tokens left out, and
+    # the saved SAE's tensors put through the TopK formula of its cfg.json by hand
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = RunDir(test_run.run_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(run.model_step(24))).eval()
+    special = torch.tensor(AutoTokenizer.from_pretrained(str(run.model_step(24))).all_special_ids)
+    T = test_run.model.seq_len
+    n = 4096 // T  # the shared run's features.n_tokens
+    x = torch.from_numpy(np.array(read_tokens(run.tokens("val"))[: n * T], dtype=np.int64)).view(n, T)
+    seen = []
+    handle = model.gpt_neox.layers[0].register_forward_hook(
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    acts = seen[0][~torch.isin(x, special)]
+    w = load_file(str(test_saes[0] / "sae_weights.safetensors"))
+    k = json.loads((test_saes[0] / "cfg.json").read_text())["k"]
+    pre = (acts - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    top = pre.topk(k, dim=1)
+    f = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+    assert index["summary"]["n_tokens"] == len(acts) < n * T
+    counts = (f > 0).sum(0).numpy()  # the index keeps 5 significant digits: the counts come back exactly
+    assert np.array_equal(np.round(np.array(index["density"]) * len(acts)), counts) and counts.sum() > 0
+    np.testing.assert_allclose(index["max"], f.max(0).values.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_contexts_equal_brute_force(test_run, test_saes):

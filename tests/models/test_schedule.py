@@ -24,8 +24,15 @@ def test_small_schedule_and_extras():
 
 
 def test_lr_warmup_then_cosine_to_min_ratio():
-    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
-    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
-    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
-    mids = [lr_factor(s, 100, 10, 0.1) for s in range(10, 101)]
+    """Warmup over 10 steps, then a cosine from 1 to 0.2 over the 100 steps after: at a quarter of the decay the
+    cosine is at (1 + cos(pi / 4)) / 2 = 0.854 of the way down from 1 (a linear decay would be at 0.75), at half
+    way at the mean of 1 and 0.2. Bugs caught: a linear decay, the decay counted from step 0 (not from the end of
+    warmup), warmup off by one step."""
+    assert lr_factor(0, 110, 10, 0.2) == pytest.approx(0.1)  # (step + 1) / warmup
+    assert lr_factor(9, 110, 10, 0.2) == pytest.approx(1.0)
+    assert lr_factor(10, 110, 10, 0.2) == pytest.approx(1.0)
+    assert lr_factor(35, 110, 10, 0.2) == pytest.approx(0.2 + 0.8 * (1 + 2**-0.5) / 2)
+    assert lr_factor(60, 110, 10, 0.2) == pytest.approx(0.6)
+    assert lr_factor(110, 110, 10, 0.2) == pytest.approx(0.2)
+    mids = [lr_factor(s, 110, 10, 0.2) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(mids, mids[1:], strict=False))

@@ -1,5 +1,9 @@
 """Each architecture recovers known features: synthetic activations are sparse non-negative combinations of
-64 unit directions in 32 dimensions (more directions than dimensions)."""
+64 unit directions in 32 dimensions (more directions than dimensions).
+
+The directions are drawn with seed 1, the SAEs with sae.seed 0: with the same seed the initial decoder's first 64
+rows are the directions themselves (both are ``randn(n, 32)`` from a generator seeded alike), so an untrained SAE
+scored 1.0 and the test could not fail. Here an untrained SAE scores 0.44, and the test checks that it does."""
 
 import pytest
 import torch
@@ -9,17 +13,20 @@ from sfcd.sae.train import SAEModule, make_specs, train_module
 
 from .synthetic import make_data, mmcs
 
+# tokens per architecture: measured mean max cosine (data seed 1) at these lengths: relu 0.998, topk 0.988 (bf16
+# 0.986), batchtopk 0.983 (bf16 0.984), jumprelu 0.988; at 250k batchtopk 0.970, jumprelu 0.966; at 100k batchtopk
+# 0.894, jumprelu 0.709, topk 0.956
 SETTINGS = {
-    "relu": ["sae.l1_coeff=3"],
-    "topk": ["sae.k=4"],
-    "batchtopk": ["sae.k=4"],
-    "jumprelu": ["sae.l0_coeff=1", "sae.threshold_init=0.5"],
+    "relu": ["sae.l1_coeff=3", "sae.n_tokens=150000"],
+    "topk": ["sae.k=4", "sae.n_tokens=150000"],
+    "batchtopk": ["sae.k=4", "sae.n_tokens=400000"],
+    "jumprelu": ["sae.l0_coeff=1", "sae.threshold_init=0.5", "sae.n_tokens=400000"],
 }
 
 
 @pytest.fixture(scope="module")
 def data():
-    return make_data()
+    return make_data(seed=1)  # not sae.seed (0): see the module's docstring
 
 
 CASES = [(a, "32-true") for a in sorted(SETTINGS)] + [("topk", "bf16-mixed"), ("batchtopk", "bf16-mixed")]
@@ -40,7 +47,6 @@ def test_architecture_recovers_the_true_directions(arch, precision, data, tmp_pa
             "sae.batch_size=512",
             "sae.d_sae=128",
             "sae.lr=3e-3",
-            "sae.n_tokens=400000",
             "sae.dead_tokens=5000",
             "sae.checkpoint_every=0",
             *SETTINGS[arch],
@@ -48,6 +54,7 @@ def test_architecture_recovers_the_true_directions(arch, precision, data, tmp_pa
     )
     steps = cfg.sae.n_tokens // cfg.sae.batch_size
     module = SAEModule(make_specs(cfg.sae, {"x": 32}), cfg.sae, steps)
+    assert mmcs(dirs, module.saes[0].export()[1]["W_dec"]) < 0.6  # untrained: far from the directions
     train_module(module, cfg.trainer, tmp_path, {"x": acts})
     sae = module.saes[0]
     assert all(p.dtype == torch.float32 for p in sae.parameters())

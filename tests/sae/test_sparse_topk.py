@@ -1,25 +1,71 @@
-"""The fast top-k path (only active latents in the decoder and backward) equals the dense computation."""
+"""The TopK and BatchTopK training losses, on both paths (the fast sparse one: only active latents in the decoder
+and the backward; the dense one), against the loss written out here from the papers (Gao et al. 2024, Bussmann
+et al. 2024), differentiated by autograd."""
 
 import pytest
 import torch
 
 from sfcd.sae.registry import sae_class
 
+K, D_IN, D_SAE, B = 4, 16, 64, 96
+
+
+def written_out(arch: str, p: dict, x: torch.Tensor, dead: torch.Tensor, aux_coeff: float = 1 / 32):
+    """loss = ||x - x_hat||^2 (summed over dims, mean over the batch) + aux_coeff x AuxK, with
+    x_hat = f W_dec + b_dec, f = relu(pre) on the kept latents, pre = (x - b_dec) W_enc + b_enc; TopK keeps each
+    row's k largest pre-activations (those > 0 fire), BatchTopK the batch's k x B largest positive ones. AuxK:
+    each row's top k_aux = d_in / 2 dead latents reconstruct the residual (detached), scaled by
+    min(n_dead / k_aux, 1)."""
+    pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    if arch == "topk":
+        keep = torch.zeros_like(pre, dtype=torch.bool).scatter(1, pre.topk(K, dim=1).indices, True)
+    else:
+        kth = pre.flatten().topk(K * len(x)).values[-1]
+        keep = (pre >= kth) & (pre > 0)
+    f = torch.relu(pre) * keep
+    x_hat = f @ p["W_dec"] + p["b_dec"]
+    mse = (x_hat - x).pow(2).sum(1).mean()
+    k_aux = D_IN // 2
+    masked = pre.detach().masked_fill(~dead, float("-inf"))
+    aux_keep = torch.zeros_like(keep).scatter(1, masked.topk(k_aux, dim=1).indices, True)
+    e_hat = (torch.relu(pre) * aux_keep) @ p["W_dec"]
+    aux = min(int(dead.sum()) / k_aux, 1.0) * (e_hat - (x - x_hat).detach()).pow(2).sum(1).mean()
+    fired = f > 0
+    return {
+        "loss": mse + aux_coeff * aux,
+        "mse": mse,
+        "aux": aux,
+        "l0": fired.sum() / len(x),
+        "keep": keep,
+        "fired": fired,
+    }
+
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_sparse_path_equals_dense(arch):
-    x = torch.randn(96, 16, generator=torch.Generator().manual_seed(0)) * 2
-    results = []
+def test_sparse_and_dense_paths_equal_the_written_out_loss(arch):
+    """Loss, MSE, AuxK, L0, the latents that fired, every gradient, and (BatchTopK) the inference threshold set
+    to the smallest kept activation. Bugs caught: BatchTopK keeping k per batch instead of k x B, or a per-row
+    top-k; b_dec not subtracted before the encoder; AuxK over live latents or unscaled; a wrong sparse backward.
+    Both paths share the selection, so comparing them with each other cannot see the first three."""
+    x = torch.randn(B, D_IN, generator=torch.Generator().manual_seed(0)) * 2
+    g = torch.Generator().manual_seed(1)
     for sparse in (True, False):
-        sae = sae_class(arch)(16, 64, seed=3, k=4, sparse=sparse, dead_tokens=10)
+        sae = sae_class(arch)(D_IN, D_SAE, seed=3, k=K, sparse=sparse, dead_tokens=10)
+        with torch.no_grad():  # a b_dec and b_enc away from 0, so that their place in the formula shows
+            sae.b_dec.copy_(torch.randn(D_IN, generator=g) * 0.5)
+            sae.b_enc.copy_(torch.randn(D_SAE, generator=g) * 0.1)
         sae.tokens_since_fired[:20] = 1000  # some dead latents: the AuxK path runs too
+        p = {k: getattr(sae, k).detach().clone().requires_grad_(True) for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
+        want = written_out(arch, p, x, sae.tokens_since_fired > 10)
+        want["loss"].backward()
         out = sae.training_loss(x, 0.5)
         out["loss"].backward()
-        results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}))
-    (a, ga), (b, gb) = results
-    assert float(a["aux"]) > 0
-    for key in ("loss", "mse", "aux", "l0"):
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
-    assert torch.equal(a["fired"], b["fired"])
-    for name in ga:
-        torch.testing.assert_close(ga[name], gb[name], atol=1e-5, rtol=1e-4)
+        assert want["aux"].item() > 0 and want["mse"].item() > 0
+        for key in ("loss", "mse", "aux", "l0"):
+            torch.testing.assert_close(out[key].detach(), want[key].detach(), atol=1e-5, rtol=1e-5, msg=key)
+        assert torch.equal(out["fired"], want["fired"].any(0)), sparse
+        for name, q in p.items():
+            torch.testing.assert_close(getattr(sae, name).grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+        if arch == "batchtopk":
+            pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+            assert float(sae.threshold) == pytest.approx(float(pre[want["keep"]].min()), rel=1e-5)
