@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the networ
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-_SHARED: list[Path] = []  # the session's shared run directory, once built
+_SHARED: dict[Path, dict] = {}  # the session's shared run directory, once built: its files as built
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,7 @@ def _shared_run(tmp_path_factory):
     features = build_features(
         compose([*base, "features.n_tokens=4096", "features.top_k=5", "features.quantile_contexts=3"])
     )
-    _SHARED.append(run_dir)
+    _SHARED[run_dir] = _listing(run_dir)
     return cfg, saes, features
 
 
@@ -91,17 +91,17 @@ def _seeded_torch(request):
 
 @pytest.fixture(autouse=True)
 def _shared_run_is_read_only(request):
-    """Fails a test that added, changed or removed a file of the shared run (it would make others order-dependent)."""
-    before = {root: _listing(root) for root in _SHARED}
+    """Fails a test after which the shared run is not as it was built: a file added, changed or removed, by the test
+    or by a module fixture it used (it would make other tests order-dependent)."""
     yield
-    for root in _SHARED:
-        after = _listing(root)
-        old = before.get(root, after)  # built during this test: its state after is the shared one
-        changed = sorted(k for k in old.keys() | after.keys() if old.get(k) != after.get(k))
+    for root, built in _SHARED.items():
+        now = _listing(root)
+        changed = sorted(k for k in built.keys() | now.keys() if built.get(k) != now.get(k))
         if changed:
+            _SHARED[root] = now  # one failure per write, not one for every later test
             pytest.fail(
-                f"{request.node.nodeid} wrote into the shared test run ({len(changed)} paths, e.g. {changed[:5]}): "
-                "use the `own_run` fixture (a private copy) or tmp_path for anything a test writes",
+                f"the shared test run changed during {request.node.nodeid} or a fixture it set up ({len(changed)} "
+                f"paths, e.g. {changed[:5]}): use the `own_run` fixture (a private copy) or tmp_path for writing",
                 pytrace=False,
             )
 

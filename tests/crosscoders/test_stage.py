@@ -33,6 +33,16 @@ def _cfg(test_run, *extra):
 
 
 @pytest.fixture(scope="module")
+def test_run(_shared_run, tmp_path_factory):
+    """This module's own copy of the shared run: the crosscoder stage writes ``crosscoders/`` into its run."""
+    import shutil
+
+    run_dir = tmp_path_factory.mktemp("crosscoder_run") / "run"
+    shutil.copytree(_shared_run[0].run_dir, run_dir)
+    return compose(["experiment=test", f"run_dir={run_dir}"])
+
+
+@pytest.fixture(scope="module")
 def crosscoder_folder(test_run):
     from sfcd.crosscoders.stage import train_crosscoders
 
