@@ -98,6 +98,14 @@ def outputs(model, x, names) -> dict:
     return got
 
 
+def output_with(model, x, set_name: str, value: torch.Tensor, read_name: str) -> torch.Tensor:
+    """The plain model's output at ``read_name`` on input ``x`` with ``set_name``'s output set to ``value``."""
+    got = {}
+    with torch.no_grad(), plain_hooks(model, {set_name: lambda o: value, read_name: lambda o: got.setdefault("d", o)}):
+        model(x)
+    return got["d"]
+
+
 def answer_diff(model, batch, fns=None) -> torch.Tensor:
     """Per example, logit[clean answer] - logit[patch answer] at the last position, with plain hooks ``fns``."""
     with plain_hooks(model, fns or {}):
@@ -291,13 +299,7 @@ def test_edges_through_the_trained_saes_equal_finite_differences(setup64):
     g_f, g_e = eff[down].grad_f[..., k], eff[down].grad_err
 
     def values(x_up):
-        got = {}
-        with (
-            torch.no_grad(),
-            plain_hooks(model, {up.name: lambda o: x_up, down.name: lambda o: got.setdefault("d", o)}),
-        ):
-            model(batch.clean)
-        f, err = nodes_of(sd, got["d"])
+        f, err = nodes_of(sd, output_with(model, batch.clean, up.name, x_up, down.name))
         return torch.stack([(g_f * f[..., k]).sum(), (g_e * err).sum()])
 
     def fd(direction, h=1e-6):
@@ -417,13 +419,7 @@ def test_node_effects_and_edges_do_not_depend_on_the_batch_size(setup64):
     (fc, ec), (fp, ep) = nodes_of(su, xc), nodes_of(su, xp)
 
     def value(x_up):
-        got_d = {}
-        with (
-            torch.no_grad(),
-            plain_hooks(model, {up.name: lambda o: x_up, down.name: lambda o: got_d.setdefault("d", o)}),
-        ):
-            model(one.clean)
-        return (g * sd.encode(got_d["d"])[..., k]).sum()
+        return (g * sd.encode(output_with(model, one.clean, up.name, x_up, down.name))[..., k]).sum()
 
     h = 1e-6
     for frm, direction in (
