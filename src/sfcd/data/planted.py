@@ -41,6 +41,14 @@ def own_words(kind: str) -> list[str]:
     return [w for pair in (*nouns, *verbs) for w in pair]
 
 
+def word_classes(kind: str) -> list[str]:
+    """The role and number of each of :func:`own_words` (same order): ``noun.singular``, ``noun.plural``,
+    ``verb.singular`` (the form after a singular noun, ``blicks``), ``verb.plural``."""
+    nouns, verbs = _words(kind)
+    roles = (("noun", nouns), ("verb", verbs))
+    return [f"{role}.{n}" for role, pairs in roles for _ in pairs for n in ("singular", "plural")]
+
+
 def own_token_ids(tokenizer, kind: str) -> list[int]:
     """The token ids of ``kind``'s own words as they occur in text (after a space); each must be one token."""
     ids = []

@@ -3,13 +3,25 @@ construction's, at which studied checkpoint they first appear, and whether its c
 
 A feature (an SAE's or a crosscoder's latent) is the construction's when its activation is concentrated on the
 construction's own words: ``precision`` (its activation mass on those tokens over its whole mass) and ``recall``
-(the share of those tokens' positions where it fires) are both above thresholds, and it is a feature of the
+(the share of those tokens' positions where it fires) are both above thresholds; it is a feature of the
 construction, not of one token: it fires on at least ``WORDS`` of its words, each at ``WORD_RECALL`` of their
-occurrences. The last rule is what keeps a checkpoint before the planted step clean: there the construction's
-words are tokens the model never saw, whose embeddings are still their random initialisation, and a dictionary
-that meets them may spend a latent on one of them (a token latent of an untrained embedding); nothing the model
-has not learned makes several of them share a direction. Both are streamed over held-out
-windows one batch at a time, with per-feature sums on the model's device (memory: a few d_sae vectors).
+occurrences; it reads the construction's structure: the words it fires on are whole classes of the ones the
+construction gives them (noun or verb, singular or plural: :func:`sfcd.data.planted.word_classes`), at least half
+of every class it fires on, and not all of the classes; and those words share a direction in the model there
+(``coherence``: the mean cosine between their mean activations, less the mean over all positions, >= ``COHERENCE``).
+
+The last three rules are what keep a checkpoint before the planted step clean. There the construction's words
+are tokens the model never saw, whose embeddings are still their random initialisation: a dictionary that meets
+them may spend a latent on one of them (a token latent of an untrained embedding), on all of them alike (after the
+first layer, untrained embeddings are one kind of input, a "never-seen token": measured at resid.0 and resid.1
+before the step, one latent on all 14 planted words, nouns and verbs of both numbers), on two of them that happen
+to lie close (random embeddings in a narrow model: a plural noun and a singular one, a noun and a verb), or, in a
+crosscoder, on a class of them whose random embeddings its encoder block for that checkpoint learned to recognise
+from what the later checkpoints give the latent (tests/development/test_planted_stages.py, without coherence). None
+of these needs the model to have learned anything about the construction; what training on it teaches is the
+roles and the number the verb agrees with (latents on its nouns only, on its plural nouns, on its verbs, whose
+words share a direction). All sums are streamed over held-out windows one batch at a time, on the model's device
+(memory: a few d_sae vectors and a few vectors of the activations' width per word).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ PRECISION = 0.5
 RECALL = 0.05
 WORDS = 2
 WORD_RECALL = 0.2
+COHERENCE = 0.5
 
 
 def planted_meta(run: RunDir) -> dict:
@@ -41,6 +54,13 @@ def planted_meta(run: RunDir) -> dict:
     return meta["planted"]
 
 
+def planted_classes(kinds) -> dict[str, list[str]]:
+    """The word classes (:func:`sfcd.data.planted.word_classes`) of each planted kind, in its token ids' order."""
+    from sfcd.data.planted import word_classes
+
+    return {k: word_classes(k) for k in kinds}
+
+
 def held_out_windows(tokens: np.ndarray, seq_len: int, n_tokens: int) -> np.ndarray:
     n = min(len(tokens) // seq_len, max(1, n_tokens // seq_len))
     return np.asarray(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
@@ -50,8 +70,14 @@ class Concentration:
     """Per-feature sums over streamed batches: activation mass overall and on each construction's tokens, and
     firings on each construction's tokens."""
 
-    def __init__(self, kinds: dict[str, list[int]], device):
+    def __init__(self, kinds: dict[str, list[int]], device, classes: dict[str, list[str]] | None = None):
         self.ids = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in kinds.items()}
+        # each word's class (its role and number); a kind without classes has one class, so no feature of it
+        # can leave one out: the structure rule is then off
+        self.classes = {k: list((classes or {}).get(k) or []) for k in kinds}
+        for k, c in self.classes.items():
+            if c and len(c) != len(kinds[k]):
+                raise ValueError(f"{len(c)} word classes for the {len(kinds[k])} words of {k!r}")
         self.mass: torch.Tensor | None = None
         self.mass_on: dict[str, torch.Tensor] = {}
         self.fires_on: dict[str, torch.Tensor] = {}
@@ -60,9 +86,23 @@ class Concentration:
         # per word: firings [n_words, d_sae] and occurrences, for the coverage rule
         self.word_fires: dict[str, torch.Tensor] = {}
         self.word_n = {k: torch.zeros(len(v), dtype=torch.float64, device=device) for k, v in kinds.items()}
+        # per word: the sum of the model's activations at its positions, and over all positions (coherence)
+        self.word_act: dict[str, torch.Tensor] = {}
+        self.act_sum: torch.Tensor | None = None
 
-    def add(self, f: torch.Tensor, token_ids: torch.Tensor) -> None:
-        """``f`` [n, d_sae] feature activations at positions whose tokens are ``token_ids`` [n]."""
+    def add(self, f: torch.Tensor, token_ids: torch.Tensor, a: torch.Tensor | None = None) -> None:
+        """``f`` [n, d_sae] feature activations at positions whose tokens are ``token_ids`` [n]; ``a`` [n, d] the
+        model's activations there (what the dictionary encoded), for :meth:`coherence`."""
+        if a is not None:
+            a = a.to(torch.float64)
+            if self.act_sum is None:
+                z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
+                self.act_sum = z
+                self.word_act = {k: z.expand(len(v), -1).clone() for k, v in self.ids.items()}
+            self.act_sum += a.sum(0)
+            for k, ids in self.ids.items():
+                on = torch.isin(token_ids, ids)
+                self.word_act[k] += (token_ids[on, None] == ids[None, :]).to(torch.float64).T @ a[on]
         f = f.float().clamp_min(0)
         if self.mass is None:
             z = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
@@ -95,17 +135,66 @@ class Concentration:
         seen = (self.word_n[kind] > 0)[:, None]
         return ((rate >= word_recall) & seen).sum(0).cpu().numpy()
 
+    def structured(self, kind: str, word_recall: float = WORD_RECALL) -> np.ndarray:
+        """Per feature: its words (those it fires on at ``word_recall``) follow ``kind``'s word classes: in every
+        class it fires on, at least half of that class's words, and at least one class left out entirely (always
+        True for a kind without classes)."""
+        rate = self.word_fires[kind] / self.word_n[kind].clamp_min(1)[:, None]
+        fires = ((rate >= word_recall) & (self.word_n[kind] > 0)[:, None]).cpu().numpy()  # [n_words, d_sae]
+        labels = self.classes[kind]
+        if not labels:
+            return np.ones(fires.shape[1], dtype=bool)
+        ok = np.ones(fires.shape[1], dtype=bool)
+        left_out = np.zeros(fires.shape[1], dtype=bool)
+        for cls in dict.fromkeys(labels):
+            hits = fires[[i for i, c in enumerate(labels) if c == cls]].sum(0)
+            size = labels.count(cls)
+            left_out |= hits == 0
+            ok &= (hits == 0) | (2 * hits >= size)
+        return ok & left_out
+
+    def coherence(self, kind: str, word_recall: float = WORD_RECALL) -> np.ndarray:
+        """Per feature: the mean cosine between the words it fires on, each word as the model's mean activation at
+        its positions less the mean over all positions (NaN below two words; all NaN without activations). Words
+        the model has learned as one kind share a direction; untrained embeddings are random directions."""
+        rate = self.word_fires[kind] / self.word_n[kind].clamp_min(1)[:, None]
+        fires = ((rate >= word_recall) & (self.word_n[kind] > 0)[:, None]).to(torch.float64)  # [n_words, d_sae]
+        if self.act_sum is None:
+            return np.full(fires.shape[1], np.nan)
+        means = self.word_act[kind] / self.word_n[kind].clamp_min(1)[:, None] - self.act_sum / max(1, self.n)
+        u = means / means.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cos = u @ u.T  # [n_words, n_words]
+        n = fires.sum(0)
+        pairs = ((cos @ fires) * fires).sum(0) - n  # sum over ordered pairs of distinct words
+        out = pairs / (n * (n - 1)).clamp_min(1)
+        return torch.where(n >= 2, out, torch.nan).cpu().numpy()
+
+    def coherent(self, kind: str) -> np.ndarray:
+        """Per feature: :meth:`coherence` >= ``COHERENCE`` (all True when no activations were summed)."""
+        if self.act_sum is None:
+            return np.ones(len(self.mass), dtype=bool)
+        return np.nan_to_num(self.coherence(kind), nan=-1.0) >= COHERENCE
+
+    def concentrated(
+        self, kind: str, precision: float = PRECISION, recall: float = RECALL, words: int = WORDS
+    ) -> np.ndarray:
+        """Per feature: precision and recall above the thresholds, on ``words`` of ``kind``'s words."""
+        p, r = self.scores(kind)
+        return (p >= precision) & (r >= recall) & (self.words(kind) >= words)
+
     def features(
         self, kind: str, precision: float = PRECISION, recall: float = RECALL, words: int = WORDS
     ) -> list[int]:
-        """The construction's features: precision and recall above the thresholds, on ``words`` of its words."""
-        p, r = self.scores(kind)
-        return [int(i) for i in np.nonzero((p >= precision) & (r >= recall) & (self.words(kind) >= words))[0]]
+        """The construction's features: :meth:`concentrated`, following its word classes (:meth:`structured`), and
+        on words that share a direction (:meth:`coherent`)."""
+        keep = self.concentrated(kind, precision, recall, words) & self.structured(kind) & self.coherent(kind)
+        return [int(i) for i in np.nonzero(keep)[0]]
 
     def summary(self, kind: str) -> dict:
         p, r = self.scores(kind)
         feats = self.features(kind)
         best = int(np.argmax(p * r)) if len(p) else -1
+        several, structured = self.concentrated(kind), self.structured(kind)
         return {
             "features": feats,
             "n_features": len(feats),
@@ -114,6 +203,10 @@ class Concentration:
             "best_recall": float(r[best]) if best >= 0 else 0.0,
             "best_words": int(self.words(kind)[best]) if best >= 0 else 0,
             "token_features": int(((p >= PRECISION) & (r >= RECALL)).sum()),  # the precision rule alone
+            # concentrated on several words, but on every class of them alike (a never-seen token)
+            "unstructured_features": int((several & ~structured).sum()),
+            # ... following their classes, but on words that share no direction in the model (random embeddings)
+            "incoherent_features": int((several & structured & ~self.coherent(kind)).sum()),
             "tokens": self.n_on[kind],
         }
 
@@ -139,14 +232,16 @@ def concentration(
     encode: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     kinds: dict[str, list[int]],
+    classes: dict[str, list[str]] | None = None,
 ) -> Concentration:
-    """Stream ``batches`` through ``encode`` and accumulate each feature's concentration on ``kinds``' tokens."""
+    """Stream ``batches`` through ``encode`` and accumulate each feature's concentration on ``kinds``' tokens
+    (``classes``: each word's class, in the order of ``kinds``; see :class:`Concentration`)."""
     acc = None
     with torch.no_grad():
         for a, ids in batches:
             if acc is None:
-                acc = Concentration(kinds, a.device)
-            acc.add(encode(a), ids)
+                acc = Concentration(kinds, a.device, classes)
+            acc.add(encode(a), ids, a)
     if acc is None:
         raise ConfigError("no held-out tokens to score the planted construction on; raise corpus.val_tokens")
     return acc
