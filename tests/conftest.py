@@ -9,6 +9,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one torch thread each
+    import torch
+
+    torch.set_num_threads(1)
 
 
 _SHARED: dict[Path, dict] = {}  # the session's shared run directory, once built: its files as built

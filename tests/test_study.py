@@ -14,13 +14,13 @@ from sfcd.config import compose
 from sfcd.errors import ConfigError, InputError, MissingArtifactError
 from tests.conftest import run_chromium
 
-#: a study process that SIGKILLs itself at a fixed unit: the SAE training of one checkpoint or the crosscoders'
-#: training, right after optimizer step N (a Lightning callback added to that stage's call), so a test kills at the
-#: same point every time; argv: <unit> <step> <sfcd args...> (unit: sae<checkpoint> | crosscoder | none)
+#: a study process that SIGKILLs itself at a fixed unit: the SAE training of one checkpoint, right after optimizer
+#: step N (a Lightning callback added to that stage's call), so a test kills at the same point every time; argv:
+#: <unit> <step> <sfcd args...> (unit: sae<checkpoint> | none)
 _KILLING_STUDY = """
 import os, signal, sys
 import lightning as L
-import sfcd.crosscoders.stage, sfcd.sae.stage
+import sfcd.sae.stage
 from sfcd.cli import main
 
 class KillAt(L.Callback):
@@ -38,8 +38,6 @@ def wrap(module, name, when):
     setattr(module, name, wrapped)
 if unit.startswith("sae"):  # the main SAEs of that checkpoint (not its seed baseline, a sweep)
     wrap(sfcd.sae.stage, "train_saes", lambda c: c.step == int(unit[3:]) and not c.sae.sweep)
-elif unit == "crosscoder":
-    wrap(sfcd.crosscoders.stage, "train_crosscoders", lambda c: True)
 main(sys.argv[3:])
 """
 
@@ -262,21 +260,17 @@ def test_study_writes_the_development_and_a_report_that_renders(reference_study,
 
 
 def test_study_killed_mid_stage_resumes_to_the_same_artifacts(reference_study, test_run, tmp_path):
-    """A study with crosscoders killed (SIGKILL) at two fixed points, inside step 16's SAE training (after its
-    4th optimizer step, a state saved at step 4) and inside the crosscoders' training (after step 3), then
-    resumed, ends with the uninterrupted study's artifacts, bit for bit. Bugs caught: a resumed training that
-    restarts its stream or forgets its state, a unit marked complete before its outputs are written, a
-    resumed study that skips or repeats a unit differently."""
+    """A study with crosscoders killed (SIGKILL) at a fixed point inside step 16's SAE training (after its 4th
+    optimizer step, a state saved at step 4), then resumed, ends with the uninterrupted study's artifacts, bit for
+    bit. Bugs caught: a resumed training that restarts its stream or forgets its state, a unit marked complete
+    before its outputs are written, a resumed study that skips or repeats a unit differently. (A kill inside the
+    crosscoders' training is the crosscoder stage's own test: tests/crosscoders/test_stage.py.)"""
     run = trained_model(test_run, tmp_path / "killed")
     p = study(run, "study.crosscoder=true", kill=("sae16", 5))
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     assert all((run / "saes" / "step8" / site / "metrics.json").exists() for site in ("resid.0", "mlp.1"))
     assert (run / "saes" / "step16" / ".train").is_dir() and not list(run.glob("saes/step16/*/metrics.json"))
-    p = study(run, "study.crosscoder=true", kill=("crosscoder", 3))
-    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
-    assert (run / "circuits" / "nounpp" / "step24" / "circuit.json").exists()
-    assert (run / "crosscoders" / ".train").is_dir() and not list(run.glob("crosscoders/*/metrics.json"))
-    assert not (run / "report.html").exists()
+    assert not (run / "crosscoders").exists() and not (run / "report.html").exists()
     p = study(run, "study.crosscoder=true")
     assert p.returncode == 0, p.stderr[-3000:]
     assert (run / "report.html").exists()
