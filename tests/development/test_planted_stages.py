@@ -126,7 +126,8 @@ def test_crosscoder_read_one_checkpoint_at_a_time_dates_it_and_its_decoder_norms
     found = _read(planted_stages, {s: alone_view(cc, m).encode for m, s in enumerate([A, B])})
     # at B the construction has latents; at A, where its words are untrained tokens, none. A latent's encoder
     # block for A can learn to recognise the words' random embeddings from what B gives it (seed 3 here without
-    # the coherence rule: one latent at A on a whole class); the rule keeps it out, the words share no direction
+    # the coherence rule: one latent at A, on words that follow their classes); the coherence rule keeps it out,
+    # as those words share no direction at A
     assert G.onset([A, B], [bool(found[s]["planted"]) for s in (A, B)]) == B, found
     assert found[A]["control"] and found[B]["control"], found
     # the crosscoder's own emergence (decoder norm >= 0.3 of its largest from a checkpoint on) puts B's planted

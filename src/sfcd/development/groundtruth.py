@@ -16,12 +16,12 @@ them may spend a latent on one of them (a token latent of an untrained embedding
 first layer, untrained embeddings are one kind of input, a "never-seen token": measured at resid.0 and resid.1
 before the step, one latent on all 14 planted words, nouns and verbs of both numbers), on two of them that happen
 to lie close (random embeddings in a narrow model: a plural noun and a singular one, a noun and a verb), or, in a
-crosscoder, on a class of them whose random embeddings its encoder block for that checkpoint learned to recognise
-from what the later checkpoints give the latent (tests/development/test_planted_stages.py, without coherence). None
-of these needs the model to have learned anything about the construction; what training on it teaches is the
-roles and the number the verb agrees with (latents on its nouns only, on its plural nouns, on its verbs, whose
-words share a direction). All sums are streamed over held-out windows one batch at a time, on the model's device
-(memory: a few d_sae vectors and a few vectors of the activations' width per word).
+crosscoder, on words of their classes whose random embeddings its encoder block for that checkpoint learned to
+recognise from what the later checkpoints give the latent (tests/development/test_planted_stages.py, without
+coherence). None of these needs the model to have learned anything about the construction; what training on it
+teaches is the roles and the number the verb agrees with (latents on its nouns only, on its plural nouns, on its
+verbs, whose words share a direction). All sums are streamed over held-out windows one batch at a time, on the
+model's device (memory: a few d_sae vectors and a few vectors of the activations' width per word).
 """
 
 from __future__ import annotations
