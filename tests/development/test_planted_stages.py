@@ -94,7 +94,8 @@ def _read(planted_stages, encoders):
 def test_saes_date_the_planted_construction_and_matching_calls_its_features_new(planted_stages):
     # catches: the corpus stage's planted token ids or the structure rule's classes out of step with the words
     # (no class-following features at B, or the control's missing); SAEs read from the wrong checkpoint (B's
-    # features at A); the development analysis's matching carrying the new features back to A
+    # features at A); the development analysis's lineage carrying the new features back to A through matches below
+    # the threshold
     import sfcd
     from sfcd.development import groundtruth as G
     from sfcd.development.findings import first_steps
