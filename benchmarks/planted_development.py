@@ -138,29 +138,27 @@ def score_saes(cfg, run, steps, S, windows, kinds, sites, suffix: str = ""):
             match_live(sae_folder(run, b, site + suffix), sae_folder(run, a, site + suffix))
             for a, b in zip(steps, steps[1:], strict=False)
         ]
-        lineage = {}
-        for k in kinds:
-            starts = first_steps(steps, ms, list(found[site, steps[-1]][k]["features"]), thr)
-            lineage[k] = {str(s): starts.count(s) for s in steps if starts.count(s)}
+        starts = {k: first_steps(steps, ms, list(found[site, steps[-1]][k]["features"]), thr) for k in kinds}
+        lineage = {k: {str(s): v.count(s) for s in steps if v.count(s)} for k, v in starts.items()}
         # a site reads the construction when its last SAE has features of it; it dates it right when they appear
         # at the first studied checkpoint after S and stay (none before: before S its words are untrained tokens)
         reading = found[site, steps[-1]]["planted"]["n_features"] > 0
         ok = reading and onsets["planted"] == after
         # no emergence for the control: its features, where the last SAE has them, are there before S
         control_emerges = onsets["control"] is not None and onsets["control"] >= after
-        lin_p = first_steps(steps, ms, list(found[site, steps[-1]]["planted"]["features"]), thr)
-        lin_c = first_steps(steps, ms, list(found[site, steps[-1]]["control"]["features"]), thr)
+        lin_p, lin_c = starts["planted"], starts["control"]
         ok_lin = bool(lin_p) and all(s >= after for s in lin_p) and any(s == after for s in lin_p)
         ok_lin = ok_lin and not any(s == after for s in lin_c)  # no control feature begins with the planted one
         # births at the first studied step after S by the same matching: the construction's features there have
-        # no match at the step before; the control's there, how many carry over (its own seed noise bounds this)
-        i = steps.index(after)
+        # no match at the step before, and matching tells them from carried ones only if it carries most of the
+        # control's features there (its own seed noise bounds this)
+        i = steps.index(after) if after in steps else 0
         at = {k: found[site, after][k]["features"] for k in kinds}
         back = first_steps(steps[i - 1 : i + 1], ms[i - 1 : i], at["planted"], thr) if i > 0 else []
         born = sum(s == after for s in back)
         back_c = first_steps(steps[i - 1 : i + 1], ms[i - 1 : i], at["control"], thr) if i > 0 else []
         carried = sum(s < after for s in back_c)
-        ok_born = bool(at["planted"]) and born == len(at["planted"])
+        ok_born = bool(at["planted"]) and born == len(at["planted"]) and 2 * carried > len(at["control"])
         # the development analysis's per-feature birth rule (both seeds of the step have the feature, neither SAE
         # of the step before does), where the study trained seed baselines: which of the features at the first
         # step after S it calls born
