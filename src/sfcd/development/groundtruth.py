@@ -93,16 +93,16 @@ class Concentration:
     def add(self, f: torch.Tensor, token_ids: torch.Tensor, a: torch.Tensor | None = None) -> None:
         """``f`` [n, d_sae] feature activations at positions whose tokens are ``token_ids`` [n]; ``a`` [n, d] the
         model's activations there (what the dictionary encoded), for :meth:`coherence`."""
-        if a is not None:
-            a = a.to(torch.float64)
+        if a is not None:  # float64 sums; only the construction's positions are copied (not the whole batch)
             if self.act_sum is None:
                 z = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
                 self.act_sum = z
                 self.word_act = {k: z.expand(len(v), -1).clone() for k, v in self.ids.items()}
-            self.act_sum += a.sum(0)
+            self.act_sum += a.sum(0, dtype=torch.float64)
             for k, ids in self.ids.items():
                 on = torch.isin(token_ids, ids)
-                self.word_act[k] += (token_ids[on, None] == ids[None, :]).to(torch.float64).T @ a[on]
+                onehot = (token_ids[on, None] == ids[None, :]).to(torch.float64)
+                self.word_act[k] += onehot.T @ a[on].to(torch.float64)
         f = f.float().clamp_min(0)
         if self.mass is None:
             z = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
@@ -129,18 +129,21 @@ class Concentration:
         recall = (self.fires_on[kind] / max(1, self.n_on[kind])).cpu().numpy()
         return precision, recall
 
+    def _fires(self, kind: str, word_recall: float) -> torch.Tensor:
+        """[n_words, d_sae]: whether each feature fires on each of ``kind``'s words at ``word_recall`` of their
+        occurrences (a word never seen counts for none)."""
+        rate = self.word_fires[kind] / self.word_n[kind].clamp_min(1)[:, None]
+        return (rate >= word_recall) & (self.word_n[kind] > 0)[:, None]
+
     def words(self, kind: str, word_recall: float = WORD_RECALL) -> np.ndarray:
         """How many of ``kind``'s words each feature fires on at ``word_recall`` of their occurrences (or more)."""
-        rate = self.word_fires[kind] / self.word_n[kind].clamp_min(1)[:, None]
-        seen = (self.word_n[kind] > 0)[:, None]
-        return ((rate >= word_recall) & seen).sum(0).cpu().numpy()
+        return self._fires(kind, word_recall).sum(0).cpu().numpy()
 
     def structured(self, kind: str, word_recall: float = WORD_RECALL) -> np.ndarray:
         """Per feature: its words (those it fires on at ``word_recall``) follow ``kind``'s word classes: in every
         class it fires on, at least half of that class's words, and at least one class left out entirely (always
         True for a kind without classes)."""
-        rate = self.word_fires[kind] / self.word_n[kind].clamp_min(1)[:, None]
-        fires = ((rate >= word_recall) & (self.word_n[kind] > 0)[:, None]).cpu().numpy()  # [n_words, d_sae]
+        fires = self._fires(kind, word_recall).cpu().numpy()
         labels = self.classes[kind]
         if not labels:
             return np.ones(fires.shape[1], dtype=bool)
@@ -157,8 +160,7 @@ class Concentration:
         """Per feature: the mean cosine between the words it fires on, each word as the model's mean activation at
         its positions less the mean over all positions (NaN below two words; all NaN without activations). Words
         the model has learned as one kind share a direction; untrained embeddings are random directions."""
-        rate = self.word_fires[kind] / self.word_n[kind].clamp_min(1)[:, None]
-        fires = ((rate >= word_recall) & (self.word_n[kind] > 0)[:, None]).to(torch.float64)  # [n_words, d_sae]
+        fires = self._fires(kind, word_recall).to(torch.float64)
         if self.act_sum is None:
             return np.full(fires.shape[1], np.nan)
         means = self.word_act[kind] / self.word_n[kind].clamp_min(1)[:, None] - self.act_sum / max(1, self.n)
