@@ -2,7 +2,11 @@
 
 Prints one JSON line per figure. Shapes: d_in 512, d_sae 8192, batch 4096 (override with --d-in/--d-sae/--batch).
 Each architecture trains through the real path (SAEModule on a Lightning Trainer); step times come from a
-callback, the first steps (warm-up) left out. Also: harvesting every site of the demo-sized model vs a bare
+callback, the first steps (warm-up) left out. Issue 21's two CPU figures: ``topk_fraction_of_limit`` (TopK
+tokens/s x 2 x d_in x d_sae over the encoder matmul's fp32 rate, measured around the run into a preallocated
+output, so the limit is the machine's and not its page faults') and ``sites19_fraction_of_limit`` (19 same-shape
+TopK SAEs, d_sae 4,096, k 32 as the pythia preset, from one stream through the real loop); SAELens's TopK
+training step at the same shape beside sfcd's. Also: harvesting every site of the demo-sized model vs a bare
 forward pass over the same tokens.
 """
 
@@ -20,15 +24,29 @@ import torch
 
 
 def matmul_rate(b: int, d: int, m: int, reps: int = 5) -> float:
-    """FLOP/s of the SAE's matmul shapes: [b, d] @ [d, m] and [b, m] @ [m, d]."""
+    """FLOP/s of the SAE's matmul shapes: [b, d] @ [d, m] and [b, m] @ [m, d], into preallocated outputs (the
+    machine's rate, not its allocator's: a fresh [b, m] output is page-faulted in on every call)."""
     x, w, f, v = torch.randn(b, d), torch.randn(d, m), torch.randn(b, m), torch.randn(m, d)
+    out_m, out_d = torch.empty(b, m), torch.empty(b, d)
     for _ in range(2):
-        x @ w, f @ v
+        torch.mm(x, w, out=out_m), torch.mm(f, v, out=out_d)
     t = time.perf_counter()
     for _ in range(reps):
-        x @ w
-        f @ v
+        torch.mm(x, w, out=out_m)
+        torch.mm(f, v, out=out_d)
     return 2 * reps * 2 * b * d * m / (time.perf_counter() - t)
+
+
+def encoder_rate(b: int, d: int, m: int, reps: int = 5) -> float:
+    """FLOP/s of the encoder's matmul alone, [b, d] @ [d, m] into a preallocated output: the limit a TopK step
+    is measured against (its only dense product)."""
+    x, w, out = torch.randn(b, d), torch.randn(d, m), torch.empty(b, m)
+    for _ in range(2):
+        torch.mm(x, w, out=out)
+    t = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(x, w, out=out)
+    return reps * 2 * b * d * m / (time.perf_counter() - t)
 
 
 class StepTimer(L.Callback):
@@ -42,7 +60,11 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._t)
 
 
-def sae_rate(arch: str, acts: np.ndarray, d_in: int, d_sae: int, batch: int, steps: int, k: int) -> float:
+def sae_rate(
+    arch: str, acts: np.ndarray, d_in: int, d_sae: int, batch: int, steps: int, k: int, sites: int = 1
+) -> float:
+    """Stream tokens/s (batch rows per second) of ``sites`` same-shape SAEs trained side by side from one stream
+    through the real loop (each row feeds every SAE)."""
     from sfcd.config import compose
     from sfcd.sae.train import SAEModule, make_specs, train_module
 
@@ -56,11 +78,39 @@ def sae_rate(arch: str, acts: np.ndarray, d_in: int, d_sae: int, batch: int, ste
             "trainer.precision=32-true",
         ]
     )
-    module = SAEModule(make_specs(cfg.sae, {"x": d_in}), cfg.sae, steps)
+    names = [f"s{i}" for i in range(sites)]
+    module = SAEModule(make_specs(cfg.sae, dict.fromkeys(names, d_in)), cfg.sae, steps)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        train_module(module, cfg.trainer, Path(tmp), {"x": acts}, [timer])
+        train_module(module, cfg.trainer, Path(tmp), dict.fromkeys(names, acts), [timer])
     return batch / float(np.median(timer.times[2:]))
+
+
+def saelens_topk_rate(acts: np.ndarray, d_in: int, d_sae: int, batch: int, steps: int, k: int) -> float | None:
+    """SAELens's TopK training step at the same shape on the same rows: its ``training_forward_pass``, backward,
+    gradient clip and Adam, as its ``SAETrainer`` steps (its default dense activations: with
+    ``use_sparse_activations=True`` its backward fails on this torch, ``aten::view`` on SparseCPU). None when
+    sae_lens is not installed."""
+    try:
+        from sae_lens.saes.sae import TrainStepInput
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    times = []
+    for step in range(steps):
+        x = torch.from_numpy(acts[(step * batch) % len(acts) :][:batch])
+        t = time.perf_counter()
+        out = sae.training_forward_pass(TrainStepInput(x, {}, dead, step, False))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    return batch / float(np.median(times[2:]))
 
 
 def harvest_vs_forward(n_tokens: int = 65536) -> dict:
@@ -102,17 +152,21 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--k", type=int, default=64)
+    p.add_argument("--sites", type=int, default=19, help="SAEs side by side from one stream, for sites19")
+    p.add_argument("--sites-d-sae", type=int, default=4096)
+    p.add_argument("--sites-k", type=int, default=32, help="the pythia preset's k")
     a = p.parse_args()
     torch.manual_seed(0)
     acts = np.random.default_rng(0).standard_normal((a.batch * 4, a.d_in), dtype=np.float32)
     # a dense SAE step is five matmuls of 2*B*D*M FLOPs (encoder, decoder, and the grads of W_enc, f, W_dec);
     # the matmul rate is measured just before and after each architecture's run, and the two averaged
     flops_per_token = 5 * 2 * a.d_in * a.d_sae
-    rates = {}
+    rates, enc = {}, {}
     for arch in ("relu", "jumprelu", "topk", "batchtopk"):
-        before = matmul_rate(a.batch, a.d_in, a.d_sae)
+        before, enc_before = matmul_rate(a.batch, a.d_in, a.d_sae), encoder_rate(a.batch, a.d_in, a.d_sae)
         rates[arch] = sae_rate(arch, acts, a.d_in, a.d_sae, a.batch, a.steps, a.k)
         peak = (before + matmul_rate(a.batch, a.d_in, a.d_sae)) / 2
+        enc[arch] = (enc_before + encoder_rate(a.batch, a.d_in, a.d_sae)) / 2
         print(
             json.dumps(
                 {
@@ -134,6 +188,55 @@ def main() -> None:
                 "figure": "topk_speedup_over_relu",
                 "ratio": round(rates["topk"] / rates["relu"], 2),
                 "batchtopk_ratio": round(rates["batchtopk"] / rates["relu"], 2),
+            }
+        )
+    )
+    # a TopK step's only dense product is the encoder's, 2 * d_in * d_sae FLOPs per token: its time at the
+    # machine's own fp32 rate for that matmul (measured around the run) is the limit the step is measured against
+    limit = enc["topk"] / (2 * a.d_in * a.d_sae)
+    print(
+        json.dumps(
+            {
+                "figure": "topk_fraction_of_limit",
+                "value": round(rates["topk"] / limit, 3),
+                "tokens_per_s": round(rates["topk"]),
+                "encoder_matmul_gflops": round(enc["topk"] / 1e9, 1),
+                "d_in": a.d_in,
+                "d_sae": a.d_sae,
+                "k": a.k,
+                "batch": a.batch,
+            }
+        )
+    )
+    peer = saelens_topk_rate(acts, a.d_in, a.d_sae, a.batch, a.steps, a.k)
+    if peer is not None:
+        print(
+            json.dumps(
+                {
+                    "figure": "topk_speedup_over_saelens",
+                    "ratio": round(rates["topk"] / peer, 2),
+                    "saelens_tokens_per_s": round(peer),
+                    "sfcd_tokens_per_s": round(rates["topk"]),
+                }
+            )
+        )
+    # many same-shape SAEs from one stream through the real loop: stream rows/s x every SAE's encoder FLOPs
+    n, m, k = a.sites, a.sites_d_sae, a.sites_k
+    before = encoder_rate(a.batch, a.d_in, m)
+    rate = sae_rate("topk", acts, a.d_in, m, a.batch, a.steps, k, sites=n)
+    rate_enc = (before + encoder_rate(a.batch, a.d_in, m)) / 2
+    print(
+        json.dumps(
+            {
+                "figure": f"sites{n}_fraction_of_limit",
+                "value": round(rate * n * 2 * a.d_in * m / rate_enc, 3),
+                "stream_tokens_per_s": round(rate),
+                "encoder_matmul_gflops": round(rate_enc / 1e9, 1),
+                "sites": n,
+                "d_in": a.d_in,
+                "d_sae": m,
+                "k": k,
+                "batch": a.batch,
             }
         )
     )

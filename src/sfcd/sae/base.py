@@ -78,7 +78,7 @@ class SAE(nn.Module):
 
     def record_firing(self, fired: torch.Tensor, n_tokens: int) -> None:
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired.masked_fill_(fired, 0)  # not fired-mask indexing: no host sync
 
     def resample_period(self) -> int:
         """Steps between resampling passes (0: never)."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from sfcd.sae.base import mse
-from sfcd.sae.sparse_ops import dense_from_sparse, gather_pre, sparse_decode
-from sfcd.sae.topk import TopKSAE
+from sfcd.sae.sparse_ops import ActiveLatents, dense_from_sparse, encoder_pre, gather_pre, sparse_decode
+from sfcd.sae.topk import TopKSAE, fired_latents
 
 
 def _world() -> int:
@@ -38,11 +38,13 @@ class BatchTopKSAE(TopKSAE):
         return torch.relu(pre) * (self.selection_score(pre) > self.threshold)
 
     def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
-        xc = x - self.b_dec if self.apply_b_dec_to_input else x
+        b_in = self.b_dec if self.apply_b_dec_to_input else None
+        xc = x if b_in is None else x - b_in
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, xc, self.W_enc)
+            pre = encoder_pre(xc, self.W_enc, self.b_enc)
             m = min(self.d_sae, int(self.hparams.get("candidate_mult", 4)) * self.k)
-            cand_vals, idx = self.selection_score(pre).topk(m, dim=-1)  # a row's candidates for the batch's top
+            # a row's candidates for the batch's top (unsorted: only the selection matters)
+            cand_vals, idx = self.selection_score(pre).topk(m, dim=-1, sorted=False)
             flat = cand_vals.flatten()
             world = _world()
             if world > 1:  # DDP: the global batch's top k * B, from every rank's candidates, as one process takes it
@@ -54,25 +56,24 @@ class BatchTopKSAE(TopKSAE):
             keep = (cand_vals >= kth) & (cand_vals > 0)
         sparse = self.hparams.get("sparse", True)
         if sparse:
-            vals = torch.relu(gather_pre(xc, self.W_enc, self.b_enc, idx, pre)) * keep
-            x_hat = sparse_decode(idx, vals, self.W_dec) + self.b_dec
+            active = ActiveLatents(idx, self.d_sae)
+            vals = torch.relu(gather_pre(x, self.W_enc, self.b_enc, active, pre, b_in)) * keep
+            x_hat = sparse_decode(active, vals, self.W_dec) + self.b_dec
         else:
             pre_g = xc @ self.W_enc + self.b_enc
             vals = torch.relu(pre_g.gather(1, idx)) * keep
             x_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec + self.b_dec
         with torch.no_grad():
-            smallest = cand_vals[keep].min() if keep.any() else cand_vals.new_tensor(float("inf"))
+            # all on the device (no host sync): the smallest kept score, inf when nothing is kept
+            smallest = torch.where(keep, cand_vals, float("inf")).amin().to(self.threshold.dtype)
             if world > 1:  # the global batch's smallest kept score: every rank keeps the same threshold
                 torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
-            if torch.isfinite(smallest):
-                momentum = self.hparams.get("threshold_momentum", 0.99)
-                self.threshold.copy_(
-                    smallest if self.threshold == 0 else momentum * self.threshold + (1 - momentum) * smallest
-                )
+            momentum = self.hparams.get("threshold_momentum", 0.99)
+            moved = torch.where(self.threshold == 0, smallest, momentum * self.threshold + (1 - momentum) * smallest)
+            self.threshold.copy_(torch.where(torch.isfinite(smallest), moved, self.threshold))
         rec = mse(x_hat, x)
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[idx[vals > 0]] = True
-        aux = self.aux_loss(x, xc, x_hat, pre if sparse else pre_g, sparse)
+        fired = fired_latents(idx, vals, self.d_sae)
+        aux = self.aux_loss(x, x_hat, pre if sparse else pre_g, sparse)
         return {
             "loss": rec + self.hparams.get("aux_coeff", 1 / 32) * aux,
             "mse": rec,

@@ -1,9 +1,15 @@
 """Sparse kernels for top-k SAEs: only the k active latents enter the decoder and the backward pass.
 
-``gather_pre(x, W_enc, b_enc, idx, pre)`` returns ``pre.gather(1, idx)`` (pre-activations already computed
-densely without grad) with a backward that touches only the selected latents:
-grad_x = sum_j g_j W_enc[:, idx_j] (an embedding bag), grad_W_enc = x^T G (a sparse-dense product),
-grad_b_enc = scatter-add of g. ``sparse_decode`` is an embedding bag over decoder rows.
+A step's kept latents are an :class:`ActiveLatents`: ``idx`` [B, k] and, built once and shared by both weight
+gradients, the same (row, latent) pairs grouped by latent (a CSR pattern [d_sae, B]).
+
+``gather_pre(x, W_enc, b_enc, active, pre, b_dec)`` returns ``pre.gather(1, idx)`` (``pre = (x - b_dec) @ W_enc
++ b_enc``, already computed densely without grad) with a backward that touches only the selected latents:
+grad_W_enc = (x - b_dec)^T G (a sparse-dense product over the latent-grouped pairs), grad_b_enc = a scatter-add
+of g, grad_b_dec = -W_enc grad_b_enc (a matrix-vector product: no per-row gradient, no transposed copy of
+W_enc), and grad_x (an embedding bag over W_enc's columns) only when ``x`` itself requires grad.
+``sparse_decode(active, vals, W_dec)`` is an embedding bag over decoder rows; its backward gives grad_W_dec
+by the latent-grouped product and grad_vals (one dot product per kept pair) by a sampled matmul on the CPU.
 
 One dtype inside: under autocast (``bf16-mixed``) the dense encoder matmul gives bf16 pre-activations, while the
 parameters stay float32; the sparse kernels compute in the parameters' dtype and return gradients in each
@@ -12,19 +18,109 @@ input's own dtype.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+#: the CPU top-k groups latents by this many (see :func:`top_k_indices`)
+GROUP = 8
+#: one reused pre-activation buffer per (shape, dtype) on the CPU (see :func:`encoder_pre`)
+_WORKSPACE: dict[tuple, torch.Tensor] = {}
+
+
+@torch.no_grad()
+def encoder_pre(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> torch.Tensor:
+    """``x @ W_enc + b_enc`` without grad, for a training step's selection.
+
+    On the CPU outside autocast it is written into one buffer per shape, reused by every call (every SAE of that
+    shape, every step): a fresh [B, d_sae] tensor is page-faulted in by the kernel on each step, which costs
+    about a fifth of the matmul itself at d_sae 8,192 (bench_sae.py). The result is valid until the next call
+    of the same shape, so a caller uses it within its own step. Elsewhere (CUDA's allocator caches blocks;
+    autocast has no ``out=``) a new tensor.
+    """
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x.dim() != 2:
+        return torch.addmm(b_enc, x, W_enc)
+    key = (x.shape[0], W_enc.shape[1], torch.promote_types(x.dtype, W_enc.dtype))
+    out = _WORKSPACE.get(key)
+    if out is None:
+        out = _WORKSPACE[key] = torch.empty(key[:2], dtype=key[2])
+    return torch.addmm(b_enc, x, W_enc, out=out)
+
+
+def top_k_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [B, k] of each row's k largest entries of ``pre`` [B, m], in no particular order.
+
+    On the CPU, ``torch.topk`` over a whole row is slow (a heap per row), so it runs twice on less: the latents
+    are split into ``m / GROUP`` strided groups, each group's maximum taken (one vectorised pass), and the row's
+    top k taken among the members of its k groups with the largest maxima. Exact: an entry in the row's top k
+    lies in one of those groups (were its group not among them, k group maxima, each at least as large as it,
+    would rank above it); under ties the values kept are the same, the indices may differ. Elsewhere (CUDA's
+    top-k is a radix select) and where the grouping saves nothing, ``torch.topk``.
+    """
+    m = pre.shape[-1]
+    if pre.device.type != "cpu" or m % GROUP or k * GROUP * 4 > m or pre.dim() != 2:
+        return pre.topk(k, dim=-1, sorted=False).indices
+    groups = m // GROUP
+    gmax = pre.view(pre.shape[0], GROUP, groups).amax(1)  # group j: latents j, j + groups, j + 2 groups, ...
+    top_groups = gmax.topk(k, dim=-1, sorted=False).indices
+    cand = (top_groups[:, :, None] + torch.arange(0, m, groups, device=pre.device)).view(pre.shape[0], -1)
+    return cand.gather(1, pre.gather(1, cand).topk(k, dim=-1, sorted=False).indices)
+
+
+class ActiveLatents:
+    """The latents a step keeps, ``idx`` [B, k] (row b keeps latents ``idx[b]``), and the same pairs grouped by
+    latent for the weight gradients (built on first use, once per step)."""
+
+    def __init__(self, idx: torch.Tensor, d_sae: int):
+        self.idx, self.d_sae = idx, d_sae
+
+    @functools.cached_property
+    def _by_latent(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        flat = self.idx.reshape(-1)
+        # a stable sort (the same order on every run); int32 keys sort several times faster than int64 here
+        order = torch.argsort(flat.to(torch.int32) if self.d_sae < 2**31 else flat, stable=True)
+        crow = torch.zeros(self.d_sae + 1, dtype=torch.long, device=flat.device)
+        crow[1:] = torch.bincount(flat, minlength=self.d_sae).cumsum(0)
+        return order, crow, order // self.idx.shape[1]
+
+    def per_latent_sum(self, vals: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """``[d_sae, d]``: for each latent j, the sum over the rows b that keep it of ``vals[b, slot] * dense[b]``
+        (``vals`` [B, k] aligned with ``idx``): G^T @ dense for the sparse G with ``G[b, idx[b, s]] = vals[b, s]``."""
+        order, crow, rows = self._by_latent
+        gt = torch.sparse_csr_tensor(
+            crow, rows, vals.reshape(-1)[order], size=(self.d_sae, self.idx.shape[0]), check_invariants=False
+        )
+        return gt @ dense
+
+    def per_pair_dot(self, g: torch.Tensor, W: torch.Tensor, sampled: bool | None = None) -> torch.Tensor:
+        """``[B, k]``: ``g[b] . W[idx[b, s]]`` for every kept pair (``W`` [d_sae, d], latents as rows). ``sampled``
+        (default: on the CPU) by a sampled matmul, else by the kept rows gathered, a bounded number at a time."""
+        B, k = self.idx.shape
+        if g.device.type == "cpu" if sampled is None else sampled:  # one dot product per stored entry
+            crow = torch.arange(0, B * k + 1, k, device=g.device)
+            pattern = torch.sparse_csr_tensor(
+                crow, self.idx.reshape(-1), g.new_zeros(B * k), size=(B, self.d_sae), check_invariants=False
+            )
+            return torch.sparse.sampled_addmm(pattern, g, W.t(), beta=0.0).values().view(B, k)
+        out = g.new_empty(B, k)
+        step = max(1, 2**27 // max(1, k * W.shape[1]))
+        for s in range(0, B, step):
+            out[s : s + step] = torch.bmm(W[self.idx[s : s + step]], g[s : s + step, :, None]).squeeze(2)
+        return out
 
 
 class _GatherPre(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, idx, pre):
-        ctx.save_for_backward(x, W_enc, idx)
-        return pre.gather(1, idx)
+    def forward(ctx, x, W_enc, b_enc, b_dec, pre, active):
+        xc = x if b_dec is None else x - b_dec
+        ctx.save_for_backward(xc, W_enc)
+        ctx.active, ctx.has_b_dec = active, b_dec is not None
+        return pre.gather(1, active.idx)
 
     @staticmethod
     def backward(ctx, g):
@@ -33,39 +129,52 @@ class _GatherPre(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g):
-        x, W_enc, idx = ctx.saved_tensors
-        B, k = idx.shape
-        d_sae = W_enc.shape[1]
-        grad_x = grad_W = grad_b = None
-        g = g.to(W_enc.dtype)
-        flat_idx, flat_g = idx.reshape(-1), g.reshape(-1).contiguous()
+        xc, W_enc = ctx.saved_tensors
+        active: ActiveLatents = ctx.active
+        g = g.to(W_enc.dtype).contiguous()
+        grad_x = grad_W = grad_b = grad_b_dec = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx, W_enc.t().contiguous(), per_sample_weights=g.contiguous(), mode="sum")
-            grad_x = grad_x.to(x.dtype)
+            grad_x = F.embedding_bag(active.idx, W_enc.t().contiguous(), per_sample_weights=g, mode="sum")
+            grad_x = grad_x.to(xc.dtype)
         if ctx.needs_input_grad[1]:
-            # G^T as CSR [d_sae, B]: rows are latents, sorted by latent; grad_W_enc^T = G^T @ x
-            # the same stable order as sorting the int64 indices; float keys (exact below 2^24 latents) because
-            # this torch's CPU sort of int64 is several times slower than of float32
-            order = torch.argsort(flat_idx.float() if d_sae < 2**24 else flat_idx, stable=True)
-            counts = torch.bincount(flat_idx, minlength=d_sae)
-            crow = torch.zeros(d_sae + 1, dtype=torch.long, device=x.device)
-            crow[1:] = counts.cumsum(0)
-            rows_b = torch.arange(B, device=x.device).repeat_interleave(k)[order]
-            gt = torch.sparse_csr_tensor(crow, rows_b, flat_g[order], size=(d_sae, B), check_invariants=False)
-            grad_W = (gt @ x.to(W_enc.dtype)).t()
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, flat_idx, flat_g)
-        return grad_x, grad_W, grad_b, None, None
+            grad_W = active.per_latent_sum(g, xc.to(W_enc.dtype)).t()
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device)
+            grad_b.index_add_(0, active.idx.reshape(-1), g.reshape(-1))
+            if ctx.needs_input_grad[3]:  # d pre / d b_dec = -W_enc^T for every row: summed, -W_enc grad_b_enc
+                grad_b_dec = -(W_enc @ grad_b)
+            if not ctx.needs_input_grad[2]:
+                grad_b = None
+        return grad_x, grad_W, grad_b, grad_b_dec, None, None
 
 
-def gather_pre(x, W_enc, b_enc, idx, pre) -> torch.Tensor:
-    """``pre.gather(1, idx)`` with a sparse backward to ``x``, ``W_enc`` and ``b_enc``."""
-    return _GatherPre.apply(x, W_enc, b_enc, idx, pre)
+def gather_pre(x, W_enc, b_enc, active: ActiveLatents, pre, b_dec=None) -> torch.Tensor:
+    """``pre.gather(1, active.idx)`` for ``pre = (x - b_dec) @ W_enc + b_enc`` (``b_dec`` None: ``x @ W_enc +
+    b_enc``), with a sparse backward to ``W_enc``, ``b_enc``, ``b_dec`` and (only if it requires grad) ``x``."""
+    return _GatherPre.apply(x, W_enc, b_enc, b_dec, pre, active)
 
 
-def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vals, W_dec, active):
+        ctx.save_for_backward(vals, W_dec)
+        ctx.active = active
+        return F.embedding_bag(active.idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.autocast(g.device.type, enabled=False):
+            vals, W_dec = ctx.saved_tensors
+            active: ActiveLatents = ctx.active
+            g = g.to(W_dec.dtype).contiguous()
+            grad_vals = active.per_pair_dot(g, W_dec).to(vals.dtype) if ctx.needs_input_grad[0] else None
+            grad_W = active.per_latent_sum(vals.to(W_dec.dtype), g) if ctx.needs_input_grad[1] else None
+            return grad_vals, grad_W, None
+
+
+def sparse_decode(active: ActiveLatents, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """``sum_j vals[:, j] * W_dec[idx[:, j]]`` without materialising [B, k, d]."""
-    return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+    return _SparseDecode.apply(vals, W_dec, active)
 
 
 def dense_from_sparse(idx: torch.Tensor, vals: torch.Tensor, d_sae: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from sfcd.sae.base import SAE, mse
-from sfcd.sae.sparse_ops import dense_from_sparse, gather_pre, sparse_decode
+from sfcd.sae.sparse_ops import ActiveLatents, dense_from_sparse, encoder_pre, gather_pre, sparse_decode, top_k_indices
 
 
 class TopKSAE(SAE):
@@ -24,49 +24,50 @@ class TopKSAE(SAE):
         return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
 
     def select(self, pre: torch.Tensor) -> torch.Tensor:
-        """Indices [B, k] of the kept latents."""
-        return pre.topk(self.k, dim=-1).indices
+        """Indices [B, k] of the kept latents (in no particular order)."""
+        return top_k_indices(pre, self.k)
 
     def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
-        xc = x - self.b_dec if self.apply_b_dec_to_input else x
         sparse = self.hparams.get("sparse", True)
+        b_in = self.b_dec if self.apply_b_dec_to_input else None
         if sparse:
             with torch.no_grad():
-                pre = torch.addmm(self.b_enc, xc, self.W_enc)
-            idx = self.select(pre)
-            vals = torch.relu(gather_pre(xc, self.W_enc, self.b_enc, idx, pre))
-            x_hat = sparse_decode(idx, vals, self.W_dec) + self.b_dec
+                pre = encoder_pre(x if b_in is None else x - b_in, self.W_enc, self.b_enc)
+            active = ActiveLatents(self.select(pre), self.d_sae)
+            idx = active.idx
+            vals = torch.relu(gather_pre(x, self.W_enc, self.b_enc, active, pre, b_in))
+            x_hat = sparse_decode(active, vals, self.W_dec) + self.b_dec
         else:
-            pre = torch.addmm(self.b_enc, xc, self.W_enc)
+            pre = torch.addmm(self.b_enc, x if b_in is None else x - b_in, self.W_enc)
             idx = self.select(pre.detach())
             vals = torch.relu(pre.gather(1, idx))
             x_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec + self.b_dec
         rec = mse(x_hat, x)
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[idx[vals > 0]] = True
-        out = {"mse": rec, "l0": (vals > 0).float().sum(-1).mean(), "fired": fired}
-        aux = self.aux_loss(x, xc, x_hat, pre, sparse)
+        out = {"mse": rec, "l0": (vals > 0).float().sum(-1).mean(), "fired": fired_latents(idx, vals, self.d_sae)}
+        aux = self.aux_loss(x, x_hat, pre, sparse)
         out["aux"] = aux
         out["loss"] = rec + self.hparams.get("aux_coeff", 1 / 32) * aux
         return out
 
-    def aux_loss(self, x, xc, x_hat, pre, sparse: bool) -> torch.Tensor:
+    def aux_loss(self, x, x_hat, pre, sparse: bool) -> torch.Tensor:
         """AuxK (Gao et al. 2024, appendix B.1; as EleutherAI's sparsify): the top ``k_aux`` dead latents
         reconstruct the residual ``e = x - x_hat``. Returned in the main loss's units (squared error summed over
         dims, mean over the batch) times ``min(n_dead / k_aux, 1)``, so ``mse + aux_coeff * aux`` weighs the two
         as sparsify's ``fvu + auxk_alpha * auxk_loss`` does (both of those are divided by the batch's centred
         variance ``sum ||x - mean(x)||^2``, which cancels in the ratio)."""
-        dead = self.tokens_since_fired > self.hparams.get("dead_tokens", 10_000_000)
-        n_dead = int(dead.sum())
+        dead = (self.tokens_since_fired > self.hparams.get("dead_tokens", 10_000_000)).nonzero().squeeze(1)
+        n_dead = len(dead)
         if n_dead == 0:
             return torch.zeros((), device=x.device)
         k_aux = int(self.hparams.get("k_aux") or self.d_in // 2)
         scale = min(n_dead / k_aux, 1.0)
-        masked = pre.detach().masked_fill(~dead, float("-inf"))
-        idx = masked.topk(min(k_aux, n_dead), dim=-1).indices
+        # the top k_aux among the dead latents' pre-activations only
+        idx = dead[top_k_indices(pre.detach().index_select(1, dead), min(k_aux, n_dead))]
         if sparse:
-            vals = torch.relu(gather_pre(xc, self.W_enc, self.b_enc, idx, pre.detach()))
-            e_hat = sparse_decode(idx, vals, self.W_dec)
+            active = ActiveLatents(idx, self.d_sae)
+            b_in = self.b_dec if self.apply_b_dec_to_input else None
+            vals = torch.relu(gather_pre(x, self.W_enc, self.b_enc, active, pre.detach(), b_in))
+            e_hat = sparse_decode(active, vals, self.W_dec)
         else:
             vals = torch.relu(pre.gather(1, idx))
             e_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec
@@ -75,6 +76,12 @@ class TopKSAE(SAE):
 
     def export_extra(self):
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}, {}
+
+
+def fired_latents(idx: torch.Tensor, vals: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """Bool [d_sae]: the latents with a positive value in some row (kept on the device: no host sync)."""
+    hits = torch.zeros(d_sae, dtype=torch.int32, device=idx.device)
+    return hits.index_add_(0, idx.reshape(-1), (vals > 0).reshape(-1).to(torch.int32)) > 0
 
 
 class GroupMaxSAE(TopKSAE):

@@ -1,0 +1,118 @@
+"""benchmarks/gpu_speed.py, the speed figures a GPU machine measures before and after speed changes, runs here on the
+CPU in its small profile: every figure is there and is what its own printed parts make it (the floor recomputed
+here from the shapes, the parameter count and the measured rates), the profiler wrote its traces and tables, and
+the all-sites run trained and wrote one SAE per site of the model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ARCHS = ["relu", "jumprelu", "topk", "batchtopk"]
+
+
+def load_script():
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_speed.py"
+    spec = importlib.util.spec_from_file_location("gpu_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def close(a: float, b: float, rel: float = 2e-3) -> bool:
+    """Equal up to the script's rounding of printed times and rates (4 significant figures)."""
+    return math.isclose(a, b, rel_tol=rel)
+
+
+def check_floor(r: dict, shapes: list[tuple[int, int]], n_params: int) -> None:
+    """The floor's parts are the shapes' and the parameters', and floor and fraction follow from the parts."""
+    b = r["batch"]
+    assert r["encoder_flops_per_step"] == sum(2 * b * d_in * d_sae for d_in, d_sae in shapes), r
+    assert r["n_params"] == n_params, r
+    assert r["optimizer_bytes_per_step"] == 7 * 4 * n_params, r  # Adam: 4 float32 reads + 3 writes a parameter
+    flops, bandwidth = r["matmul_bf16_flops_per_s"], r["copy_bandwidth_bytes_per_s"]
+    assert 0 < flops < math.inf and 0 < bandwidth < math.inf, r
+    floor_s = r["encoder_flops_per_step"] / flops + r["optimizer_bytes_per_step"] / bandwidth
+    assert close(r["encoder_ms"], r["encoder_flops_per_step"] / flops * 1e3), r
+    assert close(r["optimizer_ms"], r["optimizer_bytes_per_step"] / bandwidth * 1e3), r
+    assert close(r["floor_ms_per_step"], floor_s * 1e3), r
+    assert close(r["floor_tokens_per_s"], b / floor_s), r
+    assert close(r["fraction_of_floor"], r["tokens_per_s"] / (b / floor_s)), r
+
+
+@pytest.mark.slow
+def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
+    mod = load_script()
+    out, work = tmp_path / "out", tmp_path / "work"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the suite's workers run: two threads on two busy cores make tiny ops ~10x slower
+    try:
+        t0 = time.perf_counter()
+        assert mod.main(["--device", "cpu", "--profile", "small", "--out", str(out), "--work", str(work)]) == 0
+        wall = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    printed = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    written = [json.loads(x) for x in (out / "figures.jsonl").read_text().splitlines()]
+    assert printed == written
+    assert [r["figure"] for r in printed] == ["sae_step"] * 4 + ["all_sites_stream"]
+    prof = mod.PROFILES["small"]
+
+    archs = {r["architecture"]: r for r in printed[:4]}
+    assert list(archs) == ARCHS
+    for arch, r in archs.items():
+        d_in, d_sae, b = r["d_in"], r["d_sae"], r["batch"]
+        assert (d_in, d_sae, b, r["n_saes"]) == (prof["d_in"], prof["d_sae"], prof["batch"], 1)
+        assert r["precision"] == "bf16-mixed"
+        assert r["k"] == (32 if "topk" in arch else None)  # the pythia preset's k
+        assert r["warmup_steps"] == prof["warmup"] and r["timed_steps"] == prof["timed"]
+        assert 0 < r["tokens_per_s"] < math.inf, r
+        assert close(r["tokens_per_s"], b / (r["loop_ms_per_step"] / 1e3)), r
+        # the loop's time a step holds the step's own (start to end of the batch) and the time between steps
+        assert r["step_ms_median"] > 0 and r["loop_ms_per_step"] >= 0.99 * r["step_ms_mean"] > 0, r
+        assert r["timed_steps"] * r["loop_ms_per_step"] / 1e3 <= wall, r
+        # W_enc, W_dec, b_enc, b_dec (JumpReLU: and its per-latent threshold)
+        n_params = 2 * d_in * d_sae + d_sae + d_in + (d_sae if arch == "jumprelu" else 0)
+        check_floor(r, [(d_in, d_sae)], n_params)
+        assert r["peak_memory_gib"] is None and r["meets_target"] is None  # CPU: no CUDA memory; small: no target
+    assert archs["topk"]["target_tokens_per_s"] == 1.5e6 and archs["topk"]["steps"] == sum(
+        (prof["warmup"], prof["timed"], *prof["profile_steps"])
+    )
+
+    s = printed[4]
+    # the micro model's sites: embed, and attn/mlp/resid of each of its 2 layers
+    names = ["embed", *(f"{kind}.{layer}" for layer in range(2) for kind in ("attn", "mlp", "resid"))]
+    assert s["sites"] == s["n_saes"] == len(names) == 7 and s["site_names"] == names
+    saes = sorted((work / "all_sites" / "saes" / "step0").glob("*/metrics.json"))
+    assert sorted(p.parent.name for p in saes) == sorted(names)
+    for p in saes:
+        m = json.loads(p.read_text())
+        assert (m["architecture"], m["d_in"], m["d_sae"], m["hparams"]["k"]) == ("topk", 32, prof["d_sae"], 32)
+        assert m["train_tokens"] == s["steps"] * s["batch"] and m["training"]["buffer_tokens"] == 3 * s["batch"]
+    # the stream's rate: the loop's time a step and each chunk's harvest shared by its steps
+    assert s["harvests_timed"] >= 1 and s["harvest_ms_per_chunk"] > 0 and s["steps_per_chunk"] == prof["chunk_steps"]
+    stream_ms = s["loop_ms_per_step"] + s["harvest_ms_per_chunk"] / s["steps_per_chunk"]
+    assert 0 < s["tokens_per_s"] < math.inf and close(s["tokens_per_s"], s["batch"] / (stream_ms / 1e3)), s
+    assert close(s["training_tokens_per_s"], s["batch"] / (s["loop_ms_per_step"] / 1e3)), s
+    assert close(s["projected_minutes_per_checkpoint"], 50e6 / s["tokens_per_s"] / 60), s
+    assert s["target_tokens_per_s"] == 85e3
+    check_floor(s, [(32, prof["d_sae"])] * 7, 7 * (2 * 32 * prof["d_sae"] + prof["d_sae"] + 32))
+
+    for name in ("topk", "all_sites"):
+        trace = json.loads((out / f"trace_{name}.json").read_text())
+        assert len(trace["traceEvents"]) > 10, name
+        table = (out / f"top_kernels_{name}.txt").read_text()
+        assert "Self CPU" in table and len(table.splitlines()) > 10, name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_gpu_speed_asks_for_a_gpu_clearly(capsys, tmp_path):
+    assert load_script().main(["--device", "cuda", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "asks for a GPU but torch sees none" in err and "Traceback" not in err
