@@ -60,11 +60,34 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._t)
 
 
+class DeadLatents(L.Callback):
+    """Makes the first ``n`` latents of every SAE dead from the start (silent for longer than ``sae.dead_tokens``,
+    and kept silent by a very negative encoder bias), so that AuxK runs in every step as it does in a long run
+    once latents have died; these runs are far too short for a latent to die on its own (10M tokens)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    @torch.no_grad()
+    def on_train_start(self, trainer, module):
+        for sae in module.saes:
+            sae.tokens_since_fired[: self.n] = 10**15
+            sae.b_enc[: self.n] = -1e4
+
+
 def sae_rate(
-    arch: str, acts: np.ndarray, d_in: int, d_sae: int, batch: int, steps: int, k: int, sites: int = 1
+    arch: str,
+    acts: np.ndarray,
+    d_in: int,
+    d_sae: int,
+    batch: int,
+    steps: int,
+    k: int,
+    sites: int = 1,
+    dead: int = 0,
 ) -> float:
     """Stream tokens/s (batch rows per second) of ``sites`` same-shape SAEs trained side by side from one stream
-    through the real loop (each row feeds every SAE)."""
+    through the real loop (each row feeds every SAE); ``dead`` latents of each dead throughout (AuxK on)."""
     from sfcd.config import compose
     from sfcd.sae.train import SAEModule, make_specs, train_module
 
@@ -82,7 +105,7 @@ def sae_rate(
     module = SAEModule(make_specs(cfg.sae, dict.fromkeys(names, d_in)), cfg.sae, steps)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        train_module(module, cfg.trainer, Path(tmp), dict.fromkeys(names, acts), [timer])
+        train_module(module, cfg.trainer, Path(tmp), dict.fromkeys(names, acts), [timer, DeadLatents(dead)])
     return batch / float(np.median(timer.times[2:]))
 
 
@@ -205,6 +228,21 @@ def main() -> None:
                 "d_sae": a.d_sae,
                 "k": a.k,
                 "batch": a.batch,
+            }
+        )
+    )
+    # the same TopK SAE with an eighth of its latents dead: AuxK (k_aux = d_in / 2 among the dead) in every step
+    before = encoder_rate(a.batch, a.d_in, a.d_sae)
+    auxk = sae_rate("topk", acts, a.d_in, a.d_sae, a.batch, a.steps, a.k, dead=a.d_sae // 8)
+    limit_auxk = (before + encoder_rate(a.batch, a.d_in, a.d_sae)) / 2 / (2 * a.d_in * a.d_sae)
+    print(
+        json.dumps(
+            {
+                "figure": "topk_auxk_fraction_of_limit",
+                "value": round(auxk / limit_auxk, 3),
+                "tokens_per_s": round(auxk),
+                "dead_latents": a.d_sae // 8,
+                "k_aux": a.d_in // 2,
             }
         )
     )

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,62 @@ def test_ddp_with_two_sites_trains_what_one_process_trains(tmp_path):
         # learning rate (1e-3) per step or more (measured >= 3e-3); the weights themselves moved by > 1e-2.
         assert float(moved) > 1e-2, (name, moved)
         assert float(diff) < 1e-5, (name, diff)
+
+
+NAN_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from sae.synthetic import make_data
+    from sfcd.config import compose
+    from sfcd.errors import SfcdError
+    from sfcd.sae.topk import TopKSAE
+    from sfcd.sae.train import SAEModule, make_specs, train_module
+
+    _loss, CALLS = TopKSAE.training_loss, []
+    def loss_nan_on_rank1_at_step3(self, x, progress):  # at the top level: the spawned ranks patch too
+        out = _loss(self, x, progress)
+        CALLS.append(1)
+        if torch.distributed.get_rank() == 1 and len(CALLS) == 4:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    TopKSAE.training_loss = loss_nan_on_rank1_at_step3
+
+    _step = SAEModule.training_step
+    def step_noting_errors(self, *a):  # which ranks raised the error (spawn stops the others once one exits)
+        try:
+            return _step(self, *a)
+        except SfcdError:
+            Path(sys.argv[1], f"raised{{torch.distributed.get_rank()}}").touch()
+            raise
+    SAEModule.training_step = step_noting_errors
+
+    if __name__ == "__main__":
+        torch.multiprocessing.set_sharing_strategy("file_system")
+        x, _ = make_data(n=4096, d=16, n_dirs=24, seed=0)
+        cfg = compose([
+            "sae.architecture=topk", "sae.batch_size=256", "sae.d_sae=64", "sae.k=4", "sae.n_tokens=4096",
+            "sae.checkpoint_every=2", "sae.buffer_tokens=1024", "trainer.devices=2", "trainer.strategy=ddp_spawn",
+        ])
+        module = SAEModule(make_specs(cfg.sae, {{"x": 16}}), cfg.sae, 16)
+        train_module(module, cfg.trainer, Path(sys.argv[1]), {{"x": x}})
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_a_diverged_sae_on_one_rank_stops_every_rank(tmp_path):
+    """One rank's loss turns NaN at step 3: both ranks raise the error at that step (the check flags are reduced
+    with the fired latents) and the last saved state is step 2's. Bug caught: the check kept per rank, where rank
+    1 raises alone and rank 0 goes on into step 4 (to be stopped by the launcher, or wait in a collective)."""
+    import torch
+
+    script = tmp_path / "ddp_nan.py"
+    script.write_text(NAN_SCRIPT.format(tests=str(Path(__file__).parents[1])))
+    p = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert p.returncode != 0
+    assert "SAE x diverged (a non-finite loss) at training step 3" in p.stderr, p.stderr[-3000:]
+    state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2
+    assert (tmp_path / "raised0").exists() and (tmp_path / "raised1").exists()

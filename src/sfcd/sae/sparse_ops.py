@@ -52,6 +52,11 @@ def encoder_pre(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> to
     return torch.addmm(b_enc, x, W_enc, out=out)
 
 
+def release_workspace() -> None:
+    """Free the CPU pre-activation buffers (training calls this when it ends)."""
+    _WORKSPACE.clear()
+
+
 def top_k_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [B, k] of each row's k largest entries of ``pre`` [B, m], in no particular order.
 
@@ -85,7 +90,9 @@ class ActiveLatents:
         # a stable sort (the same order on every run); int32 keys sort several times faster than int64 here
         order = torch.argsort(flat.to(torch.int32) if self.d_sae < 2**31 else flat, stable=True)
         crow = torch.zeros(self.d_sae + 1, dtype=torch.long, device=flat.device)
-        crow[1:] = torch.bincount(flat, minlength=self.d_sae).cumsum(0)
+        # counts by index_add, not bincount (which reads the indices' range back to the host on CUDA)
+        counts = torch.zeros(self.d_sae, dtype=torch.long, device=flat.device)
+        crow[1:] = counts.index_add_(0, flat, torch.ones_like(flat)).cumsum(0)
         return order, crow, order // self.idx.shape[1]
 
     def per_latent_sum(self, vals: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from sfcd.errors import ConfigError, SfcdError
 from sfcd.io import read_json, write_json
 from sfcd.sae.base import SAE, geometric_median
 from sfcd.sae.registry import sae_class
+from sfcd.sae.sparse_ops import release_workspace
 from sfcd.training import SaveEvery, make_trainer
 
 log = logging.getLogger(__name__)
@@ -262,27 +263,27 @@ class SAEModule(L.LightningModule):
                         for p in sae.parameters()
                         if p.grad is not None
                     ]
-                outs.append(
-                    {k: v.detach() for k, v in out.items() if k in ("fired", "mse", "l0", "per_token_mse", "loss")}
-                )
+                outs.append({k: v.detach() for k, v in out.items() if k in ("fired", "mse", "l0", "per_token_mse")})
                 del out
-        # a bad batch or a diverged SAE stops the run before any parameter moves (the optimizer steps below)
-        for spec, out, (x_ok, loss_ok) in zip(self.specs, outs, torch.stack(checks).tolist(), strict=True):
-            if not x_ok:
+        fired, bad = [o["fired"] for o in outs], ~torch.stack(checks)  # bad: [SAEs, (input, loss)]
+        if world > 1:  # which latents fired on any rank, and any rank's bad input or loss: one reduction
+            flat = torch.cat([f.to(torch.int32) for f in fired] + [bad.flatten().to(torch.int32)])
+            torch.distributed.all_reduce(flat)
+            *fired, bad = flat.split([f.numel() for f in fired] + [bad.numel()])
+            fired, bad = [f > 0 for f in fired], (bad > 0).view(-1, 2)
+        # a bad batch or a diverged SAE stops the run, on every rank at once, before any parameter moves
+        for spec, (x_bad, loss_bad) in zip(self.specs, bad.tolist(), strict=True):
+            if x_bad:
                 raise SfcdError(
                     f"NaN or inf in the activations of site {spec.site} at training step {step}; "
                     "stopped, the last good training state is kept (check the model or the file)"
                 )
-            if not loss_ok:
+            if loss_bad:
                 raise SfcdError(
-                    f"SAE {spec.name} diverged (loss {out['loss'].item()}) at training step {step}; "
+                    f"SAE {spec.name} diverged (a non-finite loss) at training step {step}; "
                     "stopped, the last good training state is kept: lower sae.lr"
                 )
-        fired = [o["fired"] for o in outs]
         if world > 1:
-            flat = torch.cat([f.to(torch.int32) for f in fired])
-            torch.distributed.all_reduce(flat)
-            fired = [f > 0 for f in flat.split([f.numel() for f in fired])]
             for h in pending:
                 h.wait()
             for sae in self.saes:
@@ -397,7 +398,10 @@ def train_module(
     )
     if state.exists():
         log.info("resuming SAE training from %s", state)
-    trainer.fit(module, ckpt_path=str(state) if state.exists() else None, weights_only=True)
+    try:
+        trainer.fit(module, ckpt_path=str(state) if state.exists() else None, weights_only=True)
+    finally:
+        release_workspace()
     # spawned ranks (ddp_spawn) return rank 0's weights and the trainer's state, not its step counter
     spawned_and_done = trainer.world_size > 1 and trainer.state.finished and not trainer.interrupted
     if trainer.global_step < module.total_steps and not spawned_and_done:
