@@ -61,18 +61,19 @@ class StepTimer(L.Callback):
 
 
 class DeadLatents(L.Callback):
-    """Makes the first ``n`` latents of every SAE dead from the start (silent for longer than ``sae.dead_tokens``,
-    and kept silent by a very negative encoder bias), so that AuxK runs in every step as it does in a long run
-    once latents have died; these runs are far too short for a latent to die on its own (10M tokens)."""
+    """Counts the first ``n`` latents of every SAE as dead at every step (silent for longer than
+    ``sae.dead_tokens``, whatever they did), so that AuxK runs in every step as it does in a long run once latents
+    have died; these runs are far too short for a latent to die on its own (10M tokens). Their pre-activations
+    stay as they are (about half of them positive), so AuxK fills all its k_aux slots: its most expensive case.
+    """
 
     def __init__(self, n: int):
         self.n = n
 
     @torch.no_grad()
-    def on_train_start(self, trainer, module):
+    def on_train_batch_start(self, trainer, module, *args):
         for sae in module.saes:
             sae.tokens_since_fired[: self.n] = 10**15
-            sae.b_enc[: self.n] = -1e4
 
 
 def sae_rate(

@@ -41,12 +41,15 @@ def written_out(arch: str, p: dict, x: torch.Tensor, dead: torch.Tensor, aux_coe
     }
 
 
+@pytest.mark.parametrize("dead_bias", [0.0, -3.0])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_sparse_and_dense_paths_equal_the_written_out_loss(arch):
+def test_sparse_and_dense_paths_equal_the_written_out_loss(arch, dead_bias):
     """Loss, MSE, AuxK, L0, the latents that fired, every gradient, and (BatchTopK) the inference threshold set
     to the smallest kept activation. Bugs caught: BatchTopK keeping k per batch instead of k x B, or a per-row
     top-k; b_dec not subtracted before the encoder; AuxK over live latents or unscaled; a wrong sparse backward.
-    Both paths share the selection, so comparing them with each other cannot see the first three."""
+    Both paths share the selection, so comparing them with each other cannot see the first three. With the dead
+    latents' bias at -3 most rows hold fewer positive dead latents than k_aux (AuxK then keeps fewer slots, as
+    many as the row with the most): a slot count below some row's positives would drop its terms."""
     x = torch.randn(B, D_IN, generator=torch.Generator().manual_seed(0)) * 2
     g = torch.Generator().manual_seed(1)
     for sparse in (True, False):
@@ -54,6 +57,7 @@ def test_sparse_and_dense_paths_equal_the_written_out_loss(arch):
         with torch.no_grad():  # a b_dec and b_enc away from 0, so that their place in the formula shows
             sae.b_dec.copy_(torch.randn(D_IN, generator=g) * 0.5)
             sae.b_enc.copy_(torch.randn(D_SAE, generator=g) * 0.1)
+            sae.b_enc[:20] += dead_bias
         sae.tokens_since_fired[:20] = 1000  # some dead latents: the AuxK path runs too
         p = {k: getattr(sae, k).detach().clone().requires_grad_(True) for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
         want = written_out(arch, p, x, sae.tokens_since_fired > 10)

@@ -61,8 +61,14 @@ class TopKSAE(SAE):
             return torch.zeros((), device=x.device)
         k_aux = int(self.hparams.get("k_aux") or self.d_in // 2)
         scale = min(n_dead / k_aux, 1.0)
-        # the top k_aux among the dead latents' pre-activations only
-        idx = dead[top_k_indices(pre.detach().index_select(1, dead), min(k_aux, n_dead))]
+        # the top k_aux among the dead latents' pre-activations only; a kept latent at or below 0 adds nothing to
+        # e_hat and gets no gradient (relu), so no row needs more slots than its count of positive dead latents
+        sub = pre.detach().index_select(1, dead)
+        k_eff = min(k_aux, n_dead, int((sub > 0).sum(1).max()))
+        e = (x - x_hat).detach()
+        if k_eff == 0:
+            return scale * e.pow(2).sum(-1).mean()
+        idx = dead[top_k_indices(sub, k_eff)]
         if sparse:
             active = ActiveLatents(idx, self.d_sae)
             b_in = self.b_dec if self.apply_b_dec_to_input else None
@@ -71,7 +77,6 @@ class TopKSAE(SAE):
         else:
             vals = torch.relu(pre.gather(1, idx))
             e_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec
-        e = (x - x_hat).detach()
         return scale * (e_hat - e).pow(2).sum(-1).mean()
 
     def export_extra(self):
