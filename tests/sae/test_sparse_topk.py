@@ -41,15 +41,21 @@ def written_out(arch: str, p: dict, x: torch.Tensor, dead: torch.Tensor, aux_coe
     }
 
 
+@pytest.mark.parametrize("aux_over_dead_columns", [False, True])
 @pytest.mark.parametrize("dead_bias", [0.0, -3.0])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_sparse_and_dense_paths_equal_the_written_out_loss(arch, dead_bias):
+def test_sparse_and_dense_paths_equal_the_written_out_loss(arch, dead_bias, aux_over_dead_columns, monkeypatch):
     """Loss, MSE, AuxK, L0, the latents that fired, every gradient, and (BatchTopK) the inference threshold set
     to the smallest kept activation. Bugs caught: BatchTopK keeping k per batch instead of k x B, or a per-row
     top-k; b_dec not subtracted before the encoder; AuxK over live latents or unscaled; a wrong sparse backward.
     Both paths share the selection, so comparing them with each other cannot see the first three. With the dead
     latents' bias at -3 most rows hold fewer positive dead latents than k_aux (AuxK then keeps fewer slots, as
-    many as the row with the most): a slot count below some row's positives would drop its terms."""
+    many as the row with the most): a slot count below some row's positives would drop its terms. AuxK both ways
+    on the sparse path: its own sparse kernels, or dense over the dead latents' columns (a kept-slot mask
+    misplaced, or the dead columns of W_enc and W_dec taken in different orders, would show)."""
+    from sfcd.sae.topk import TopKSAE
+
+    monkeypatch.setattr(TopKSAE, "dense_aux_ratio", 10**6 if aux_over_dead_columns else 0)
     x = torch.randn(B, D_IN, generator=torch.Generator().manual_seed(0)) * 2
     g = torch.Generator().manual_seed(1)
     for sparse in (True, False):
