@@ -146,6 +146,7 @@ class SAEConfig:
     sweep: dict[str, list[Any]] = field(default_factory=dict)  # grid of hyperparameters trained in one stream
     per_site: dict[str, Any] = field(default_factory=dict)  # settings by site name or kind: {embed: {k: 2}}
     checkpoint_every: int = 200  # steps between resumable states
+    checkpoint_minutes: float = 0.0  # > 0: a resumable state every this many minutes instead (by measured step time)
     init: str = "random"  # random | previous (study: warm-start from the previous checkpoint's SAE)
     init_from: str | None = None  # a saes/step<N> folder to warm-start from (set by the study for init=previous)
     # site-parallel: the sites split into `shards` shards (every shards-th site), this job training shard `shard`

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import lightning as L
@@ -82,11 +83,25 @@ def save_state(trainer: L.Trainer, path: Path) -> None:
 
 
 class SaveEvery(L.Callback):
-    """Save the training state every ``every`` optimizer steps, atomically, for a resume (on every rank)."""
+    """Save the training state every ``every`` optimizer steps, atomically, for a resume (on every rank).
 
-    def __init__(self, path: Path, every: int):
-        self.path, self.every = path, every
+    With ``minutes`` > 0, every that many minutes of training instead: a save is collective, so every rank must
+    agree on when, and a per-step clock check would need a collective every step; so the interval in steps is
+    fixed once, from rank 0's mean step time over ``probe`` steps after the first (its warm-up left out),
+    broadcast to every rank, and re-measured after a resume. No save happens before the interval is known."""
+
+    def __init__(self, path: Path, every: int, minutes: float = 0.0, probe: int = 20):
+        self.path, self.every, self.minutes, self.probe = path, every, float(minutes), probe
+        self.interval: int | None = None if self.minutes > 0 else every
+        self._mark: tuple[int, float] | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every > 0 and trainer.global_step % self.every == 0:
+        step = trainer.global_step
+        if self.interval is None:
+            if self._mark is None:
+                self._mark = (step, time.monotonic())
+            elif step - self._mark[0] >= self.probe:
+                per_step = (time.monotonic() - self._mark[1]) / (step - self._mark[0])
+                self.interval = int(trainer.strategy.broadcast(max(1, round(self.minutes * 60 / per_step))))
+        if self.interval and self.interval > 0 and step % self.interval == 0:
             save_state(trainer, self.path)

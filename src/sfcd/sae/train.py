@@ -393,9 +393,8 @@ def train_module(
     if not state.exists():
         module.initialise(data)
     module.source = data
-    trainer = make_trainer(
-        trainer_cfg, module.total_steps, state_dir, [SaveEvery(state, module.cfg.checkpoint_every), *(callbacks or [])]
-    )
+    saves = SaveEvery(state, module.cfg.checkpoint_every, module.cfg.get("checkpoint_minutes", 0.0))
+    trainer = make_trainer(trainer_cfg, module.total_steps, state_dir, [saves, *(callbacks or [])])
     if state.exists():
         log.info("resuming SAE training from %s", state)
     try:
@@ -437,7 +436,7 @@ def state_dir_name(sae_cfg: DictConfig) -> str:
 def settings_of(specs: list[SAESpec], sae_cfg: DictConfig, total: int) -> dict:
     """What the resumable state depends on. Not the shard: it only picks the specs, which are listed."""
     sae = OmegaConf.to_container(sae_cfg, resolve=True)
-    for key in ("shard", "shards"):
+    for key in ("shard", "shards", "checkpoint_minutes"):  # (when states are saved changes nothing they hold)
         sae.pop(key, None)
     return {"specs": [s.__dict__ for s in specs], "total_steps": total, "sae": sae}
 

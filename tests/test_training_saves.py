@@ -1,0 +1,46 @@
+"""When the training state is saved (``sfcd.training.SaveEvery``): every N steps, or every N minutes of training
+by an interval in steps measured once from the step time, the same on every rank."""
+
+from types import SimpleNamespace
+
+import pytest
+
+import sfcd.training as training
+from sfcd.training import SaveEvery
+
+
+def run(callback: SaveEvery, step_seconds, steps: int, monkeypatch, broadcast=None) -> list[int]:
+    """``steps`` training steps on a fake clock, step i taking ``step_seconds(i)``; the steps saved at."""
+    clock, saved = [1000.0], []
+    trainer = SimpleNamespace(global_step=0, strategy=SimpleNamespace(broadcast=broadcast or (lambda v, src=0: v)))
+    monkeypatch.setattr(training, "save_state", lambda tr, path: saved.append(tr.global_step))
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+    for i in range(steps):
+        clock[0] += step_seconds(i)
+        trainer.global_step += 1
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+    return saved
+
+
+def test_every_n_steps(monkeypatch, tmp_path):
+    assert run(SaveEvery(tmp_path / "s", every=4), lambda i: 1.0, 13, monkeypatch) == [4, 8, 12]
+
+
+@pytest.mark.parametrize("seconds_per_step", [1.5, 0.02])
+def test_every_n_minutes_by_the_measured_step_time(monkeypatch, tmp_path, seconds_per_step):
+    """0.5 minutes at 1.5 s a step is every 20 steps; at 0.02 s, every 1,500; the first step (warm-up) takes 100
+    times longer and is left out. Bugs caught: minutes read as seconds, the warm-up step in the measurement, saves
+    before the interval is known, or none after it."""
+    cb = SaveEvery(tmp_path / "s", every=7, minutes=0.5, probe=5)
+    n = round(30 / seconds_per_step)
+    saved = run(cb, lambda i: seconds_per_step * (100 if i == 0 else 1), 4 * n + 3, monkeypatch)
+    assert cb.interval == n
+    assert saved == [n, 2 * n, 3 * n, 4 * n]
+
+
+def test_the_interval_is_rank_zeros(monkeypatch, tmp_path):
+    """Every rank takes the broadcast interval (a save is collective: ranks deciding by their own clocks would
+    disagree and wait in its barrier forever)."""
+    cb = SaveEvery(tmp_path / "s", every=7, minutes=0.5, probe=5)
+    saved = run(cb, lambda i: 3.0, 40, monkeypatch, broadcast=lambda v, src=0: 9)
+    assert cb.interval == 9 and saved == [9, 18, 27, 36]
