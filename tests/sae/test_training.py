@@ -343,3 +343,32 @@ def test_warm_start_reproduces_the_saved_sae(arrays, tmp_path):
     )
     with torch.no_grad():
         assert not torch.allclose(cold.saes[0].W_dec, module.saes[0].W_dec)
+
+
+def test_every_saes_mse_and_l0_logged_as_numbers_at_the_logging_interval(arrays, tmp_path, monkeypatch):
+    """32 steps, Lightning's interval 10: each SAE's MSE and L0 logged at steps 10, 20 and 30 only, as Python
+    numbers, and written to the CSV log there; L0 at most k. Bugs caught: logging every step or logging tensors
+    (either one reads every SAE's values back to the host at every step, on a GPU a sync each), never logging,
+    another quantity under the L0's name."""
+    import csv
+
+    calls = []
+    log = SAEModule.log
+
+    def spy(self, name, value, *a, **k):
+        calls.append((self.global_step, name, type(value)))
+        return log(self, name, value, *a, **k)
+
+    monkeypatch.setattr(SAEModule, "log", spy)
+    fit(["sae.architecture=topk"], {"x": 32, "y": 32}, arrays, tmp_path)
+    # global_step counts optimizer steps: the log call of step 10 runs after its optimizer step (global_step 10)
+    assert sorted({s for s, _, _ in calls}) == [10, 20, 30]
+    assert {n for _, n, _ in calls} == {"x/mse", "x/l0", "y/mse", "y/l0"}
+    assert {t for _, _, t in calls} == {float}
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for key in ("x/mse", "x/l0", "y/mse", "y/l0"):
+        logged = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+        assert [s for s, _ in logged] == [9, 19, 29], key
+        assert all(v > 0 and v == v for _, v in logged), key
+    assert all(float(r["x/l0"]) <= 4 for r in rows if r.get("x/l0"))  # k = 4

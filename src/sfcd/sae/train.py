@@ -300,12 +300,17 @@ class SAEModule(L.LightningModule):
             every = sae.resample_period()
             if every and (step + 1) % every == 0 and "per_token_mse" in out:
                 resample.append((spec, sae, x * sae.scale, out["per_token_mse"]))
-            self.log(f"{spec.name}/mse", out["mse"], prog_bar=i == 0)
-            self.log(f"{spec.name}/l0", out["l0"], prog_bar=i == 0)
         opt.step()
         sched.step()
         for sae in self.saes:
             sae.after_step()
+        if (step + 1) % self.trainer.log_every_n_steps == 0:
+            # every SAE's MSE and L0 read back once, at the logging interval, and logged as numbers: logged
+            # tensors would be read back (a host sync) by the progress bar at every step
+            values = torch.stack([torch.stack([o["mse"], o["l0"]]) for o in outs]).tolist()
+            for i, (spec, (mse_v, l0_v)) in enumerate(zip(self.specs, values, strict=True)):
+                self.log(f"{spec.name}/mse", mse_v, prog_bar=i == 0)
+                self.log(f"{spec.name}/l0", l0_v, prog_bar=i == 0)
         if resample:
             if world > 1:  # every rank resamples from the global batch, in one process's row order
                 resample = [(spec, sae, *self._gather(batch[ROWS], x, per)) for spec, sae, x, per in resample]
