@@ -23,30 +23,32 @@ import numpy as np
 import torch
 
 
-def matmul_rate(b: int, d: int, m: int, reps: int = 5) -> float:
-    """FLOP/s of the SAE's matmul shapes: [b, d] @ [d, m] and [b, m] @ [m, d], into preallocated outputs (the
-    machine's rate, not its allocator's: a fresh [b, m] output is page-faulted in on every call)."""
-    x, w, f, v = torch.randn(b, d), torch.randn(d, m), torch.randn(b, m), torch.randn(m, d)
-    out_m, out_d = torch.empty(b, m), torch.empty(b, d)
+def matmul_rate(b: int, d: int, m: int, reps: int = 5, encoder_only: bool = False) -> float:
+    """FLOP/s of the SAE's matmul shapes, [b, d] @ [d, m] and [b, m] @ [m, d] (``encoder_only``: the first alone,
+    the only dense product of a TopK step), into preallocated outputs (the machine's rate, not its allocator's: a
+    fresh [b, m] output is page-faulted in on every call)."""
+    products = [(torch.randn(b, d), torch.randn(d, m), torch.empty(b, m))]
+    if not encoder_only:
+        products.append((torch.randn(b, m), torch.randn(m, d), torch.empty(b, d)))
     for _ in range(2):
-        torch.mm(x, w, out=out_m), torch.mm(f, v, out=out_d)
+        for x, w, out in products:
+            torch.mm(x, w, out=out)
     t = time.perf_counter()
     for _ in range(reps):
-        torch.mm(x, w, out=out_m)
-        torch.mm(f, v, out=out_d)
-    return 2 * reps * 2 * b * d * m / (time.perf_counter() - t)
+        for x, w, out in products:
+            torch.mm(x, w, out=out)
+    return reps * len(products) * 2 * b * d * m / (time.perf_counter() - t)
 
 
-def encoder_rate(b: int, d: int, m: int, reps: int = 5) -> float:
-    """FLOP/s of the encoder's matmul alone, [b, d] @ [d, m] into a preallocated output: the limit a TopK step
-    is measured against (its only dense product)."""
-    x, w, out = torch.randn(b, d), torch.randn(d, m), torch.empty(b, m)
-    for _ in range(2):
-        torch.mm(x, w, out=out)
-    t = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(x, w, out=out)
-    return reps * 2 * b * d * m / (time.perf_counter() - t)
+def encoder_rate(b: int, d: int, m: int) -> float:
+    return matmul_rate(b, d, m, encoder_only=True)
+
+
+def around(rate, run):
+    """``run()`` and the mean of ``rate()`` measured just before and just after it."""
+    before = rate()
+    result = run()
+    return result, (before + rate()) / 2
 
 
 class StepTimer(L.Callback):
@@ -187,10 +189,11 @@ def main() -> None:
     flops_per_token = 5 * 2 * a.d_in * a.d_sae
     rates, enc = {}, {}
     for arch in ("relu", "jumprelu", "topk", "batchtopk"):
-        before, enc_before = matmul_rate(a.batch, a.d_in, a.d_sae), encoder_rate(a.batch, a.d_in, a.d_sae)
+        both = lambda: (matmul_rate(a.batch, a.d_in, a.d_sae), encoder_rate(a.batch, a.d_in, a.d_sae))  # noqa: E731
+        before = both()
         rates[arch] = sae_rate(arch, acts, a.d_in, a.d_sae, a.batch, a.steps, a.k)
-        peak = (before + matmul_rate(a.batch, a.d_in, a.d_sae)) / 2
-        enc[arch] = (enc_before + encoder_rate(a.batch, a.d_in, a.d_sae)) / 2
+        after = both()
+        peak, enc[arch] = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
         print(
             json.dumps(
                 {
@@ -233,9 +236,11 @@ def main() -> None:
         )
     )
     # the same TopK SAE with an eighth of its latents dead: AuxK (k_aux = d_in / 2 among the dead) in every step
-    before = encoder_rate(a.batch, a.d_in, a.d_sae)
-    auxk = sae_rate("topk", acts, a.d_in, a.d_sae, a.batch, a.steps, a.k, dead=a.d_sae // 8)
-    limit_auxk = (before + encoder_rate(a.batch, a.d_in, a.d_sae)) / 2 / (2 * a.d_in * a.d_sae)
+    auxk, enc_auxk = around(
+        lambda: encoder_rate(a.batch, a.d_in, a.d_sae),
+        lambda: sae_rate("topk", acts, a.d_in, a.d_sae, a.batch, a.steps, a.k, dead=a.d_sae // 8),
+    )
+    limit_auxk = enc_auxk / (2 * a.d_in * a.d_sae)
     print(
         json.dumps(
             {
@@ -261,9 +266,10 @@ def main() -> None:
         )
     # many same-shape SAEs from one stream through the real loop: stream rows/s x every SAE's encoder FLOPs
     n, m, k = a.sites, a.sites_d_sae, a.sites_k
-    before = encoder_rate(a.batch, a.d_in, m)
-    rate = sae_rate("topk", acts, a.d_in, m, a.batch, a.steps, k, sites=n)
-    rate_enc = (before + encoder_rate(a.batch, a.d_in, m)) / 2
+    rate, rate_enc = around(
+        lambda: encoder_rate(a.batch, a.d_in, m),
+        lambda: sae_rate("topk", acts, a.d_in, m, a.batch, a.steps, k, sites=n),
+    )
     print(
         json.dumps(
             {

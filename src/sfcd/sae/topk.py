@@ -33,15 +33,16 @@ class TopKSAE(SAE):
     def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
         sparse = self.hparams.get("sparse", True)
         b_in = self.b_dec if self.apply_b_dec_to_input else None
+        xc = x if b_in is None else x - b_in
         if sparse:
             with torch.no_grad():
-                pre = encoder_pre(x if b_in is None else x - b_in, self.W_enc, self.b_enc)
+                pre = encoder_pre(xc, self.W_enc, self.b_enc)
             active = ActiveLatents(self.select(pre), self.d_sae)
             idx = active.idx
             vals = torch.relu(gather_pre(x, self.W_enc, self.b_enc, active, pre, b_in))
             x_hat = sparse_decode(active, vals, self.W_dec) + self.b_dec
         else:
-            pre = torch.addmm(self.b_enc, x if b_in is None else x - b_in, self.W_enc)
+            pre = torch.addmm(self.b_enc, xc, self.W_enc)
             idx = self.select(pre.detach())
             vals = torch.relu(pre.gather(1, idx))
             x_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec + self.b_dec
