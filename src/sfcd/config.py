@@ -108,6 +108,20 @@ class TrainerConfig:
 
 
 @dataclass
+class TranscoderConfig:
+    """The transcoders' settings where they differ from the SAEs' (None: the SAE setting)."""
+
+    k: int | None = None
+    d_sae: int | None = None
+    expansion: int | None = None  # d_sae = expansion * d_in (sparsify's default is 32)
+    lr: float | None = None
+    aux_coeff: float | None = None
+    dead_tokens: int | None = None
+    seed: int | None = None
+    skip: bool = True  # the affine skip path W_skip x (Paulo et al. 2025; sparsify's skip_connection)
+
+
+@dataclass
 class SAEConfig:
     architecture: str = "topk"  # relu | topk | batchtopk | jumprelu
     sites: list[str] = field(default_factory=lambda: ["all"])  # site names, or "all" (embed + attn/mlp/resid per layer)
@@ -154,6 +168,11 @@ class SAEConfig:
     # sae.shard=0,1,2,3 'trainer.devices=[${sae.shard}]' hydra/launcher=joblib. Each SAE is the unsharded job's.
     shards: int = 1
     shard: int = 0
+    # transcoders, trained from the same activation stream as the SAEs (one forward pass feeds both): the MLPs
+    # (output sites, "mlp" for every layer, or mlp.<l>) to replace by a TopK (skip) transcoder from mlp_in.<l>
+    # to mlp.<l>, written to transcoders/step<N>/mlp.<l>/ in sparsify's transcode layout
+    transcoders: list[str] = field(default_factory=list)
+    transcoder: TranscoderConfig = field(default_factory=lambda: TranscoderConfig())
 
 
 @dataclass
@@ -238,6 +257,21 @@ class CrosscoderConfig:
 
 
 @dataclass
+class GraphConfig:
+    """An attribution graph of one prompt (``sfcd graph``; circuit-tracer's method and defaults)."""
+
+    prompt: str = "The athlete that the chefs"  # the prompt (a BOS token is put first)
+    name: str | None = None  # the folder under graphs/ (None: a slug of the prompt)
+    node_threshold: float = 0.8  # nodes kept to this share of the cumulative influence on the logits
+    edge_threshold: float = 0.98  # edges kept to this share of the cumulative edge influence
+    max_logits: int = 10  # at most this many target logits (the most probable next tokens) ...
+    logit_probability: float = 0.95  # ... until their probabilities sum to this
+    max_feature_nodes: int | None = None  # attribute at most this many features, the most influential (None: all)
+    batch_size: int = 256  # targets per backward pass (the prompt is repeated this many times in memory)
+    transcoders: str | None = None  # a folder of transcoders (mlp.<l>/ or step<N>/mlp.<l>/; None: the run's)
+
+
+@dataclass
 class StudyConfig:
     steps: list[int] = field(default_factory=list)  # checkpoints studied (empty: chosen from the train log)
     step_tasks: list[str] = field(default_factory=list)  # tasks whose accuracy crossings choose the steps (empty: all)
@@ -268,6 +302,7 @@ class SfcdConfig:
     circuit: CircuitConfig = field(default_factory=CircuitConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     crosscoder: CrosscoderConfig = field(default_factory=CrosscoderConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
 
 
 def register() -> None:

@@ -52,6 +52,10 @@ class RunDir:
     def model_step(self, step: int) -> Path:
         return self.model / f"step{step}"
 
+    def transcoders(self, step: int) -> Path:
+        """``transcoders/step<N>/``: one folder per MLP (``mlp.<l>/``), in sparsify's transcode layout."""
+        return self.root / "transcoders" / f"step{step}"
+
     @property
     def train_log(self) -> Path:
         return self.model / "train_log.csv"

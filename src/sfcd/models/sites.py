@@ -1,8 +1,10 @@
 """Sites: friendly names for places in a model whose activations sfcd reads or replaces.
 
-``embed``, ``attn.<l>`` (attention output), ``mlp.<l>`` (MLP output), ``resid.<l>`` (the block's output, the
-residual stream after layer l) and ``mlp_act.<l>`` (the MLP's hidden activations). They map to modules of plain
-``transformers`` models (GPT-NeoX/Pythia, GPT-2); reading and replacing go through forward hooks, and one
+``embed``, ``attn.<l>`` (attention output), ``mlp_in.<l>`` (what the MLP reads: the residual stream after its
+layer norm, TransformerLens's ``ln2.hook_normalized``; a transcoder's input), ``mlp.<l>`` (MLP output),
+``resid.<l>`` (the block's output, the residual stream after layer l) and ``mlp_act.<l>`` (the MLP's hidden
+activations). They map to modules of plain ``transformers`` models (GPT-NeoX/Pythia, GPT-2); reading and
+replacing go through forward hooks (``mlp_in``: a pre-hook on the MLP, whose first argument it is), and one
 forward pass feeds every requested site and stops after the last layer it needs.
 """
 
@@ -17,7 +19,9 @@ import torch
 
 from sfcd.errors import ConfigError
 
-KINDS = ("embed", "attn", "mlp", "resid", "mlp_act")
+KINDS = ("embed", "attn", "mlp", "resid", "mlp_act", "mlp_in")
+#: kinds read at their module's input (a forward pre-hook), not its output
+INPUT_KINDS = ("mlp_in",)
 
 # module path templates per architecture ({l} is the layer)
 _PATHS = {
@@ -27,6 +31,7 @@ _PATHS = {
         "mlp": "gpt_neox.layers.{l}.mlp",
         "resid": "gpt_neox.layers.{l}",
         "mlp_act": "gpt_neox.layers.{l}.mlp.act",
+        "mlp_in": "gpt_neox.layers.{l}.mlp",
     },
     "gpt2": {
         "embed": "transformer.drop",
@@ -34,9 +39,10 @@ _PATHS = {
         "mlp": "transformer.h.{l}.mlp",
         "resid": "transformer.h.{l}",
         "mlp_act": "transformer.h.{l}.mlp.act",
+        "mlp_in": "transformer.h.{l}.mlp",
     },
 }
-_NAME = re.compile(r"^(embed)$|^(attn|mlp|resid|mlp_act)\.(\d+)$")
+_NAME = re.compile(r"^(embed)$|^(attn|mlp|resid|mlp_act|mlp_in)\.(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,8 @@ class Site:
 
     @property
     def order(self) -> tuple[int, int]:
-        """Position in the forward pass (layer, then attn/mlp_act/mlp before the block output)."""
-        return (self.layer, {"embed": 0, "attn": 1, "mlp_act": 2, "mlp": 3, "resid": 4}[self.kind])
+        """Position in the forward pass (layer, then attn/mlp_in/mlp_act/mlp before the block output)."""
+        return (self.layer, {"embed": 0, "attn": 1, "mlp_in": 2, "mlp_act": 3, "mlp": 4, "resid": 5}[self.kind])
 
 
 def architecture(model) -> str:
@@ -63,6 +69,8 @@ def site_of_module(path: str) -> str | None:
     architecture; None when no site is."""
     for paths in _PATHS.values():
         for kind, template in paths.items():
+            if kind in INPUT_KINDS:  # the module's output is another site (mlp_in's module is the MLP)
+                continue
             m = re.match("^" + re.escape(template).replace(r"\{l\}", r"(\d+)") + "$", path)
             if m:
                 return kind if kind == "embed" else f"{kind}.{m.group(1)}"
@@ -81,12 +89,13 @@ def reaches(up: Site, down: Site, parallel: bool) -> bool:
         return False
     if down.layer > up.layer or up.kind in ("embed", "resid"):
         return True
-    # the same layer: attn -> mlp_act/mlp only in sequential blocks; mlp_act -> mlp; anything -> resid
+    # the same layer: attn -> mlp_in/mlp_act/mlp only in sequential blocks; mlp_in -> mlp_act -> mlp; anything ->
+    # resid
     if down.kind == "resid":
         return True
     if up.kind == "attn":
         return not parallel
-    return up.kind == "mlp_act" and down.kind == "mlp"
+    return up.kind in ("mlp_in", "mlp_act")
 
 
 def n_layers(model) -> int:
@@ -95,7 +104,7 @@ def n_layers(model) -> int:
 
 def valid_sites(model) -> list[str]:
     n = n_layers(model)
-    return ["embed"] + [f"{k}.{l}" for l in range(n) for k in ("attn", "mlp", "resid", "mlp_act")]
+    return ["embed"] + [f"{k}.{l}" for l in range(n) for k in ("attn", "mlp", "resid", "mlp_act", "mlp_in")]
 
 
 def parse_site(name: str, model=None) -> Site:
@@ -103,9 +112,8 @@ def parse_site(name: str, model=None) -> Site:
     m = _NAME.match(name.strip())
     n = n_layers(model) if model is not None else None
     if not m or (n is not None and m.group(3) is not None and int(m.group(3)) >= n):
-        valid = (
-            ", ".join(valid_sites(model)) if model is not None else "embed, attn.<l>, mlp.<l>, resid.<l>, mlp_act.<l>"
-        )
+        kinds = "embed, attn.<l>, mlp.<l>, resid.<l>, mlp_act.<l>, mlp_in.<l>"
+        valid = ", ".join(valid_sites(model)) if model is not None else kinds
         raise ConfigError(f"unknown site {name!r}; valid sites: {valid}")
     if m.group(1):
         return Site("embed", "embed", -1)
@@ -118,9 +126,9 @@ DEFAULT_KINDS = ("attn", "mlp", "resid")
 
 def expand_sites(names: list[str], model) -> list[Site]:
     """Site names, with ``all`` meaning ``embed`` and every layer's ``attn``, ``mlp`` and ``resid``, and a kind
-    alone (``resid``, ``attn``, ``mlp``, ``mlp_act``) meaning that kind at every layer."""
+    alone (``resid``, ``attn``, ``mlp``, ``mlp_act``, ``mlp_in``) meaning that kind at every layer."""
     out: list[str] = []
-    kinds = {"attn", "mlp", "resid", "mlp_act"}
+    kinds = {"attn", "mlp", "resid", "mlp_act", "mlp_in"}
     for n in names:
         if n == "all":
             out += [s for s in valid_sites(model) if s == "embed" or s.split(".")[0] in DEFAULT_KINDS]
@@ -136,6 +144,13 @@ def expand_sites(names: list[str], model) -> list[Site]:
 def site_module(model, site: Site) -> torch.nn.Module:
     path = _PATHS[architecture(model)][site.kind].format(l=site.layer)
     return model.get_submodule(path)
+
+
+def mlp_input_site(site: Site) -> Site:
+    """The site a transcoder of MLP output ``site`` (``mlp.<l>``) reads: ``mlp_in.<l>``."""
+    if site.kind != "mlp":
+        raise ConfigError(f"a transcoder replaces an MLP: its site is mlp.<l>, not {site.name!r}")
+    return Site(f"mlp_in.{site.layer}", "mlp_in", site.layer)
 
 
 def site_dim(model, site: Site) -> int:
@@ -159,8 +174,10 @@ class StopForward(Exception):
 
 @contextlib.contextmanager
 def hooks(model, fns: dict[Site, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
-    """Forward hooks at each site: ``fn(activation)`` may return a replacement for the site's output, which is cast
-    to the output's dtype (a float32 dictionary spliced into a bfloat16/float16 model)."""
+    """Forward hooks at each site: ``fn(activation)`` may return a replacement for the site's activation (its
+    module's output; for ``mlp_in``, the MLP's input), which is cast to the activation's dtype (a float32
+    dictionary spliced into a bfloat16/float16 model). At one module an input site's hook runs before the
+    output site's (a transcoder's splice reads ``mlp_in.<l>`` and replaces ``mlp.<l>``)."""
     handles = []
 
     def make(fn):
@@ -171,9 +188,21 @@ def hooks(model, fns: dict[Site, Callable[[torch.Tensor], torch.Tensor | None]])
 
         return hook
 
+    def make_pre(fn):
+        def pre_hook(module, args):
+            old = args[0]
+            new = fn(old)
+            return None if new is None else (new.to(old.dtype), *args[1:])
+
+        return pre_hook
+
     try:
         for site, fn in fns.items():
-            handles.append(site_module(model, site).register_forward_hook(make(fn)))
+            module = site_module(model, site)
+            if site.kind in INPUT_KINDS:
+                handles.append(module.register_forward_pre_hook(make_pre(fn)))
+            else:
+                handles.append(module.register_forward_hook(make(fn)))
         yield
     finally:
         for h in handles:

@@ -58,12 +58,13 @@ def training_curves(train_log: Path, marks: list[int], path: Path) -> Path:
     return _save(plt, fig, path)
 
 
-_SITE = re.compile(r"^(?:(embed)|(attn|mlp_act|mlp|resid)\.(\d+))(?:@.*)?$")
-_KIND_ORDER = {"embed": 0, "attn": 1, "mlp_act": 2, "mlp": 3, "resid": 4}  # as sfcd.models.sites.Site.order
+_SITE = re.compile(r"^(?:(embed)|(attn|mlp_in|mlp_act|mlp|resid)\.(\d+))(?:@.*)?$")
+# as sfcd.models.sites.Site.order
+_KIND_ORDER = {"embed": 0, "attn": 1, "mlp_in": 2, "mlp_act": 3, "mlp": 4, "resid": 5}
 
 
 def layer_order(sites) -> list[str]:
-    """Site names in forward order (embed, then per layer attn, mlp_act, mlp, resid; a suffix such as
+    """Site names in forward order (embed, then per layer attn, mlp_in, mlp_act, mlp, resid; a suffix such as
     ``@k=16`` keeps its site's place); names that are not sites go last, alphabetically. The same order as
     :attr:`sfcd.models.sites.Site.order`, without importing torch."""
 

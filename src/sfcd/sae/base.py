@@ -19,6 +19,8 @@ class SAE(nn.Module):
 
     architecture: ClassVar[str] = ""
     saelens_architecture: ClassVar[str] = ""
+    #: whether it maps one site's input to another site's output (:class:`sfcd.sae.transcoder.Transcoder`)
+    is_transcoder: ClassVar[bool] = False
     apply_b_dec_to_input: ClassVar[bool] = False
     unit_norm_decoder: ClassVar[bool] = False
     normalize_input: ClassVar[bool] = True  # train on x scaled to E||x|| = sqrt(d_in)
@@ -58,8 +60,12 @@ class SAE(nn.Module):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return (f @ self.W_dec + self.b_dec) / self.scale
 
+    def reconstruct(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """The output for input ``x`` whose latents are ``f``: ``decode(f)`` (a transcoder adds its skip path)."""
+        return self.decode(f)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.reconstruct(x, self.encode(x))
 
     # ------------------------------------------------------------------------------------------ training
     def fit_input_scale(self, sample: torch.Tensor) -> None:

@@ -75,7 +75,7 @@ class BatchTopKSAE(TopKSAE):
             self.threshold.copy_(torch.where(ok, moved, self.threshold))
         rec = mse(x_hat, x)
         fired = fired_latents(idx, vals, self.d_sae)
-        aux = self.aux_loss(x, x_hat, pre if sparse else pre_g, sparse)
+        aux = self.aux_loss(x, (x - x_hat).detach(), pre if sparse else pre_g, sparse)
         return {
             "loss": rec + self.hparams.get("aux_coeff", 1 / 32) * aux,
             "mse": rec,

@@ -16,24 +16,37 @@ from sfcd.sae.base import SAE
 
 @torch.no_grad()
 def reconstruction_metrics(
-    sae: SAE, acts: np.ndarray | torch.Tensor, batch: int | None = None
+    sae: SAE,
+    acts: np.ndarray | torch.Tensor,
+    batch: int | None = None,
+    target: np.ndarray | torch.Tensor | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """L0, L1, FVE, MSE, cosine, l2_ratio over ``acts`` [N, d] (on the SAE's device); also returns per-feature
     firing counts. ``batch`` rows at a time (default: 2^25 / d_sae rows, so that one batch's dense [batch, d_sae]
-    latents stay at 128 MB in float32 whatever the width: 1,024 rows at 32,768 features)."""
+    latents stay at 128 MB in float32 whatever the width: 1,024 rows at 32,768 features). A transcoder's
+    reconstruction is scored against ``target`` (the MLP's output at the same tokens), not ``acts``."""
     batch = batch or max(256, 2**25 // sae.d_sae)
     sums = {"l0": 0.0, "l1": 0.0, "sq_err": 0.0, "cos": 0.0, "l2_ratio": 0.0}
     device = sae.W_enc.device
     fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     n = len(acts)
-    x_all = acts if isinstance(acts, torch.Tensor) else torch.from_numpy(np.asarray(acts, dtype=np.float32))
-    x_all = x_all.to(device, torch.float32)
-    mean = x_all.mean(0)
-    total_var = (x_all - mean).pow(2).sum().item()
+
+    def tensor(a):
+        return (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a, dtype=np.float32))).to(
+            device, torch.float32
+        )
+
+    x_all = tensor(acts)
+    y_all = x_all if target is None else tensor(target)
+    if len(y_all) != n:
+        raise ValueError(f"{n} inputs but {len(y_all)} targets")
+    mean = y_all.mean(0)
+    total_var = (y_all - mean).pow(2).sum().item()
     for b in range(0, n, batch):
-        x = x_all[b : b + batch]
+        x, y = x_all[b : b + batch], y_all[b : b + batch]
         f = sae.encode(x)
-        x_hat = sae.decode(f)
+        x_hat = sae.reconstruct(x, f)
+        x = y  # what is reconstructed
         active = f > 0
         fired += active.sum(0)
         sums["l0"] += active.sum().item()
@@ -45,7 +58,7 @@ def reconstruction_metrics(
         "l0": sums["l0"] / n,
         "l1": sums["l1"] / n,
         "fve": 1.0 - sums["sq_err"] / max(total_var, 1e-12),
-        "mse": sums["sq_err"] / (n * sae.d_in),
+        "mse": sums["sq_err"] / (n * y_all.shape[1]),
         "cosine": sums["cos"] / n,
         "l2_ratio": sums["l2_ratio"] / n,
     }
@@ -75,9 +88,17 @@ def _only_kept(fn, keep: torch.Tensor | None):
 
 @torch.no_grad()
 def spliced_losses(
-    model, site: Site, sae: SAE, windows: np.ndarray, exclude_ids=frozenset(), batch: int = 16
+    model,
+    site: Site,
+    sae: SAE,
+    windows: np.ndarray,
+    exclude_ids=frozenset(),
+    batch: int = 16,
+    in_site: Site | None = None,
 ) -> dict[str, float]:
     """CE loss clean, with the SAE's reconstruction spliced in, and with the site zero-ablated; KL to clean.
+    A transcoder (``in_site``: the ``mlp_in.<l>`` it reads) is spliced in place of the MLP: ``mlp.<l>`` becomes
+    the transcoder's output for that forward pass's own MLP input.
 
     Positions whose token is in ``exclude_ids`` (BOS/EOS, left out of training) keep their original activations
     in both the spliced and the ablated run, as SAEBench does; the losses are over every position."""
@@ -86,6 +107,14 @@ def spliced_losses(
     n_tok = 0
     device = next(model.parameters()).device
     excl = torch.tensor(sorted(exclude_ids), dtype=torch.long, device=device)
+    read: dict[str, torch.Tensor] = {}  # a transcoder's input, read in the same forward pass as its splice
+
+    def splice(a: torch.Tensor) -> torch.Tensor:
+        return sae(read.pop("x", a).float()).to(a.dtype)
+
+    def keep_input(a: torch.Tensor) -> None:
+        read["x"] = a
+
     for b in range(0, len(windows), batch):
         x = torch.from_numpy(np.ascontiguousarray(windows[b : b + batch])).to(device)
         keep = (~torch.isin(x, excl))[..., None] if len(excl) else None
@@ -95,10 +124,13 @@ def spliced_losses(
         ce["clean"] += F.cross_entropy(clean, targets, reduction="sum").item()
 
         for name, fn in (
-            ("sae", _only_kept(lambda a: sae(a.float()).to(a.dtype), keep)),
+            ("sae", _only_kept(splice, keep)),
             ("zero", _only_kept(torch.zeros_like, keep)),
         ):
-            with hooks(model, {site: fn}):
+            fns = {site: fn}
+            if in_site is not None and name == "sae":
+                fns = {in_site: keep_input, **fns}
+            with hooks(model, fns):
                 logits = model(x).logits[:, :-1].flatten(0, 1).float()
             ce[name] += F.cross_entropy(logits, targets, reduction="sum").item()
             kl[name] += F.kl_div(F.log_softmax(logits, -1), logp_clean, log_target=True, reduction="sum").item()

@@ -1,8 +1,13 @@
 """SAE files: written in the SAELens (v6) layout; read from SAELens, dictionary_learning and sparsify layouts.
+Transcoders: written and read in sparsify's ``transcode`` layout.
 
 Whatever the source, :func:`load_sae` returns one of sfcd's SAE classes computing exactly that library's
-encode/decode. Weight files are safetensors; dictionary_learning's ``ae.pt`` is read with
-``torch.load(weights_only=True)``.
+encode/decode (:func:`load_transcoder`: a :class:`~sfcd.sae.transcoder.Transcoder` computing sparsify's). Weight
+files are safetensors; dictionary_learning's ``ae.pt`` is read with ``torch.load(weights_only=True)``.
+
+SAELens 6 has no TopK transcoder (its ``transcoder``/``skip_transcoder`` are ReLU, the JumpReLU ones threshold
+each latent) and its sparsify loader drops ``W_skip``; no SAELens file of an sfcd transcoder is written, since
+SAELens would compute another function from it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from sfcd.sae.base import SAE
 from sfcd.sae.jumprelu import JumpReLUSAE
 from sfcd.sae.relu import ReLUSAE
 from sfcd.sae.topk import GroupMaxSAE, TopKSAE
+from sfcd.sae.transcoder import Transcoder
 
 SAELENS_VERSION = "6.0.0"
 SAELENS_REQUIRED = ("d_in", "d_sae", "architecture")
@@ -30,6 +36,7 @@ _HOOK_NAMES = {
     "mlp": "blocks.{l}.hook_mlp_out",
     "resid": "blocks.{l}.hook_resid_post",
     "mlp_act": "blocks.{l}.mlp.hook_post",
+    "mlp_in": "blocks.{l}.ln2.hook_normalized",
 }
 
 
@@ -279,7 +286,7 @@ def load_sparsify(folder: Path) -> SAE:
     if cfg.get("transcode"):
         raise InputError(
             f"{folder} is a sparsify transcoder (transcode: true): it reads a module's input and predicts its "
-            "output, so it is not an SAE of one site; sfcd loads sparsify SAEs (transcode: false)"
+            "output, so it is not an SAE of one site; load it with sfcd.load_transcoder"
         )
     path = folder / "sae.safetensors"
     t = _load_safetensors(path)
@@ -315,3 +322,86 @@ def load_sae(path: str | Path) -> SAE:
         f"{folder} holds no SAE: expected sae_weights.safetensors + cfg.json (SAELens), "
         "ae.pt + config.json (dictionary_learning) or sae.safetensors + cfg.json (sparsify)"
     )
+
+
+def save_transcoder(
+    tc: Transcoder, folder: str | Path, metadata: dict[str, Any] | None = None, density: torch.Tensor | None = None
+) -> Path:
+    """Write sparsify's transcoder layout, all at once: ``cfg.json`` (its ``SparseCoderConfig`` with ``d_in``,
+    ``transcode: true``; sfcd's provenance under the extra key ``sfcd``, which sparsify's loader drops) and
+    ``sae.safetensors`` (``encoder.weight`` [F, d_in], ``encoder.bias``, ``W_dec`` [F, d_in], ``b_dec``,
+    ``W_skip`` [d_in, d_in]); and (given ``density``) ``sparsity.safetensors`` as the SAEs have it.
+    ``sparsify.SparseCoder.load_from_disk(folder)`` computes the same function."""
+    if tc.d_out != tc.d_in:
+        raise InputError(
+            f"sparsify's transcoders map d_in to d_in; this one maps {tc.d_in} to {tc.d_out} and has no sparsify file"
+        )
+    cfg_sfcd, t = tc.export()
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(1, tc.d_sae // tc.d_in),
+        "normalize_decoder": False,
+        "num_latents": tc.d_sae,
+        "k": tc.k,
+        "multi_topk": False,
+        "skip_connection": "W_skip" in t,
+        "transcode": True,
+        "d_in": tc.d_in,
+        "sfcd": {**cfg_sfcd, "hparams": _plain(tc.hparams), **(metadata or {})},
+    }
+    tensors = {"encoder.weight": t["W_enc"].t(), "encoder.bias": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    if "W_skip" in t:
+        tensors["W_skip"] = t["W_skip"]
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        (tmp / "cfg.json").write_text(dumps(cfg, indent=2) + "\n")
+        save_safetensors(tmp / "sae.safetensors", {k: v.float().contiguous() for k, v in tensors.items()})
+        if density is not None:
+            save_safetensors(tmp / "sparsity.safetensors", {"sparsity": torch.log10(density.float() + 1e-10)})
+    return folder
+
+
+def _plain(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool))}
+
+
+def load_transcoder(path: str | Path) -> Transcoder:
+    """A transcoder from a folder in sparsify's layout (``cfg.json`` with ``transcode: true`` and
+    ``sae.safetensors``; sfcd writes the same), computing what sparsify computes: TopK of
+    ``relu(x W_enc + b_enc)``, decoded, plus ``W_skip x`` when the file has it."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise MissingArtifactError(f"transcoder folder {folder} does not exist")
+    cfg = _read_json(folder / "cfg.json")
+    if not cfg.get("transcode"):
+        raise InputError(
+            f"{folder} is not a transcoder (its cfg.json has no transcode: true); load an SAE with sfcd.load_sae"
+        )
+    if cfg.get("activation", "topk") != "topk":
+        raise InputError(f"{folder}: sparsify activation {cfg.get('activation')!r}; sfcd reads topk transcoders")
+    path_w = folder / "sae.safetensors"
+    t = _load_safetensors(path_w)
+    skip = "W_skip" in t
+    _expect_keys(
+        t,
+        {"encoder.weight", "encoder.bias", "W_dec", "b_dec"} | ({"W_skip"} if skip else set()),
+        path_w,
+        "sparsify transcoder",
+    )
+    if "k" not in cfg:
+        raise InputError(f"{folder / 'cfg.json'} lacks key 'k', which a sparsify transcoder needs")
+    d_sae, d_in = t["encoder.weight"].shape
+    want = {"encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "W_skip": (d_in, d_in)}
+    for name, shape in want.items():
+        if name in t and tuple(t[name].shape) != shape:
+            raise InputError(f"{path_w}: {name} has shape {tuple(t[name].shape)}; expected {shape}")
+    tc = Transcoder(d_in, d_sae, k=int(cfg["k"]), skip=skip)
+    with torch.no_grad():
+        tc.W_enc.copy_(t["encoder.weight"].t().float())
+        tc.b_enc.copy_(t["encoder.bias"].float())
+        tc.W_dec.copy_(t["W_dec"].float())
+        tc.b_dec.copy_(t["b_dec"].float())
+        if skip:
+            tc.W_skip.copy_(t["W_skip"].float())
+    tc.sfcd_meta = cfg.get("sfcd", {})
+    return tc.eval()

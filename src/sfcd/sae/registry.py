@@ -8,9 +8,10 @@ from sfcd.sae.batchtopk import BatchTopKSAE
 from sfcd.sae.jumprelu import JumpReLUSAE
 from sfcd.sae.relu import ReferenceReLUSAE, ReLUSAE
 from sfcd.sae.topk import TopKSAE
+from sfcd.sae.transcoder import Transcoder
 
 ARCHITECTURES: dict[str, type[SAE]] = {
-    c.architecture: c for c in (ReLUSAE, ReferenceReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE)
+    c.architecture: c for c in (ReLUSAE, ReferenceReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, Transcoder)
 }
 
 

@@ -1,8 +1,10 @@
 """The ``sae`` stage: activations of a checkpoint (or a plain file), streamed in bounded memory on the device of
-the work -> trained, evaluated SAEs on disk.
+the work -> trained, evaluated SAEs (and transcoders) on disk.
 
 Output per SAE, ``saes/step<N>/<name>/``: cfg.json, sae_weights.safetensors, sparsity.safetensors (SAELens
-layout), metrics.json (written last: it marks the SAE complete) and density.png.
+layout), metrics.json (written last: it marks the SAE complete) and density.png. Per transcoder
+(``sae.transcoders``), ``transcoders/step<N>/mlp.<l>/``: cfg.json and sae.safetensors (sparsify's transcode
+layout), sparsity.safetensors, metrics.json and density.png; trained from the same stream as the SAEs.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from sfcd.data.tokens import read_tokens
 from sfcd.errors import InputError
 from sfcd.io import read_json, write_json
 from sfcd.models.loading import checkpoint, provenance
-from sfcd.models.sites import Site, expand_sites, parse_site, site_dim
+from sfcd.models.sites import Site, expand_sites, mlp_input_site, parse_site, site_dim
 from sfcd.paths import RunDir
 from sfcd.sae import evaluate as E
 from sfcd.sae.base import SAE
-from sfcd.sae.io import TRANSFORMER_LENS_KWARGS, save_sae
+from sfcd.sae.io import TRANSFORMER_LENS_KWARGS, hook_name, save_sae, save_transcoder
 from sfcd.sae.train import (
     SAEModule,
     buffer_rows,
@@ -102,6 +104,12 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
     device = trainer_device(cfg.trainer)  # a shard job's pinned GPU (trainer.devices=[i])
     total = max(1, s.n_tokens // s.batch_size)
     model = tokenizer = None
+    tc_dims: dict[str, int] = {}
+    if s.activations and s.get("transcoders"):
+        raise InputError(
+            "sae.transcoders needs a model (an MLP's input and output from one forward pass), not an activation "
+            "file; drop sae.activations or sae.transcoders"
+        )
     if s.activations:
         source, eval_arrays, width = _file_source(cfg, total, device)
         site_dims = {"file": width}
@@ -111,9 +119,13 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
     else:
         model, tokenizer, step = checkpoint(cfg, cfg.step)
         model.to(device)
-        sites = expand_sites(list(s.sites), model)
+        sites = expand_sites(list(s.sites), model) if list(s.sites) or not s.get("transcoders") else []
         site_dims = {x.name: site_dim(model, x) for x in sites}
+        mlps = expand_sites(list(s.get("transcoders") or []), model) if s.get("transcoders") else []
+        tc_dims = {x.name: site_dim(model, x) for x in mlps}
+        sites = list({x.name: x for x in [*sites, *mlps, *(mlp_input_site(x) for x in mlps)]}.values())
         out_root = run.root / "saes" / f"step{step}"
+        tc_root = run.transcoders(step)
         seq_len = s.seq_len or cfg.model.seq_len
         excl = _special_ids(tokenizer, s.exclude_special)
         meta_base = {
@@ -131,21 +143,25 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
             # with these it computes the same activations as the transformers model these SAEs were trained on
             "model_from_pretrained_kwargs": dict(TRANSFORMER_LENS_KWARGS),
         }
-    specs = shard_specs(make_specs(s, site_dims), s)  # sae.shards > 1: this job's share of the sites
+    specs = shard_specs(make_specs(s, site_dims, tc_dims), s)  # sae.shards > 1: this job's share of the sites
+
+    def folder_of(spec) -> Path:
+        return (tc_root if spec.in_site else out_root) / spec.name
+
     if not specs:
         log.info("shard %d of %d has no sites (%d in all); nothing to train", s.shard, s.shards, len(site_dims))
         return []
     if s.activations:
         _check_file_width(out_root, specs, width, s.activations)
-    todo = [sp for sp in specs if not (out_root / sp.name / "metrics.json").exists()]
+    todo = [sp for sp in specs if not (folder_of(sp) / "metrics.json").exists()]
     if not todo:
         log.info("all %d SAEs in %s are complete; skipping", len(specs), out_root)
-        return [out_root / sp.name for sp in specs]
-    need = sorted({sp.site for sp in todo})
+        return [folder_of(sp) for sp in specs]
+    need = sorted({sp.site for sp in todo} | {sp.input_site for sp in todo})
     rows = buffer_rows(s, total)
     if model is not None:
         need_sites = [x for x in sites if x.name in need]
-        dims = {n: site_dims[n] for n in need}
+        dims = {x.name: site_dim(model, x) for x in need_sites}
         check_buffer_fits(rows, dims, torch_dtype(s.buffer_dtype), device)
         source = HarvestSource(
             model,
@@ -173,23 +189,28 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
         val = read_tokens(run.tokens("val"))
         eval_windows = token_windows(val, seq_len, int(s.eval_tokens * 1.25 / seq_len) + 2)  # BOS/EOS margin
         ce_windows = token_windows(val, seq_len, max(1, (s.ce_tokens or s.eval_tokens) // seq_len))
-    current: tuple[str, torch.Tensor] | None = None
+    current: tuple[tuple[str, ...], dict[str, torch.Tensor]] | None = None
     for spec, sae in zip(todo, module.saes, strict=True):  # specs are grouped by site
-        if model is not None and (current is None or current[0] != spec.site):
+        wanted = tuple(dict.fromkeys([spec.input_site, spec.site]))
+        if model is not None and (current is None or current[0] != wanted):
             current = None  # one site's evaluation activations at a time: eval_tokens x d, not x sum(d)
-            x = parse_site(spec.site, model)
+            xs = [parse_site(n, model) for n in wanted]
             batches = (eval_windows[b : b + s.harvest_batch] for b in range(0, len(eval_windows), s.harvest_batch))
-            current = (spec.site, harvest_rows(model, batches, [x], site_dims, s.eval_tokens, excl)[spec.site])
-        acts = current[1] if model is not None else eval_arrays[spec.site]
+            dims = {x.name: site_dim(model, x) for x in xs}
+            current = (wanted, harvest_rows(model, batches, xs, dims, s.eval_tokens, excl))
+        acts = current[1] if model is not None else eval_arrays
         sae = sae.to(device).eval()
-        metrics, fired = E.reconstruction_metrics(sae, acts)
-        dens, density = E.density_metrics(fired, len(acts))
+        target = acts[spec.site] if spec.in_site else None
+        metrics, fired = E.reconstruction_metrics(sae, acts[spec.input_site], target=target)
+        dens, density = E.density_metrics(fired, len(acts[spec.input_site]))
         metrics |= dens
         if model is not None and s.ce_tokens != 0:  # 0: no CE/KL scores (the study's seed baselines)
-            metrics |= E.spliced_losses(model, parse_site(spec.site, model), sae, ce_windows, excl)
+            in_site = parse_site(spec.in_site, model) if spec.in_site else None
+            metrics |= E.spliced_losses(model, parse_site(spec.site, model), sae, ce_windows, excl, in_site=in_site)
         metrics |= {
             "name": spec.name,
             "site": spec.site,
+            **({"input_site": spec.in_site} if spec.in_site else {}),
             "architecture": spec.architecture,
             "d_in": spec.d_in,
             "d_sae": spec.d_sae,
@@ -208,9 +229,14 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
                 "precision": str(cfg.trainer.precision),
             },
         }
-        folder = out_root / spec.name
+        folder = folder_of(spec)
         sae = sae.cpu()
-        save_sae(sae, folder, {**meta_base, "sfcd_site": spec.site if spec.site != "file" else ""}, density.cpu())
+        if spec.in_site:  # a transcoder: sparsify's layout, with sfcd's provenance and both sites' hook names
+            meta = {**meta_base, "sfcd_site": spec.site, "sfcd_input_site": spec.in_site}
+            meta |= {"hook_name": hook_name(spec.in_site), "hook_name_out": hook_name(spec.site)}
+            save_transcoder(sae, folder, meta, density.cpu())
+        else:
+            save_sae(sae, folder, {**meta_base, "sfcd_site": spec.site if spec.site != "file" else ""}, density.cpu())
         E.density_histogram(
             density.cpu(), folder / "density.png", f"{spec.name} ({spec.architecture}, d_sae {spec.d_sae})"
         )

@@ -30,7 +30,12 @@ class TopKSAE(SAE):
         """Indices [B, k] of the kept latents (in no particular order)."""
         return top_k_indices(pre, self.k)
 
-    def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+    def training_loss(
+        self, x: torch.Tensor, progress: float, target: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms on scaled inputs ``x``; ``target`` is what is reconstructed (``x`` itself for an SAE, the
+        scaled MLP output for a transcoder, which also adds its skip path)."""
+        y = x if target is None else target
         sparse = self.hparams.get("sparse", True)
         b_in = self.b_dec if self.apply_b_dec_to_input else None
         xc = x if b_in is None else x - b_in
@@ -40,22 +45,28 @@ class TopKSAE(SAE):
             active = ActiveLatents(self.select(pre), self.d_sae)
             idx = active.idx
             vals = torch.relu(gather_pre(x, self.W_enc, self.b_enc, active, pre, b_in))
-            x_hat = sparse_decode(active, vals, self.W_dec) + self.b_dec
+            y_hat = sparse_decode(active, vals, self.W_dec) + self.b_dec
         else:
             pre = torch.addmm(self.b_enc, xc, self.W_enc)
             idx = self.select(pre.detach())
             vals = torch.relu(pre.gather(1, idx))
-            x_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec + self.b_dec
-        rec = mse(x_hat, x)
+            y_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec + self.b_dec
+        y_hat = self.add_skip(x, y_hat)
+        rec = mse(y_hat, y)
         out = {"mse": rec, "l0": (vals > 0).float().sum(-1).mean(), "fired": fired_latents(idx, vals, self.d_sae)}
-        aux = self.aux_loss(x, x_hat, pre, sparse)
+        aux = self.aux_loss(x, (y - y_hat).detach(), pre, sparse)
         out["aux"] = aux
         out["loss"] = rec + self.hparams.get("aux_coeff", 1 / 32) * aux
         return out
 
-    def aux_loss(self, x, x_hat, pre, sparse: bool) -> torch.Tensor:
+    def add_skip(self, x: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+        """The reconstruction plus any path that bypasses the latents (none for an SAE; a transcoder's skip)."""
+        return y_hat
+
+    def aux_loss(self, x, e, pre, sparse: bool) -> torch.Tensor:
         """AuxK (Gao et al. 2024, appendix B.1; as EleutherAI's sparsify): the top ``k_aux`` dead latents
-        reconstruct the residual ``e = x - x_hat``. Returned in the main loss's units (squared error summed over
+        reconstruct the (detached) residual ``e`` of the reconstruction (``x - x_hat``; a transcoder's
+        ``y - y_hat``), encoding ``x``. Returned in the main loss's units (squared error summed over
         dims, mean over the batch) times ``min(n_dead / k_aux, 1)``, so ``mse + aux_coeff * aux`` weighs the two
         as sparsify's ``fvu + auxk_alpha * auxk_loss`` does (both of those are divided by the batch's centred
         variance ``sum ||x - mean(x)||^2``, which cancels in the ratio)."""
@@ -63,13 +74,12 @@ class TopKSAE(SAE):
         n_dead = len(dead)
         if n_dead == 0:
             return torch.zeros((), device=x.device)
-        k_aux = int(self.hparams.get("k_aux") or self.d_in // 2)
+        k_aux = int(self.hparams.get("k_aux") or e.shape[-1] // 2)
         scale = min(n_dead / k_aux, 1.0)
         # the top k_aux among the dead latents' pre-activations only; a kept latent at or below 0 adds nothing to
         # e_hat and gets no gradient (relu), so no row needs more slots than its count of positive dead latents
         sub = pre.detach().index_select(1, dead)
         k_eff = min(k_aux, n_dead, int((sub > 0).sum(1).max()))
-        e = (x - x_hat).detach()
         if k_eff == 0:
             return scale * e.pow(2).sum(-1).mean()
         local = top_k_indices(sub, k_eff)  # among the dead latents

@@ -42,13 +42,15 @@ HPARAMS = {
     "topk": ("k", "aux_coeff", "dead_tokens"),
     "batchtopk": ("k", "aux_coeff", "dead_tokens"),
     "jumprelu": ("l0_coeff", "bandwidth", "threshold_init"),
+    "transcoder": ("k", "aux_coeff", "dead_tokens", "skip"),
 }
 SWEEPABLE = {"architecture", "expansion", "d_sae", "lr", "seed", *{k for ks in HPARAMS.values() for k in ks}}
 
 
 @dataclass
 class SAESpec:
-    """One SAE to train: where its output goes, which site it reads, its shape and hyperparameters."""
+    """One SAE (or transcoder) to train: where its output goes, which site it reconstructs, its shape and
+    hyperparameters. A transcoder reads ``in_site`` (``mlp_in.<l>``) and reconstructs ``site`` (``mlp.<l>``)."""
 
     name: str
     site: str
@@ -58,13 +60,23 @@ class SAESpec:
     lr: float
     seed: int
     hparams: dict[str, Any] = field(default_factory=dict)
+    in_site: str | None = None
+
+    @property
+    def input_site(self) -> str:
+        """The site whose activations it encodes."""
+        return self.in_site or self.site
 
     def build(self) -> SAE:
         return sae_class(self.architecture)(self.d_in, self.d_sae, seed=self.seed, **self.hparams)
 
 
-def make_specs(sae_cfg: DictConfig, site_dims: dict[str, int]) -> list[SAESpec]:
-    """Sites x the sweep grid. The output name is the site, plus ``@key=value,...`` for swept values."""
+def make_specs(
+    sae_cfg: DictConfig, site_dims: dict[str, int], transcoder_dims: dict[str, int] | None = None
+) -> list[SAESpec]:
+    """Sites x the sweep grid. The output name is the site, plus ``@key=value,...`` for swept values. Then one
+    transcoder per MLP output site in ``transcoder_dims`` (named by the site; ``sae.transcoder`` over the SAE
+    settings; not swept), reading ``mlp_in.<l>``."""
     sweep = OmegaConf.to_container(sae_cfg.sweep, resolve=True) or {}
     unknown = set(sweep) - SWEEPABLE
     if unknown:
@@ -100,6 +112,22 @@ def make_specs(sae_cfg: DictConfig, site_dims: dict[str, int]) -> list[SAESpec]:
                     hp,
                 )
             )
+    return specs + transcoder_specs(sae_cfg, transcoder_dims or {})
+
+
+def transcoder_specs(sae_cfg: DictConfig, dims: dict[str, int]) -> list[SAESpec]:
+    """One TopK transcoder per MLP output site (``mlp.<l>`` -> its width): the SAE settings with
+    ``sae.transcoder``'s set ones over them (an ``expansion`` set there wins over the SAEs' ``d_sae``)."""
+    over = {k: v for k, v in (OmegaConf.to_container(sae_cfg.transcoder, resolve=True) or {}).items() if v is not None}
+    c = {**OmegaConf.to_container(sae_cfg, resolve=True), **over}
+    if "expansion" in over and "d_sae" not in over:
+        c["d_sae"] = None
+    specs = []
+    for site, d in dims.items():
+        hp = {k: c[k] for k in HPARAMS["transcoder"]}
+        d_sae = int(c["d_sae"] or c["expansion"] * d)
+        in_site = "mlp_in." + site.split(".")[1]
+        specs.append(SAESpec(site, site, "transcoder", d, d_sae, float(c["lr"]), int(c["seed"]), hp, in_site))
     return specs
 
 
@@ -186,18 +214,24 @@ class SAEModule(L.LightningModule):
         samples = data.sample(8192) if isinstance(data, ChunkSource) else None
         for spec, sae in zip(self.specs, self.saes, strict=True):
             if samples is not None:
-                sample = samples[spec.site]
+                sample, target = samples[spec.input_site], samples[spec.site]
             else:
-                sample = torch.from_numpy(np.asarray(data[spec.site][:8192], dtype=np.float32))
-            sample = sample[torch.isfinite(sample).all(1)]  # a bad row is reported at its training step
+                sample = torch.from_numpy(np.asarray(data[spec.input_site][:8192], dtype=np.float32))
+                target = torch.from_numpy(np.asarray(data[spec.site][:8192], dtype=np.float32))
+            ok = torch.isfinite(sample).all(1) & torch.isfinite(target).all(1)  # a bad row: at its training step
+            sample, target = sample[ok], target[ok]
             if sae.normalize_input:
                 try:
                     sae.fit_input_scale(sample)
+                    if sae.is_transcoder:
+                        sae.fit_output_scale(target)
                 except ValueError as e:
-                    raise SfcdError(f"activations at {spec.site}: {e}") from None
+                    raise SfcdError(f"activations at {spec.input_site} or {spec.site}: {e}") from None
+            if sae.is_transcoder:
+                sae.init_biases(sample * sae.scale, target * sae.out_scale)
             if sae.apply_b_dec_to_input and sae.b_dec_at_median:
                 sae.b_dec.copy_(geometric_median(sample[:4096] * sae.scale))
-            if self.cfg.get("init_from"):
+            if self.cfg.get("init_from") and not sae.is_transcoder:  # (transcoders start afresh at each step)
                 warm_start(sae, Path(self.cfg.init_from) / spec.name)
 
     def configure_optimizers(self):
@@ -252,10 +286,16 @@ class SAEModule(L.LightningModule):
         no_sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)  # DDP's: no_sync
         with no_sync():
             for spec, sae in zip(self.specs, self.saes, strict=True):
-                x = batch[spec.site]
-                out = sae.training_loss(x * sae.scale, progress)
+                x = batch[spec.input_site]
+                if sae.is_transcoder:
+                    y = batch[spec.site]
+                    out = sae.training_loss(x * sae.scale, progress, target=y * sae.out_scale)
+                    x_ok = torch.isfinite(x).all() & torch.isfinite(y).all()
+                else:
+                    out = sae.training_loss(x * sae.scale, progress)
+                    x_ok = torch.isfinite(x).all()
                 # kept on the device, read once for every SAE below (one host sync a step, not two per SAE)
-                checks.append(torch.stack([torch.isfinite(x).all(), torch.isfinite(out["loss"])]))
+                checks.append(torch.stack([x_ok, torch.isfinite(out["loss"])]))
                 self.manual_backward(out["loss"])
                 if world > 1:  # the same parameters get gradients on every rank: the graph does not depend on data
                     pending += [
@@ -275,7 +315,9 @@ class SAEModule(L.LightningModule):
         for spec, (x_bad, loss_bad) in zip(self.specs, bad.tolist(), strict=True):
             if x_bad:
                 raise SfcdError(
-                    f"NaN or inf in the activations of site {spec.site} at training step {step}; "
+                    f"NaN or inf in the activations of site {spec.input_site}"
+                    + (f" or {spec.site}" if spec.in_site else "")
+                    + f" at training step {step}; "
                     "stopped, the last good training state is kept (check the model or the file)"
                 )
             if loss_bad:
@@ -292,7 +334,7 @@ class SAEModule(L.LightningModule):
                         p.grad.div_(world)
         resample = []
         for i, (spec, sae, out) in enumerate(zip(self.specs, self.saes, outs, strict=True)):
-            x = batch[spec.site]
+            x = batch[spec.input_site]
             sae.record_firing(fired[i], len(x) * world)
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)

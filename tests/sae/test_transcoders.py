@@ -1,0 +1,220 @@
+"""Transcoders (issue 23, item 1): the ``mlp_in`` site, sparsify's files, a planted MLP recovered, the stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sfcd.config import compose
+from sfcd.models.sites import Site, hooks, parse_site, reaches, run_with_cache
+from sfcd.sae import evaluate as E
+from sfcd.sae.io import load_sae, load_transcoder, save_transcoder
+from sfcd.sae.train import SAEModule, make_specs, train_module
+from sfcd.sae.transcoder import Transcoder
+
+from .synthetic import mmcs
+
+
+def _model(run):
+    from transformers import AutoModelForCausalLM
+
+    from sfcd.paths import RunDir
+
+    r = RunDir(run.run_dir)
+    return AutoModelForCausalLM.from_pretrained(str(r.model_step(r.model_steps()[-1]))).eval(), r
+
+
+def test_mlp_in_is_what_the_mlp_reads(test_run):
+    """``mlp_in.<l>`` is the MLP's input: the post-attention layer norm's output, read with a plain hook; a
+    replacement there is what the MLP computes on. Bugs caught: mlp_in read at the MLP's output, a replacement at
+    mlp_in ignored (a pre-hook's return value dropped), attn -> mlp_in of the same layer in parallel blocks."""
+    model, _ = _model(test_run)
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    h = model.gpt_neox.layers[1].post_attention_layernorm.register_forward_hook(lambda m, a, o: seen.update(ln=o))
+    try:
+        with torch.no_grad():
+            cache = run_with_cache(model, ids, [parse_site("mlp_in.1", model), parse_site("mlp.1", model)])
+    finally:
+        h.remove()
+    torch.testing.assert_close(cache["mlp_in.1"], seen["ln"])
+    with torch.no_grad():
+        torch.testing.assert_close(cache["mlp.1"], model.gpt_neox.layers[1].mlp(seen["ln"]))
+        new = torch.randn_like(seen["ln"])
+        with hooks(model, {parse_site("mlp_in.1", model): lambda a: new}):
+            out = run_with_cache(model, ids, [parse_site("mlp.1", model)])["mlp.1"]
+        torch.testing.assert_close(out, model.gpt_neox.layers[1].mlp(new))
+    attn, mlp_in, mlp = Site("attn.1", "attn", 1), Site("mlp_in.1", "mlp_in", 1), Site("mlp.1", "mlp", 1)
+    assert not reaches(attn, mlp_in, parallel=True) and reaches(attn, mlp_in, parallel=False)
+    assert reaches(mlp_in, mlp, parallel=True) and not reaches(mlp, mlp_in, parallel=True)
+    assert reaches(Site("resid.0", "resid", 0), mlp_in, parallel=True)
+
+
+def _random_transcoder(d=24, m=80, k=5, skip=True, seed=0) -> Transcoder:
+    tc = Transcoder(d, m, k=k, skip=skip)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        tc.scale.fill_(1.7)  # both scales folded into the files
+        tc.out_scale.fill_(0.4)
+    return tc
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_sparsify_computes_the_saved_transcoder(skip, tmp_path):
+    """sparsify's own ``SparseCoder.load_from_disk`` on sfcd's file computes sfcd's transcoder, and sfcd reads the
+    file back to the same function. Bugs caught: a scale not folded into W_skip or W_dec, W_skip transposed, b_dec
+    subtracted from the input (sfcd's SAEs do; sparsify's transcoders do not), a wrong cfg key."""
+    from sparsify import SparseCoder
+
+    tc = _random_transcoder(skip=skip)
+    folder = save_transcoder(tc, tmp_path / "mlp.0", {"sfcd_site": "mlp.0"})
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    theirs = SparseCoder.load_from_disk(folder)
+    assert theirs.cfg.transcode and theirs.cfg.skip_connection == skip and theirs.cfg.k == 5
+    with torch.no_grad():
+        want = tc(x)
+        torch.testing.assert_close(theirs(x).sae_out, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_transcoder(folder)(x), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="load_transcoder"):
+        load_sae(folder)  # a transcoder is not an SAE of one site
+
+
+def _planted_mlp(n=16384, d=32, n_feat=48, p=0.03, seed=0):
+    """A planted MLP: sparse signed input features ``a_i u_i`` (48 directions in 32 dimensions: no linear map
+    recovers them) mapped to ``|a_i| v_i``, plus a dense linear part ``W x``. The feature part is even in each
+    ``a_i``, so its best linear fit from ``x`` is zero, and ``x`` has a small dense part besides the features
+    that no sparse code represents: only the skip path can hold ``W`` (on that part), and only latents (two per
+    feature, one per sign) can write the ``v_i``."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.nn.functional.normalize(torch.randn(n_feat, d, generator=g), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(n_feat, d, generator=g), dim=1)
+    lin = torch.randn(d, d, generator=g) * 0.1
+    sign = torch.randint(0, 2, (n, n_feat), generator=g) * 2.0 - 1
+    a = (torch.rand(n, n_feat, generator=g) < p) * (0.5 + torch.rand(n, n_feat, generator=g)) * sign
+    x = a @ u + 0.3 * torch.randn(n, d, generator=g) / d**0.5  # a dense part that no sparse code holds
+    y = a.abs() @ v + x @ lin.t()
+    return {"mlp_in.0": x.numpy(), "mlp.0": y.numpy()}, v, a
+
+
+def _fit(arrays, tmp_path, sae_sites=(), steps=120, overrides=()):
+    cfg = compose(
+        [
+            "sae.batch_size=512",
+            "sae.d_sae=128",
+            "sae.k=4",
+            f"sae.n_tokens={512 * steps}",
+            "sae.lr=0.004",
+            "sae.dead_tokens=2048",
+            "sae.checkpoint_every=1000",
+            *overrides,
+        ]
+    )
+    specs = make_specs(cfg.sae, {s: 32 for s in sae_sites}, {"mlp.0": 32})
+    module = SAEModule(specs, cfg.sae, steps)
+    return train_module(module, cfg.trainer, tmp_path, arrays)
+
+
+def test_planted_mlp_is_recovered_by_the_transcoder(tmp_path):
+    """The transcoder's latents are the planted MLP's features: its decoder rows lie on the output directions v_i
+    (mean best cosine > 0.95, and not on the input directions u_i), each signed feature relu(+-a_i) has a latent
+    whose activation follows it (correlation > 0.75 for 90% of them, median > 0.85; 0.82 and 0.91 measured), and the skip path pays: FVE of the MLP output
+    above the same transcoder without one. Bugs caught: the target ignored (the latents reconstruct the input),
+    input and target swapped, the skip path left out of the loss."""
+    arrays, v, a = _planted_mlp()
+    with_skip = _fit(arrays, tmp_path / "s").saes[0]
+    without = _fit(arrays, tmp_path / "n", overrides=["sae.transcoder.skip=false"]).saes[0]
+    dec = with_skip.export()[1]["W_dec"]
+    assert mmcs(v, dec) > 0.95, mmcs(v, dec)
+    x, y = (torch.from_numpy(arrays[k]) for k in ("mlp_in.0", "mlp.0"))
+    with torch.no_grad():
+        f = with_skip.encode(x)
+    signed = torch.cat([a.clamp_min(0), (-a).clamp_min(0)], 1)  # [n, 2 x 48]
+    cor = _corr(signed, f).max(1).values
+    assert (cor > 0.75).float().mean() > 0.9 and cor.median() > 0.85, cor
+    fve = [E.reconstruction_metrics(t, x, target=y)[0]["fve"] for t in (with_skip, without)]
+    assert fve[0] > fve[1] + 0.02 and fve[0] > 0.8, fve
+    with torch.no_grad():  # FVE of the MLP output, by hand
+        assert fve[0] == pytest.approx(float(1 - (y - with_skip(x)).pow(2).sum() / (y - y.mean(0)).pow(2).sum()))
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlations [a's columns, b's columns]."""
+    a = (a - a.mean(0)) / a.std(0).clamp_min(1e-8)
+    b = (b - b.mean(0)) / b.std(0).clamp_min(1e-8)
+    return a.t() @ b / (len(a) - 1)
+
+
+def test_transcoder_beside_saes_equals_it_alone(tmp_path):
+    """One stream feeds SAEs and transcoders: a transcoder trained beside SAEs on its own input and output sites
+    is the one trained alone. Bug caught: its initialisation depending on its place among the SAEs (a seed offset
+    by its index); the planted test catches it reading the wrong site."""
+    arrays, *_ = _planted_mlp(n=4096)
+    both = _fit(arrays, tmp_path / "b", sae_sites=("mlp_in.0", "mlp.0"), steps=12)
+    alone = _fit(arrays, tmp_path / "a", steps=12)
+    assert [s.name for s in both.specs] == ["mlp_in.0", "mlp.0", "mlp.0"] and both.specs[2].in_site == "mlp_in.0"
+    a, b = both.saes[2].state_dict(), alone.saes[0].state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_transcoder_stage_writes_sparsify_files_and_scores_the_splice(own_run):
+    """``sfcd sae sae.transcoders=[mlp.1]`` beside an SAE: the transcoder under transcoders/step<N>/mlp.1/ in
+    sparsify's layout, the SAE under saes/; its CE loss with the transcoder in place of the MLP equals the loss
+    computed here with the MLP module's forward replaced by sparsify's own SparseCoder on the MLP's input; FVE
+    is of the MLP output. Bugs caught: the splice reading the MLP's output instead of its input, FVE measured
+    against the input, the transcoder written in the SAE layout or folder."""
+    from sparsify import SparseCoder
+
+    from transformers import AutoTokenizer
+
+    from sfcd.data.tokens import read_tokens
+    from sfcd.sae.stage import train_saes
+
+    over = [
+        "experiment=test",
+        f"run_dir={own_run.run_dir}",
+        "sae.sites=[attn.0]",
+        "sae.transcoders=[mlp.1]",
+        "sae.transcoder.d_sae=64",
+        "sae.n_tokens=4096",
+        "sae.eval_tokens=512",
+        "sae.ce_tokens=256",
+    ]
+    folders = train_saes(compose(over))
+    assert [f.parent.parent.name + "/" + f.name for f in folders] == ["saes/attn.0", "transcoders/mlp.1"]
+    tc_dir = folders[1]
+    cfg = json.loads((tc_dir / "cfg.json").read_text())
+    assert cfg["transcode"] and cfg["skip_connection"] and cfg["num_latents"] == 64
+    assert cfg["sfcd"]["hook_name"] == "blocks.1.ln2.hook_normalized"
+    m = json.loads((tc_dir / "metrics.json").read_text())
+    assert m["site"] == "mlp.1" and m["input_site"] == "mlp_in.1" and m["d_sae"] == 64
+
+    model, run = _model(own_run)
+    tc = SparseCoder.load_from_disk(tc_dir)
+    seq_len = own_run.model.seq_len
+    val = torch.from_numpy(np.array(read_tokens(run.tokens("val")), dtype=np.int64))
+    x = val[: 256 // seq_len * seq_len].view(-1, seq_len)
+    special = torch.tensor(AutoTokenizer.from_pretrained(str(run.model_step(run.model_steps()[-1]))).all_special_ids)
+    keep = ~torch.isin(x, special)[..., None]
+    mlp = model.gpt_neox.layers[1].mlp
+    plain = mlp.forward
+
+    def ce():
+        logits = model(x).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item()
+
+    with torch.no_grad():
+        clean = ce()
+        mlp.forward = lambda h: torch.where(keep, tc(h.flatten(0, 1)).sae_out.view_as(h), plain(h))
+        try:
+            spliced = ce()
+        finally:
+            del mlp.forward
+    assert m["ce_clean"] == pytest.approx(clean, abs=1e-4)
+    assert m["ce_sae"] == pytest.approx(spliced, abs=1e-4) and m["ce_sae"] != pytest.approx(clean, abs=1e-3)
+    assert m["ce_zero"] > m["ce_clean"] and np.isfinite(m["fve"]) and m["l0"] <= 8 + 1e-6  # k of the test profile
