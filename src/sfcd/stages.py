@@ -51,6 +51,14 @@ def circuit(cfg: DictConfig) -> None:
     print(f"circuit: {out / 'circuit.json'} (picture {out / 'circuit.svg'}, curve {out / 'faithfulness.png'})")
 
 
+def graph(cfg: DictConfig) -> None:
+    """Attribution graphs of graph.prompt (transcoders at every MLP; circuit-tracer's method): graph.json, .html."""
+    from sfcd.graphs.stage import build_graphs
+
+    for folder in build_graphs(cfg):
+        print(f"graph: {folder / 'graph.json'} (page {folder / 'graph.html'})")
+
+
 def crosscoder(cfg: DictConfig) -> None:
     """Crosscoders over K checkpoints (crosscoder.steps, default study.steps) at crosscoder.sites; latents read."""
     from sfcd.crosscoders.stage import train_crosscoders
@@ -109,6 +117,7 @@ STAGES: dict[str, Callable[[DictConfig], None]] = {
     "sae": sae,
     "features": features,
     "circuit": circuit,
+    "graph": graph,
     "crosscoder": crosscoder,
     "study": study,
     "reference": reference,

@@ -121,10 +121,10 @@ def _fit(arrays, tmp_path, sae_sites=(), steps=120, overrides=()):
 
 def test_planted_mlp_is_recovered_by_the_transcoder(tmp_path):
     """The transcoder's latents are the planted MLP's features: its decoder rows lie on the output directions v_i
-    (mean best cosine > 0.95, and not on the input directions u_i), each signed feature relu(+-a_i) has a latent
-    whose activation follows it (correlation > 0.75 for 90% of them, median > 0.85; 0.82 and 0.91 measured), and the skip path pays: FVE of the MLP output
-    above the same transcoder without one. Bugs caught: the target ignored (the latents reconstruct the input),
-    input and target swapped, the skip path left out of the loss."""
+    (mean best cosine > 0.95), each signed feature relu(+-a_i) has a latent whose activation follows it
+    (correlation > 0.75 for 90% of them and median > 0.85; 0.82 and 0.91 measured), and the skip path pays:
+    FVE of the MLP output above the same transcoder without one. Bugs caught: the target ignored (the latents
+    reconstruct the input), input and target swapped, the skip path left out of the loss."""
     arrays, v, a = _planted_mlp()
     with_skip = _fit(arrays, tmp_path / "s").saes[0]
     without = _fit(arrays, tmp_path / "n", overrides=["sae.transcoder.skip=false"]).saes[0]
@@ -169,7 +169,6 @@ def test_transcoder_stage_writes_sparsify_files_and_scores_the_splice(own_run):
     is of the MLP output. Bugs caught: the splice reading the MLP's output instead of its input, FVE measured
     against the input, the transcoder written in the SAE layout or folder."""
     from sparsify import SparseCoder
-
     from transformers import AutoTokenizer
 
     from sfcd.data.tokens import read_tokens

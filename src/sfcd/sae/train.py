@@ -116,14 +116,23 @@ def make_specs(
 
 
 def transcoder_specs(sae_cfg: DictConfig, dims: dict[str, int]) -> list[SAESpec]:
-    """One TopK transcoder per MLP output site (``mlp.<l>`` -> its width): the SAE settings with
-    ``sae.transcoder``'s set ones over them (an ``expansion`` set there wins over the SAEs' ``d_sae``)."""
+    """One TopK transcoder per MLP output site (``mlp.<l>`` -> its width): the SAE settings of that site
+    (``sae.per_site``) with ``sae.transcoder``'s set ones over them (an ``expansion`` set there wins over the
+    SAEs' ``d_sae``)."""
     over = {k: v for k, v in (OmegaConf.to_container(sae_cfg.transcoder, resolve=True) or {}).items() if v is not None}
-    c = {**OmegaConf.to_container(sae_cfg, resolve=True), **over}
-    if "expansion" in over and "d_sae" not in over:
-        c["d_sae"] = None
+    per_site = OmegaConf.to_container(sae_cfg.per_site, resolve=True) or {}
     specs = []
     for site, d in dims.items():
+        # the SAE settings of the same site (sae.per_site: mlp, mlp.<l>), so that a transcoder and the SAE of
+        # its MLP's output are the same size unless sae.transcoder says otherwise
+        own = {
+            k: v
+            for k, v in {**(per_site.get("mlp") or {}), **(per_site.get(site) or {})}.items()
+            if k != "architecture"
+        }
+        c = {**OmegaConf.to_container(sae_cfg, resolve=True), **own, **over}
+        if "expansion" in over and "d_sae" not in over:
+            c["d_sae"] = None
         hp = {k: c[k] for k in HPARAMS["transcoder"]}
         d_sae = int(c["d_sae"] or c["expansion"] * d)
         in_site = "mlp_in." + site.split(".")[1]
