@@ -351,3 +351,57 @@ def test_study_with_saes_warm_started_from_the_previous_checkpoint(test_run, tmp
     assert cos.median() > 0.9, cos
     with pytest.raises(ConfigError, match="sae.init='warm'"):
         run_study(compose([*base, "sae.init=warm"]))
+
+
+def test_study_with_transcoders_graphs_the_agreement_pair_through_training(test_run, tmp_path):
+    """study.transcoders=true: transcoders at every MLP beside the SAEs (their own folder, not among the SAE sites
+    the development reads), the graph of the task's first equal-length pair and of its number-flipped twin at each
+    step, and development.json's transcoders part. Each number node's activation on the twin is recomputed here
+    with a plain hook on the MLP's layer norm and sparsify's own SparseCoder. Bugs caught: transcoder folders
+    listed as SAE sites, the twin's activations read at another layer or position, graphs drawn at one step only."""
+    from sparsify import SparseCoder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sfcd.study import run_study
+
+    copy = trained_model(test_run, tmp_path / "tc")
+    base = ["experiment=test", f"run_dir={copy}", "study.steps=[16,24]", "study.seed_baseline=false"]
+    base += ["sae.sites=[resid.0]", "circuit.sites=[resid.0]", "study.tasks=[nounpp]", "study.transcoders=true"]
+    base += ["graph.node_threshold=1.0", "graph.edge_threshold=1.0"]  # every node kept: number nodes to check
+    page = run_study(compose(base))
+    dev = json.loads((copy / "development" / "development.json").read_text())
+    assert {r["site"] for r in dev["sae_rows"]} == {"resid.0"}
+    tc = dev["transcoders"]
+    assert [(r["site"], r["step"]) for r in tc["rows"]] == [("mlp.0", 16), ("mlp.0", 24), ("mlp.1", 16), ("mlp.1", 24)]
+    assert all(r["fve"] is not None and r["sae_fve"] is None for r in tc["rows"])  # no SAE at the MLPs here
+    g = tc["graph"]
+    assert [r["step"] for r in g["per_step"]] == [16, 24]
+    for name in ("nounpp-clean", "nounpp-flipped"):
+        assert all((copy / "graphs" / name / f"step{s}" / "graph.json").exists() for s in (16, 24))
+    nodes = g["number_nodes"]
+    assert nodes, "every node kept: some feature changes with the subject's number"
+    folder = copy / "model" / "step24"
+    model, tok = AutoModelForCausalLM.from_pretrained(str(folder)).eval(), AutoTokenizer.from_pretrained(str(folder))
+    ids = torch.tensor([[tok.bos_token_id, *tok(g["pair"]["patch"], add_special_tokens=False)["input_ids"]]])
+    seen = {}
+    hooks = [
+        model.gpt_neox.layers[i].post_attention_layernorm.register_forward_hook(
+            lambda m, a, o, i=i: seen.__setitem__(i, o[0])
+        )
+        for i in range(2)
+    ]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    for n in nodes:
+        coder = SparseCoder.load_from_disk(copy / "transcoders" / "step24" / n["site"])
+        with torch.no_grad():
+            out = coder.encode(seen[n["layer"]][n["position"]][None])
+        got = dict(zip(out.top_indices[0].tolist(), out.top_acts[0].tolist(), strict=True)).get(n["latent"], 0.0)
+        assert n["flipped"] == pytest.approx(got, abs=1e-4)
+        assert n["onset"] in (16, 24)
+    html = page.read_text()
+    assert "Transcoders and attribution graphs" in html and "graphs/nounpp-clean/step24/graph.html" in html

@@ -206,6 +206,8 @@ class CircuitConfig:
     dictionary: str = "sae"  # sae | neurons (identity dictionaries: the neuron baseline)
     dictionaries: Any = None  # the run's SAEs (None), a folder (sfcd/SAELens, the paper's ae.pt release, sparsify)
     # or a mapping site -> folder; see sfcd/circuits/dictionaries.py
+    transcoders: bool = False  # the run's transcoders (transcoders/step<N>/mlp.<l>) at the mlp.<l> sites, replacing
+    # the MLPs; the dictionaries above elsewhere (a circuit.dictionaries folder may also hold transcoders itself)
     error_nodes: bool = True  # false: circuits without error nodes (they are always ablated)
     edges: bool = True  # compute edges between circuit nodes
     reference_edges: bool = False  # compute edges with one backward per (example, position, node), to check
@@ -284,6 +286,11 @@ class StudyConfig:
     features_at: str = "last"  # dashboards at: last | all (steps)
     shared_threshold: float = 0.7  # decoder cosine at which matched features count as the same
     crosscoder: bool = False  # also train crosscoders over study.steps (crosscoder.*) and follow the circuits' latents
+    # transcoders at every MLP beside the SAEs (one stream), the attribution graph of an agreement prompt and of its
+    # number-flipped twin at every step (graph.*), and both read through training (development.json "transcoders")
+    transcoders: bool = False
+    graph_task: str | None = None  # the task whose test pair is graphed (None: the first of study.tasks)
+    graph_pair: int = 0  # which of its pairs (of prompts of equal length)
 
 
 @dataclass

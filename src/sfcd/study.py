@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 def run_study(cfg: DictConfig) -> Path:
     from sfcd.circuits.stage import CIRCUIT_DTYPES, find_circuit
     from sfcd.development.analysis import analyse
+    from sfcd.development.transcoders import graph_names, transcoder_development
+    from sfcd.devices import work_device
     from sfcd.features.stage import build_features
+    from sfcd.graphs.stage import build_graphs
     from sfcd.models.train import train_model
     from sfcd.report.html import render
     from sfcd.report.plots import by_site, circuits_plot, lineage_plot, training_curves
@@ -55,7 +58,7 @@ def run_study(cfg: DictConfig) -> Path:
     steps = steps_meta["steps"]
     # before any work: checkpoints with identical weights (Pythia's step0 and step1) named, one model at a time
     identical = warn_identical({step: provenance(checkpoint(cfg, step)[0]) for step in steps})
-    sites = None
+    sites = pair = None
     if cfg.sae.init not in ("random", "previous"):
         raise ConfigError(f"sae.init={cfg.sae.init!r}; expected random or previous")
     for k, step in enumerate(steps):
@@ -69,8 +72,9 @@ def run_study(cfg: DictConfig) -> Path:
             if cfg.sae.init == "previous" and k
             else {}
         )
-        folders = train_saes(_at(cfg, step=step, **{"sae.seed": cfg.sae.seed + step}, **warm))
-        sites = [f.name for f in folders]
+        tcs = {"sae.transcoders": ["mlp"]} if s.transcoders else {}  # trained from the SAEs' stream
+        folders = train_saes(_at(cfg, step=step, **{"sae.seed": cfg.sae.seed + step}, **warm, **tcs))
+        sites = [f.name for f in folders if f.parent.parent.name == "saes"]
         if s.seed_baseline:  # a randomly initialised second seed, also with sae.init=previous
             # (its decoders and live features are what the floor reads: no CE scores, which cost most of its time)
             second = {"sae.sweep": {"seed": [cfg.sae.seed + step + 1]}, "sae.init_from": None, "sae.ce_tokens": 0}
@@ -80,10 +84,17 @@ def run_study(cfg: DictConfig) -> Path:
         for task in tasks:
             if not (run.root / "circuits" / task / f"step{step}" / "circuit.json").exists():
                 find_circuit(_at(cfg, step=step, **{"circuit.task": task, "circuit.baselines": step == steps[-1]}))
+        if s.transcoders:
+            pair = pair or _graph_pair(cfg, run, tasks)
+            for name, prompt in zip(graph_names(pair), (pair["clean"], pair["patch"]), strict=True):
+                if not (run.root / "graphs" / name / f"step{step}" / "graph.json").exists():
+                    build_graphs(_at(cfg, step=step, **{"graph.prompt": prompt, "graph.name": name}))
     seed_suffix = {step: f"@seed={cfg.sae.seed + step + 1}" for step in steps} if s.seed_baseline else None
     dev = analyse(run, steps, sites, tasks, s.shared_threshold, seed_suffix, cfg)
     dev["study_steps"] = steps_meta
     dev["identical_checkpoints"] = identical
+    if s.transcoders:
+        dev["transcoders"] = transcoder_development(cfg, run, steps, pair, work_device(cfg.trainer))
     write_json(run.root / "development" / "development.json", dev)
     d = run.root / "development"
     plots = {
@@ -127,3 +138,13 @@ def run_study(cfg: DictConfig) -> Path:
     page = render(run.root, f"sfcd study: {cfg.name}", plots, dev, links)
     log.info("report: %s", page)
     return page
+
+
+def _graph_pair(cfg: DictConfig, run: RunDir, tasks: list[str]) -> dict:
+    """The agreement pair the study graphs: ``study.graph_pair`` of ``study.graph_task`` (default: the first
+    task)."""
+    from sfcd.development.transcoders import agreement_pair
+
+    task = cfg.study.graph_task or tasks[0]
+    tokenizer = checkpoint(cfg, None)[1]  # the graphs' tokenizer
+    return agreement_pair(run, task, tokenizer, int(cfg.study.graph_pair))

@@ -84,3 +84,14 @@ def test_nodes_left_without_edges_go():
     r = prune_graph(a, LAYOUT, P, 1.0, 0.5)
     assert r.node_mask.tolist() == [False, False, False, False, True, True, True]
     assert {(int(t), int(s)) for t, s in r.edge_mask.nonzero()} == {(Y, T1)}
+
+
+def test_thresholds_of_one_keep_every_nonzero_edge_and_no_zero_one():
+    """At node and edge thresholds 1, the pruned graph is the whole graph: every nonzero edge between nodes with
+    influence, whatever the float32 rounding of the cumulative sum (here scores spanning 1e-9 to 1, whose sum
+    reaches 1 before the smallest), and no zero-weight edge. Bugs caught: circuit-tracer's threshold search at 1
+    (tiny edges dropped when the sum reaches 1 early, or zeros kept when it never does)."""
+    a = hand_graph().float()
+    a[F1, T0] = 1e-9  # a tiny but real edge
+    pruned = prune_graph(a, LAYOUT, P.float(), node_threshold=1.0, edge_threshold=1.0)
+    assert torch.equal(pruned.edge_mask, a != 0)

@@ -189,7 +189,7 @@ def test_transcoder_stage_writes_sparsify_files_and_scores_the_splice(own_run):
     tc_dir = folders[1]
     cfg = json.loads((tc_dir / "cfg.json").read_text())
     assert cfg["transcode"] and cfg["skip_connection"] and cfg["num_latents"] == 64
-    assert cfg["sfcd"]["hook_name"] == "blocks.1.ln2.hook_normalized"
+    assert cfg["sfcd"]["hook_name"] == "blocks.1.mlp.hook_in"
     m = json.loads((tc_dir / "metrics.json").read_text())
     assert m["site"] == "mlp.1" and m["input_site"] == "mlp_in.1" and m["d_sae"] == 64
 

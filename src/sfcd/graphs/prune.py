@@ -36,7 +36,13 @@ def compute_influence(a: torch.Tensor, logit_weights: torch.Tensor, max_iter: in
 
 
 def find_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The score at which the scores sorted from the largest down reach ``threshold`` of their total."""
+    """The score at which the scores sorted from the largest down reach ``threshold`` of their total. At 1 the
+    smallest positive score, so that "keep everything" keeps every nonzero score and no zero one (circuit-tracer
+    searches the float32 cumulative sum, which may reach 1 before the last tiny scores or never reach it, keeping
+    zeros too, depending on rounding)."""
+    if threshold >= 1.0:
+        positive = scores[scores > 0]
+        return positive.min() if len(positive) else scores.new_tensor(float("inf"))
     ranked = torch.sort(scores, descending=True).values
     cumulative = torch.cumsum(ranked, dim=0) / torch.sum(ranked)
     index = min(int(torch.searchsorted(cumulative, threshold).item()), len(cumulative) - 1)
@@ -110,7 +116,7 @@ def prune_graph(
     pruned[:, ~node_mask] = 0
     normalized = normalize_matrix(pruned)
     edge_scores = normalized * (compute_influence(normalized, w) + w)[:, None]
-    edge_mask = edge_scores >= find_threshold(edge_scores.flatten(), edge_threshold)
+    edge_mask = (edge_scores >= find_threshold(edge_scores.flatten(), edge_threshold)) & (edge_scores > 0)
 
     old = node_mask.clone()
     node_mask[:-n_fixed] &= edge_mask[:, :-n_fixed].any(0)  # features and errors: an outgoing edge

@@ -1,7 +1,7 @@
 """Sites: friendly names for places in a model whose activations sfcd reads or replaces.
 
 ``embed``, ``attn.<l>`` (attention output), ``mlp_in.<l>`` (what the MLP reads: the residual stream after its
-layer norm, TransformerLens's ``ln2.hook_normalized``; a transcoder's input), ``mlp.<l>`` (MLP output),
+layer norm, weight and bias included; circuit-tracer's ``mlp.hook_in``; a transcoder's input), ``mlp.<l>`` (MLP output),
 ``resid.<l>`` (the block's output, the residual stream after layer l) and ``mlp_act.<l>`` (the MLP's hidden
 activations). They map to modules of plain ``transformers`` models (GPT-NeoX/Pythia, GPT-2); reading and
 replacing go through forward hooks (``mlp_in``: a pre-hook on the MLP, whose first argument it is), and one

@@ -262,6 +262,8 @@ def render(root: Path, title: str, plots: dict[str, Path], dev: dict, links: dic
         parts += _circuits_section(root, plots, dev)
     if cc:
         parts += _crosscoder_section(root, plots, cc)
+    if dev.get("transcoders"):
+        parts += _transcoder_section(root, dev["transcoders"])
     parts.append('<a id="sites"></a><h2>Per site</h2>')
     parts += [_site_section(root, plots, dev, site, by, cc) for site in sites]
     if links:
@@ -488,4 +490,74 @@ def _crosscoder_section(root: Path, plots: dict[str, Path], cc: dict) -> list[st
         if pages:
             links = ", ".join(_link(p, root, f"{p.parent.parent.name} @ {p.parent.name}") for p in pages)
             parts.append(_details(f"Circuit pages ({len(pages)})", f"<p>{links}</p>", "links"))
+    return parts
+
+
+def _transcoder_section(root: Path, tc: dict) -> list[str]:
+    """Transcoders at every MLP beside the SAEs of the MLP outputs, their latents through training, and the
+    agreement prompt's attribution graph read back through the steps (numbers: development.json, transcoders)."""
+    sites, steps = layer_order(list(tc["sites"])), tc["steps"]
+    parts = [
+        '<a id="transcoders"></a><h2>Transcoders and attribution graphs</h2>',
+        "<p>A TopK skip transcoder replaces each MLP (input: the MLP's input after its layer norm; output: the MLP's "
+        "output), trained from the SAEs' stream. Beside each, the SAE of the same MLP's output. Latents are matched "
+        "to the last step's by the mean of encoder and decoder cosines; numbers: "
+        + _link(root / "development" / "transcoders.csv", root, "transcoders.csv")
+        + ".</p>",
+    ]
+    csv = _link(root / "development" / "transcoders.csv", root, "transcoders.csv")
+    for key, caption in (
+        ("fve", "Transcoder FVE of the MLP output"),
+        ("sae_fve", "SAE FVE of the MLP output"),
+        ("ce_loss_score", "Transcoder CE loss score (spliced in place of the MLP)"),
+        ("sae_ce_loss_score", "SAE CE loss score (spliced at the MLP output)"),
+        ("shared_with_final", "Share of the last transcoder's live latents present"),
+    ):
+        values = {(r["site"], r["step"]): r.get(key) for r in tc["rows"]}
+        parts.append(heatmap(f"transcoder:{key}", caption, sites, steps, values, csv, (0.0, 1.0), "site-"))
+    g = tc.get("graph")
+    if not g:
+        return parts
+    pair = g["pair"]
+    parts.append(
+        "<h3>The attribution graph of an agreement prompt through training</h3><p>"
+        + _e(f"Prompt ({pair['task']}): {pair['clean']!r}, answer {pair['answer']!r}; its number-flipped twin: ")
+        + _e(repr(pair["patch"]))
+        + ". A node carries the subject's number when its activation changes by more than half on the twin. "
+        "Onset: the first studied step from which its feature is present at every later one; in graph at: the "
+        "steps whose graph keeps its matched feature at the same position.</p>"
+    )
+    rows = [
+        {
+            "step": r["step"],
+            "feature nodes": r["nodes"],
+            "number nodes": len(r["number_nodes"]),
+            "answer probability": r["answer_probability"],
+            "replacement score": r["replacement_score"],
+            "completeness score": r["completeness_score"],
+        }
+        for r in g["per_step"]
+    ]
+    parts.append(_table(rows, list(rows[0])))
+    nodes = [
+        {
+            "node": n["id"],
+            "site": n["site"],
+            "token": n["position"],
+            "activation": n["activation"],
+            "on the twin": n["flipped"],
+            "onset": n["onset"],
+            "in graph at": ", ".join(str(s) for s in n["in_graph_at"]),
+        }
+        for n in g["number_nodes"]
+    ]
+    if nodes:
+        parts.append("<p>The last step's nodes that carry the subject's number:</p>" + _table(nodes, list(nodes[0])))
+    if g["paths"]:
+        items = "".join(f"<li>{_e(' -> '.join(p['path']))} ({_e(_short(p['score']))})</li>" for p in g["paths"])
+        parts.append(f"<p>The strongest paths from the subject through them to the answer:</p><ul>{items}</ul>")
+    pages = sorted(root.glob(f"graphs/{g['name']}/step*/graph.html"))
+    if pages:
+        links = ", ".join(_link(p, root, p.parent.name) for p in pages)
+        parts.append(_details(f"Graph pages ({len(pages)})", f"<p>{links}</p>", "links"))
     return parts

@@ -36,7 +36,9 @@ _HOOK_NAMES = {
     "mlp": "blocks.{l}.hook_mlp_out",
     "resid": "blocks.{l}.hook_resid_post",
     "mlp_act": "blocks.{l}.mlp.hook_post",
-    "mlp_in": "blocks.{l}.ln2.hook_normalized",
+    # circuit-tracer's name for the MLP's input (after the layer norm's weight and bias); TransformerLens's
+    # ln2.hook_normalized is before them (the same only with fold_ln), so it is not this site's value
+    "mlp_in": "blocks.{l}.mlp.hook_in",
 }
 
 
