@@ -178,6 +178,7 @@ class SAEConfig:
 @dataclass
 class FeaturesConfig:
     saes: list[str] = field(default_factory=lambda: ["all"])  # SAE names under saes/step<N>/, or "all"
+    transcoders: bool = False  # also the step's transcoders (features/step<N>/transcoders/mlp.<l>/)
     n_tokens: int = 65_536  # held-out tokens streamed through each SAE
     top_k: int = 10  # top activating contexts per feature
     quantile_contexts: int = 5  # contexts from lower quantiles per feature

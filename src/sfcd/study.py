@@ -80,7 +80,7 @@ def run_study(cfg: DictConfig) -> Path:
             second = {"sae.sweep": {"seed": [cfg.sae.seed + step + 1]}, "sae.init_from": None, "sae.ce_tokens": 0}
             train_saes(_at(cfg, step=step, **second))
         if s.features_at == "all" or step == steps[-1]:
-            build_features(_at(cfg, step=step, **{"features.saes": sites}))
+            build_features(_at(cfg, step=step, **{"features.saes": sites, "features.transcoders": s.transcoders}))
         for task in tasks:
             if not (run.root / "circuits" / task / f"step{step}" / "circuit.json").exists():
                 find_circuit(_at(cfg, step=step, **{"circuit.task": task, "circuit.baselines": step == steps[-1]}))

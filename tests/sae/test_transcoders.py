@@ -67,8 +67,9 @@ def _random_transcoder(d=24, m=80, k=5, skip=True, seed=0) -> Transcoder:
 @pytest.mark.parametrize("skip", [True, False])
 def test_sparsify_computes_the_saved_transcoder(skip, tmp_path):
     """sparsify's own ``SparseCoder.load_from_disk`` on sfcd's file computes sfcd's transcoder, and sfcd reads the
-    file back to the same function. Bugs caught: a scale not folded into W_skip or W_dec, W_skip transposed, b_dec
-    subtracted from the input (sfcd's SAEs do; sparsify's transcoders do not), a wrong cfg key."""
+    file back to the same function; its raw decoder rows are sparsify's. Bugs caught: a scale not folded into W_skip
+    or W_dec, W_skip transposed, b_dec subtracted from the input (sfcd's SAEs do; sparsify's transcoders do not), a
+    wrong cfg key, decoder rows in the input's units (the logit effects of its dashboards read them)."""
     from sparsify import SparseCoder
 
     tc = _random_transcoder(skip=skip)
@@ -80,6 +81,7 @@ def test_sparsify_computes_the_saved_transcoder(skip, tmp_path):
         want = tc(x)
         torch.testing.assert_close(theirs(x).sae_out, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(load_transcoder(folder)(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tc.decoder_rows(), theirs.W_dec, atol=1e-6, rtol=1e-5)  # output units
     with pytest.raises(Exception, match="load_transcoder"):
         load_sae(folder)  # a transcoder is not an SAE of one site
 
@@ -111,6 +113,8 @@ def _fit(arrays, tmp_path, sae_sites=(), steps=120, overrides=()):
             "sae.lr=0.004",
             "sae.dead_tokens=2048",
             "sae.checkpoint_every=1000",
+            "sae.transcoder.d_sae=128",  # over the default experiment's per-site size of mlp.0
+            "sae.transcoder.k=4",
             *overrides,
         ]
     )
@@ -167,7 +171,8 @@ def test_transcoder_stage_writes_sparsify_files_and_scores_the_splice(own_run):
     sparsify's layout, the SAE under saes/; its CE loss with the transcoder in place of the MLP equals the loss
     computed here with the MLP module's forward replaced by sparsify's own SparseCoder on the MLP's input; FVE
     is of the MLP output. Bugs caught: the splice reading the MLP's output instead of its input, FVE measured
-    against the input, the transcoder written in the SAE layout or folder."""
+    against the input, the transcoder written in the SAE layout or folder, the complete SAEs left out of the list
+    of folders when others were trained (a study then lost its sites)."""
     from sparsify import SparseCoder
     from transformers import AutoTokenizer
 
@@ -177,16 +182,20 @@ def test_transcoder_stage_writes_sparsify_files_and_scores_the_splice(own_run):
     over = [
         "experiment=test",
         f"run_dir={own_run.run_dir}",
-        "sae.sites=[attn.0]",
+        "sae.sites=[resid.0,attn.0]",  # resid.0 is complete in the shared run: skipped, and still listed
         "sae.transcoders=[mlp.1]",
         "sae.transcoder.d_sae=64",
         "sae.n_tokens=4096",
         "sae.eval_tokens=512",
         "sae.ce_tokens=256",
     ]
-    folders = train_saes(compose(over))
-    assert [f.parent.parent.name + "/" + f.name for f in folders] == ["saes/attn.0", "transcoders/mlp.1"]
-    tc_dir = folders[1]
+    folders = train_saes(compose(over))  # every folder asked for (the study reads its sites from them)
+    assert [f.parent.parent.name + "/" + f.name for f in folders] == [
+        "saes/resid.0",
+        "saes/attn.0",
+        "transcoders/mlp.1",
+    ]
+    tc_dir = folders[2]
     cfg = json.loads((tc_dir / "cfg.json").read_text())
     assert cfg["transcode"] and cfg["skip_connection"] and cfg["num_latents"] == 64
     assert cfg["sfcd"]["hook_name"] == "blocks.1.mlp.hook_in"
@@ -217,3 +226,19 @@ def test_transcoder_stage_writes_sparsify_files_and_scores_the_splice(own_run):
     assert m["ce_clean"] == pytest.approx(clean, abs=1e-4)
     assert m["ce_sae"] == pytest.approx(spliced, abs=1e-4) and m["ce_sae"] != pytest.approx(clean, abs=1e-3)
     assert m["ce_zero"] > m["ce_clean"] and np.isfinite(m["fve"]) and m["l0"] <= 8 + 1e-6  # k of the test profile
+
+
+def test_transcoder_settings_are_the_sae_settings_of_its_site_under_its_own():
+    """A transcoder takes the SAE settings of its MLP site (sae.per_site by kind, then by name, over sae.*), then
+    sae.transcoder's set ones; an expansion set there wins over the SAEs' d_sae. Bugs caught: per-site sizes
+    ignored (a transcoder then differs in size from the SAE it is compared with), sae.transcoder not applied."""
+    per_site = {"mlp": {"k": 3}, "mlp.1": {"d_sae": 48}}
+    for extra, want in (
+        ([], {"mlp.0": (64, 3), "mlp.1": (48, 3)}),
+        (["sae.transcoder.k=5", "sae.transcoder.expansion=2"], {"mlp.0": (32, 5), "mlp.1": (32, 5)}),
+    ):
+        cfg = compose(["experiment=test", "sae.d_sae=null", "sae.expansion=4", "sae.k=7", *extra])
+        cfg.sae.per_site = per_site
+        specs = make_specs(cfg.sae, {}, {"mlp.0": 16, "mlp.1": 16})
+        assert {s.name: (s.d_sae, s.hparams["k"]) for s in specs} == want
+        assert [s.in_site for s in specs] == ["mlp_in.0", "mlp_in.1"]

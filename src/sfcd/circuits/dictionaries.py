@@ -13,6 +13,13 @@ A folder may hold, one subfolder per site:
   another checkpoint's tokens reaches the circuit; ``crosscoder_view="joint"`` opts in to
   :class:`sfcd.crosscoders.view.JointView` (the other checkpoints' models run on the same tokens).
 Each dictionary is loaded with :func:`sfcd.sae.io.load_sae` and checked against the site's width.
+
+Transcoders (sparsify's layout, ``transcode: true`` in ``cfg.json``; sfcd's ``transcoders/step<N>/``) are the
+dictionaries of ``mlp.<l>`` sites: a folder may hold them beside SAEs, named by sfcd site (``mlp.1``) or by
+sparsify hookpoint (``gpt_neox.layers.1.mlp``, or ``layers.1.mlp`` under the model's base module).
+``circuit.transcoders=true`` takes the run's own (``transcoders/step<N>/mlp.<l>``) at every MLP site and the
+dictionaries above elsewhere. A transcoder is loaded with :func:`sfcd.sae.io.load_transcoder` and checked against
+the widths of the MLP's input and output (:func:`check_transcoder_fits`).
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ from sfcd.circuits.splice import Identity
 from sfcd.crosscoders.io import block_index, is_crosscoder, load_crosscoder
 from sfcd.errors import ConfigError, InputError, MissingArtifactError
 from sfcd.io import read_json
-from sfcd.models.sites import Site, parse_site, site_dim, site_of_module
+from sfcd.models.sites import Site, mlp_input_site, parse_site, site_dim, site_of_module
 from sfcd.paths import RunDir
-from sfcd.sae.io import load_sae
+from sfcd.sae.io import load_sae, load_transcoder
 from sfcd.sae.stage import check_sae_fits
 
 _PAPER = re.compile(r"^(embed)$|^(attn_out|mlp_out|resid_out)_layer(\d+)$")
@@ -67,6 +74,25 @@ def _holds_sae(folder: Path) -> bool:
     )
 
 
+#: base modules of the architectures sfcd knows: sparsify names hookpoints under ``model.base_model``
+_BASES = ("gpt_neox.", "transformer.")
+
+
+def _module_site(name: str) -> str | None:
+    """The site a module path names, full (``gpt_neox.layers.1.mlp``) or under the base module (``layers.1.mlp``,
+    sparsify's hookpoints)."""
+    return site_of_module(name) or next((s for b in _BASES if (s := site_of_module(b + name))), None)
+
+
+def is_transcoder_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a sparsify-layout transcoder (``cfg.json`` with ``transcode: true``)."""
+    cfg_path = Path(folder) / "cfg.json"
+    if not cfg_path.exists():
+        return False
+    cfg = read_json(cfg_path)
+    return isinstance(cfg, dict) and bool(cfg.get("transcode"))
+
+
 def _paper_set(folder: Path) -> Path:
     """``<site>/<set>/ae.pt``: the one set folder (or ``ae.pt`` right in the site folder)."""
     if _holds_sae(folder):
@@ -97,22 +123,41 @@ def folders_in(root: Path) -> dict[str, Path]:
         try:
             site = parse_site(sub.name).name
         except ConfigError:
-            site = site_of_module(sub.name) or _hook_site(sub)
+            site = _module_site(sub.name) or _hook_site(sub)
         if site is not None:
             out[site] = sub
     if not out:
         raise InputError(
             f"circuit.dictionaries: no dictionary layout recognised in {root}; expected one subfolder per site "
             "named by sfcd site (resid.0), by the paper's names (embed, attn_out_layer<i>, mlp_out_layer<i>, "
-            "resid_out_layer<i>, each with <set>/ae.pt), by module path (sparsify: gpt_neox.layers.<l>), or "
-            "SAELens folders whose cfg.json names a hook"
+            "resid_out_layer<i>, each with <set>/ae.pt), by module path (sparsify: gpt_neox.layers.<l>, "
+            "layers.<l>.mlp for a transcoder), or SAELens folders whose cfg.json names a hook"
         )
     return out
 
 
-def dictionary_folders(spec, run: RunDir, step: int, sites: list[Site]) -> dict[Site, Path]:
+def dictionary_folders(spec, run: RunDir, step: int, sites: list[Site], transcoders: bool = False) -> dict[Site, Path]:
     """The folder of each site's dictionary: ``spec`` None (the run's SAEs at ``step``), a folder, or a
-    mapping site -> folder. A site without one is an error naming what there is."""
+    mapping site -> folder; with ``transcoders``, the run's transcoders at ``step`` at the ``mlp.<l>`` sites (and
+    ``spec`` for the others). A site without one is an error naming what there is."""
+    out: dict[Site, Path] = {}
+    if transcoders:
+        mlps = [s for s in sites if s.kind == "mlp"]
+        if not mlps:
+            raise ConfigError(
+                f"circuit.transcoders=true replaces MLPs, but circuit.sites {[s.name for s in sites]} has no mlp.<l>"
+            )
+        folder = run.transcoders(step)
+        missing = [s.name for s in mlps if not (folder / s.name / "metrics.json").exists()]
+        if missing:
+            raise MissingArtifactError(
+                f"no transcoders for sites {missing} in {folder}; train them with `sfcd sae run_dir={run.root} "
+                f"step={step} sae.transcoders=[{','.join(missing)}]`, or bring them with circuit.dictionaries=<folder>"
+            )
+        out = {s: folder / s.name for s in mlps}
+        sites = [s for s in sites if s not in out]
+        if not sites:
+            return out
     if spec is None:
         folder = run.root / "saes" / f"step{step}"
         missing = [s.name for s in sites if not (folder / s.name / "metrics.json").exists()]
@@ -122,7 +167,7 @@ def dictionary_folders(spec, run: RunDir, step: int, sites: list[Site]) -> dict[
                 f"`sfcd sae run_dir={run.root} step={step} sae.sites=[{','.join(missing)}]`, or bring "
                 "dictionaries with circuit.dictionaries=<folder>"
             )
-        return {s: folder / s.name for s in sites}
+        return out | {s: folder / s.name for s in sites}
     if isinstance(spec, DictConfig):
         spec = OmegaConf.to_container(spec, resolve=True)
     if isinstance(spec, dict):
@@ -137,7 +182,20 @@ def dictionary_folders(spec, run: RunDir, step: int, sites: list[Site]) -> dict[
             f"circuit.dictionaries: no dictionary for sites {missing} in {where} (it has {sorted(found)}); "
             "add them or choose circuit.sites among those"
         )
-    return {s: found[s.name] for s in sites}
+    return out | {s: found[s.name] for s in sites}
+
+
+def check_transcoder_fits(tc, model, site: Site) -> None:
+    """A clear error when a transcoder does not replace ``site``'s MLP: ``site`` is not ``mlp.<l>``, or its input
+    or output width is not the MLP's."""
+    if site.kind != "mlp":
+        raise InputError(f"a transcoder replaces an MLP: its site is mlp.<l>, not {site.name}")
+    d_in, d_out = site_dim(model, mlp_input_site(site)), site_dim(model, site)
+    if (tc.d_in, tc.d_out) != (d_in, d_out):
+        raise InputError(
+            f"the transcoder maps {tc.d_in} -> {tc.d_out} dimensions but the MLP of {site.name} in this model maps "
+            f"{d_in} -> {d_out}; use a transcoder trained on this model's MLP"
+        )
 
 
 def load_dictionaries(
@@ -159,6 +217,14 @@ def load_dictionaries(
     for s in sites:
         if is_crosscoder(folders[s]):
             dicts[s] = _crosscoder_view(model, s, folders[s], step, others, crosscoder_view)
+            continue
+        if is_transcoder_folder(folders[s]):
+            tc = load_transcoder(folders[s])
+            try:
+                check_transcoder_fits(tc, model, s)
+            except InputError as e:
+                raise InputError(f"{folders[s]}: {e}") from None
+            dicts[s] = tc.eval().to(device)
             continue
         sae = load_sae(folders[s])
         try:

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from sfcd.circuits.data import PairBatch, metric
-from sfcd.circuits.splice import Splice, last_logits
+from sfcd.circuits.splice import Splice, is_transcoder, last_logits
 from sfcd.errors import ConfigError
-from sfcd.models.sites import Site, reaches
+from sfcd.models.sites import Site, architecture, reaches
 
 METHODS = ("attrib", "ig", "exact")
 
@@ -228,7 +228,7 @@ def edge_effects(
     """
     e_up = _dense_up(eff[up])
     sp = Splice(
-        {up: dicts[up], down: dicts[down]},
+        {up: dicts[up], down: dicts[down], **_skips(dicts, stop)},
         leaves={up},
         values={up: (e_up.f_clean, e_up.err_clean)},
         graph={down},
@@ -271,10 +271,18 @@ def y_edge_effects(
     over this batch's examples (and positions): the metric's gradient at the clean input with the gradient
     stopped at ``stop`` (the chosen sites after ``up`` that carry the other paths), times ``up``'s delta."""
     e_up = _dense_up(eff[up])
-    sp = Splice({up: dicts[up]}, leaves={up}, values={up: (e_up.f_clean, e_up.err_clean)}, stop=stop)
+    sp = Splice(
+        {up: dicts[up], **_skips(dicts, stop)}, leaves={up}, values={up: (e_up.f_clean, e_up.err_clean)}, stop=stop
+    )
     with sp.applied(model):
         m = metric(last_logits(model, batch.clean), batch).sum()
         return _upstream_weights(m, sp.states[up].f, sp.states[up].err, e_up, per_position)
+
+
+def _skips(dicts: dict[Site, nn.Module], stop: set[Site]) -> dict[Site, nn.Module]:
+    """The transcoders among the stop sites: spliced in, so that their skip paths (no node's: a linear route
+    like the residual stream) carry the gradient past the stop, which cuts their features' and error's."""
+    return {s: dicts[s] for s in stop if is_transcoder(dicts.get(s))}
 
 
 def _dense_up(e: SiteEffects) -> SiteEffects:
@@ -297,3 +305,108 @@ def _upstream_weights(
     w_f = (gf * up.delta_f).sum(dims)
     w_e = (ge * up.delta_err).sum(-1).sum(dims)
     return torch.cat([w_f, w_e.unsqueeze(-1)], -1).detach()
+
+
+# ----------------------------------------------------------------------- transcoder -> transcoder edges, split
+#: the layer norm before each architecture's MLP ({l}: the layer)
+_MLP_NORMS = {"gpt_neox": "gpt_neox.layers.{l}.post_attention_layernorm", "gpt2": "transformer.h.{l}.ln_2"}
+
+
+def mlp_norm(model, layer: int) -> nn.Module:
+    """The layer norm whose output the MLP of ``layer`` reads (``mlp_in.<layer>``)."""
+    return model.get_submodule(_MLP_NORMS[architecture(model)].format(l=layer))
+
+
+@torch.no_grad()
+def norm_scales(model, x: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """1/sigma of the MLP's layer norm at each token of ``x`` ([B, T], float32) for each of ``layers``: the
+    scale ``LN(r) = gamma (r - mean r) / sigma + beta`` applies on this input, read from the norm's own input
+    in the model's forward pass."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = []
+    for l in layers:
+        norm = mlp_norm(model, l)
+
+        def grab(module, args, output, l=l, eps=norm.eps):
+            r = args[0].to(_wide(args[0].dtype))
+            seen[l] = torch.rsqrt(r.var(-1, unbiased=False) + eps)
+
+        handles.append(norm.register_forward_hook(grab))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def virtual_weights(model, dicts: dict[Site, nn.Module], up: Site, down: Site, down_feats, up_feats) -> torch.Tensor:
+    """Dunefsky et al.'s input-invariant part of the edges from transcoder features ``up_feats`` of ``up``
+    (``mlp.<l'>``) to ``down_feats`` of ``down`` (``mlp.<l>``, l > l'), [len(down_feats), len(up_feats)]: the
+    upstream decoder row (raw units, what the feature writes to the residual stream per unit) through the
+    downstream layer norm with its scale 1/sigma held (its centring and weight gamma; 1/sigma varies by token and
+    sits in the activation part) into the downstream encoder column (raw units):
+    ``V[i, i'] = (W_dec[i'] - mean W_dec[i']) . (gamma * W_enc[:, i])``. Only the chosen rows and columns are
+    read (nothing of size d_sae^2), in float32 (at least)."""
+    tu, td = dicts[up], dicts[down]
+    dev, dt = tu.W_dec.device, _wide(tu.W_dec.dtype)
+    dec = tu.W_dec[torch.as_tensor(up_feats, dtype=torch.long, device=dev)].to(dt) / tu.out_scale.to(dt)
+    dec = dec - dec.mean(-1, keepdim=True)  # the layer norm's centring
+    enc = td.W_enc[:, torch.as_tensor(down_feats, dtype=torch.long, device=dev)].to(dt) * td.scale.to(dt)
+    norm = mlp_norm(model, down.layer)
+    if norm.weight is not None:
+        enc = enc * norm.weight.to(dt)[:, None]
+    return (dec @ enc).t()
+
+
+@torch.no_grad()
+def direct_activations(
+    inv_sigma: torch.Tensor,
+    up: Site,
+    down: Site,
+    eff: dict[Site, SiteEffects],
+    down_nodes: list,
+    up_feats: list[int],
+    per_position: bool = False,
+    item_threshold: float | None = None,
+) -> torch.Tensor:
+    """The activation part of the direct (residual-stream) edges from transcoder features ``up_feats`` of ``up`` to
+    ``down_nodes`` of ``down`` (as :func:`edge_effects` takes them; an error node's row is zero: it reads no
+    encoder), summed over this batch's examples: [len(down_nodes), len(up_feats)], or per upstream position
+    [len(down_nodes), T, len(up_feats)].
+
+    A token's direct edge is g_D,i . 1[i active] . (1/sigma) . V[i, i'] . delta f_i' at that token (the path
+    through the residual stream alone, one position, the layer norm's scale held at its value there); summing it,
+    the activation part is the upstream feature's clean -> patch change weighted at each token by the downstream
+    feature's gradient (zero where it is inactive: TopK passes no gradient) and the layer norm's scale, so that
+    ``direct = virtual weight x activation``. ``inv_sigma`` [B, T]: :func:`norm_scales` of ``down``'s layer.
+    ``item_threshold``: only the downstream items whose own effect exceeds it, as in :func:`edge_effects`."""
+    g, f = dense(eff[down].grad_f), dense(eff[down].f_clean)
+    ie = dense(eff[down].ie_f) if item_threshold is not None else None
+    dt = _wide(g.dtype)
+    delta = dense(eff[up].delta_f)[..., torch.as_tensor(up_feats, dtype=torch.long, device=g.device)].to(dt)
+    inv_sigma = inv_sigma.to(dt)
+    B, T = g.shape[:2]
+    rows = []
+    for node in down_nodes:
+        k, t = node if isinstance(node, tuple) else (node, None)
+        if k < 0:
+            a = torch.zeros(B, T, dtype=dt, device=g.device)
+        else:
+            a = torch.where(f[..., k] != 0, g[..., k].to(dt) * inv_sigma, torch.zeros_like(inv_sigma))
+            if item_threshold is not None:
+                a = torch.where(ie[..., k].abs() > item_threshold, a, torch.zeros_like(a))
+        if t is not None:  # one downstream position: the direct path reaches it from that position only
+            a = torch.where(torch.arange(T, device=a.device) == t, a, torch.zeros_like(a))
+        if per_position:
+            rows.append(torch.einsum("bt,btu->tu", a, delta))
+        else:
+            rows.append(torch.einsum("bt,btu->u", a, delta))
+    shape = (T, len(up_feats)) if per_position else (len(up_feats),)
+    return torch.stack(rows) if rows else torch.zeros(0, *shape, dtype=dt, device=g.device)
+
+
+def _wide(dt: torch.dtype) -> torch.dtype:
+    """float32 at least (a bfloat16/float16 model's activations), float64 kept."""
+    return torch.promote_types(dt, torch.float32)

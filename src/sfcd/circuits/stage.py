@@ -18,15 +18,19 @@ from sfcd.circuits.dictionaries import dictionary_folders, load_dictionaries
 from sfcd.circuits.effects import (
     METHODS,
     compact,
+    direct_activations,
     edge_effects,
     edge_pairs,
     node_effects,
+    norm_scales,
+    virtual_weights,
     y_edge_effects,
     y_pairs,
 )
 from sfcd.circuits.evaluate import ABLATIONS, Faithfulness
 from sfcd.circuits.page import write_circuit_page
 from sfcd.circuits.picture import draw_circuit, draw_curve
+from sfcd.circuits.splice import is_transcoder
 from sfcd.data.tasks import LENGTH_RULES, Task, TaskPair, load_task, select_pairs, split_rows
 from sfcd.devices import work_device
 from sfcd.errors import ConfigError, InputError
@@ -59,6 +63,8 @@ def check_config(c: DictConfig) -> None:
         raise ConfigError(f"unknown circuit.edge_items {c.edge_items!r}; expected all or paper")
     if c.dictionary not in ("sae", "neurons"):
         raise ConfigError(f"unknown circuit.dictionary {c.dictionary!r}; expected sae or neurons")
+    if c.get("transcoders") and c.dictionary != "sae":
+        raise ConfigError("circuit.transcoders=true needs circuit.dictionary=sae (neurons have no transcoders)")
     if c.n_examples < 1 or c.batch_size < 1 or c.steps < 1:
         raise ConfigError("circuit.n_examples, circuit.batch_size and circuit.steps must be >= 1")
 
@@ -122,7 +128,11 @@ def find_circuit(cfg: DictConfig) -> Path:
     for p in model.parameters():
         p.requires_grad_(False)
     sites = sorted(expand_sites(list(c.sites), model), key=lambda s: s.order)
-    folders = dictionary_folders(c.dictionaries, run, step, sites) if c.dictionary == "sae" else None
+    folders = (
+        dictionary_folders(c.dictionaries, run, step, sites, c.get("transcoders", False))
+        if c.dictionary == "sae"
+        else None
+    )
     dicts = load_dictionaries(model, sites, folders, step)
     same = c.aggregation == "none"
     task, eval_task, disc, evals, pairs_info = circuit_pairs(run, c, tokenizer, c.task)
@@ -141,8 +151,15 @@ def find_circuit(cfg: DictConfig) -> Path:
     per_batch, agg, n = all_effects(model, dicts, bs, c)
     t_nodes = time.perf_counter() - t0
     features_dir = run.root / "features" / f"step{step}"
-    own = c.dictionary == "sae" and c.dictionaries is None  # the run's dashboards describe the run's own SAEs
-    notes = {s.name: feature_notes(features_dir / s.name) for s in sites} if own else {}
+    # the run's dashboards describe the run's own dictionaries: its SAEs at features/step<N>/<site>, its
+    # transcoders (circuit.transcoders, at the mlp sites) at features/step<N>/transcoders/<site>
+    own = c.dictionary == "sae" and c.dictionaries is None
+    tc_sites = {s.name for s in sites if s.kind == "mlp"} if c.get("transcoders") else set()
+    notes = (
+        {s.name: feature_notes(features_dir / ("transcoders" if s.name in tc_sites else "") / s.name) for s in sites}
+        if own
+        else {}
+    )
     keep = keep_masks(agg, c.node_threshold, c.error_nodes)
     nodes = []
     for s in sites:
@@ -208,6 +225,8 @@ def find_circuit(cfg: DictConfig) -> Path:
         "edge_threshold": c.edge_threshold,
         "dictionary": c.dictionary,
         "dictionaries": {s.name: str(f) for s, f in folders.items()} if folders is not None else "neurons",
+        "transcoders": [s.name for s in sites if is_transcoder(dicts[s])],
+        "edge_split": EDGE_SPLIT if any(is_transcoder(d) for d in dicts.values()) else None,
         "error_nodes": c.error_nodes,
         "ablation": c.ablation,
         "ablation_used": evaluator.ablation_info,
@@ -259,6 +278,18 @@ def find_circuit(cfg: DictConfig) -> Path:
         _fmt(result["completeness"]),
     )
     return out
+
+
+#: what circuit.json's split of an edge between transcoder features means (its metadata "edge_split")
+EDGE_SPLIT = (
+    "an edge from transcoder feature i' of mlp.<l'> to feature i of mlp.<l> (l' < l) also has 'direct': its part "
+    "through the residual stream alone (no attention or MLP between; the downstream layer norm's scale 1/sigma "
+    "held at its value at each token), = 'virtual_weight' x 'activation'. virtual_weight (input-invariant, "
+    "Dunefsky et al.): (W_dec[i'] - its mean) . (gamma * W_enc[:, i]), raw units, gamma the layer norm's weight; "
+    "activation: the upstream feature's clean -> patch change summed over tokens, each weighted by the downstream "
+    "feature's gradient (zero where it is inactive) and 1/sigma, averaged over examples. weight - direct is "
+    "what passes through attention, other MLPs' skip paths, and the layer norm's sigma"
+)
 
 
 def _fmt(v: float | None) -> str:
@@ -367,14 +398,41 @@ def circuit_edges(
             for b, eff in zip(bs, per_batch, strict=True)
         )
         w = w / n
+        split = _split(model, dicts, bs, per_batch, up, down, down_nodes, up_nodes, n, per_pos, items)
         for r, (k, t) in enumerate(down_nodes):
             to = _node_id(down, k, t)
             for j, tu in up_nodes:
                 if per_pos and tu > t:
                     continue  # a later position cannot reach an earlier one
                 weight = float(w[r, tu, j] if per_pos else w[r, j])
-                out.append({"from": _node_id(up, j, tu), "to": to, "weight": weight})
+                edge = {"from": _node_id(up, j, tu), "to": to, "weight": weight}
+                if split is not None and k >= 0 and j >= 0:
+                    vw, act, col = split
+                    a = float(act[r, tu, col[j]] if per_pos else act[r, col[j]])
+                    v = float(vw[r, col[j]])
+                    edge |= {"virtual_weight": v, "activation": a, "direct": v * a}
+                out.append(edge)
     return out
+
+
+def _split(model, dicts, bs, per_batch, up, down, down_nodes, up_nodes, n, per_pos, items):
+    """For an edge pair of transcoders (``mlp.<l'>`` -> ``mlp.<l>``): (virtual weights [D, U], activations [D, U]
+    or [D, T, U] averaged over examples, {upstream feature: column}) of the kept nodes (:data:`EDGE_SPLIT`);
+    else None."""
+    if not (is_transcoder(dicts[up]) and is_transcoder(dicts[down]) and up.layer < down.layer):
+        return None
+    feats = sorted({j for j, _ in up_nodes if j >= 0})
+    if not feats:
+        return None
+    col = {j: c for c, j in enumerate(feats)}
+    vw = virtual_weights(model, dicts, up, down, [max(k, 0) for k, _ in down_nodes], feats)
+    act = sum(
+        direct_activations(
+            norm_scales(model, b.clean, [down.layer])[down.layer], up, down, eff, down_nodes, feats, per_pos, items
+        )
+        for b, eff in zip(bs, per_batch, strict=True)
+    )
+    return vw, act / n, col
 
 
 def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -> dict[str, float]:
@@ -388,7 +446,11 @@ def faithfulness_of(cfg: DictConfig, step: int, task: str, node_ids: set[str]) -
     device = work_device(cfg.trainer)
     model.to(device)
     sites = sorted(expand_sites(list(c.sites), model), key=lambda x: x.order)
-    folders = dictionary_folders(c.dictionaries, run, step, sites) if c.dictionary == "sae" else None
+    folders = (
+        dictionary_folders(c.dictionaries, run, step, sites, c.get("transcoders", False))
+        if c.dictionary == "sae"
+        else None
+    )
     dicts = load_dictionaries(model, sites, folders, step)
     _, eval_task, _, evals, _ = circuit_pairs(run, c, tokenizer, task)
     bs = batches(eval_task, c.n_examples, c.batch_size, device=device, pairs=evals)

@@ -116,7 +116,7 @@ def logit_effects(
     only the [d, vocab] unembedding is copied).
 
     ``block`` features at a time: [block, vocab], never [F, vocab] (32,768 x 50,304 floats would be 6.6 GB)."""
-    W = sae.W_dec.detach() / sae.scale  # [F, d_site] in raw units
+    W = sae.decoder_rows()  # [F, d_out] in raw units (a transcoder's: in the MLP output's)
     if site.kind == "mlp_act":
         mlp = site_module(model, Site(f"mlp.{site.layer}", "mlp", site.layer))
         proj = mlp.dense_4h_to_h if architecture(model) == "gpt_neox" else mlp.c_proj

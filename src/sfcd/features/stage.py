@@ -28,7 +28,7 @@ from sfcd.models.loading import checkpoint
 from sfcd.models.sites import parse_site
 from sfcd.paths import RunDir
 from sfcd.sae.evaluate import ultra_low_group
-from sfcd.sae.io import load_sae
+from sfcd.sae.io import load_dictionary
 from sfcd.sae.stage import check_sae_fits
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,18 @@ def list_saes(run: RunDir, step: int) -> list[Path]:
     found = sorted(p.parent for p in folder.glob("*/metrics.json")) if folder.is_dir() else []
     if not found:
         raise MissingArtifactError(f"no trained SAEs in {folder}; run `sfcd sae run_dir={run.root} step={step}` first")
+    return found
+
+
+def list_transcoders(run: RunDir, step: int) -> list[Path]:
+    """The complete transcoders (with ``metrics.json``) of a checkpoint."""
+    folder = run.transcoders(step)
+    found = sorted(p.parent for p in folder.glob("*/metrics.json")) if folder.is_dir() else []
+    if not found:
+        raise MissingArtifactError(
+            f"no trained transcoders in {folder}; run `sfcd sae run_dir={run.root} step={step} "
+            "sae.transcoders=[mlp]` first, or set features.transcoders=false"
+        )
     return found
 
 
@@ -148,8 +160,9 @@ def investigate(
     exclude: set[int],
     title: str,
 ) -> dict:
-    """Everything about one SAE's features, written to ``out``; returns the summary."""
-    sae = load_sae(sae_dir).to(next(model.parameters()).device)
+    """Everything about one SAE's (or transcoder's: ``site_name`` is then what it reads, ``mlp_in.<l>``)
+    features, written to ``out``; returns the summary."""
+    sae = load_dictionary(sae_dir).to(next(model.parameters()).device)
     site = parse_site(site_name, model)
     check_sae_fits(sae, model, site)
     with tqdm(total=len(windows), desc=f"features {sae_dir.name}", unit="seq", leave=False, disable=None) as bar:
@@ -230,9 +243,17 @@ def build_features(cfg: DictConfig) -> list[Path]:
     windows = token_windows(read_tokens(run.tokens("val")), seq_len, max(1, fc.n_tokens // seq_len))
     exclude = set(tokenizer.all_special_ids) if cfg.sae.exclude_special else set()
     written = []
+    # (dictionary, the site it reads, its output folder): the SAEs, then with features.transcoders the transcoders
+    # (they read mlp_in.<l>), under features/step<N>/transcoders/
+    todo = []
     for sae_dir in saes:
         site_name = read_json(sae_dir / "metrics.json").get("site", sae_dir.name.split("@")[0])
-        out = run.root / "features" / f"step{step}" / sae_dir.name
+        todo.append((sae_dir, site_name, run.root / "features" / f"step{step}" / sae_dir.name))
+    if fc.get("transcoders"):
+        for tc_dir in list_transcoders(run, step):
+            site_name = read_json(tc_dir / "metrics.json")["input_site"]
+            todo.append((tc_dir, site_name, run.root / "features" / f"step{step}" / "transcoders" / tc_dir.name))
+    for sae_dir, site_name, out in todo:
         done = out / "index.html"  # written last; index.json: the sharded layout (older runs wrote features.json)
         if (
             done.exists()

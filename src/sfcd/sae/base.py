@@ -60,6 +60,10 @@ class SAE(nn.Module):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return (f @ self.W_dec + self.b_dec) / self.scale
 
+    def decoder_rows(self) -> torch.Tensor:
+        """[d_sae, d_out]: each latent's output direction in raw units (what one unit of it adds to the output)."""
+        return self.W_dec.detach() / self.scale
+
     def reconstruct(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """The output for input ``x`` whose latents are ``f``: ``decode(f)`` (a transcoder adds its skip path)."""
         return self.decode(f)

@@ -407,3 +407,13 @@ def load_transcoder(path: str | Path) -> Transcoder:
             tc.W_skip.copy_(t["W_skip"].float())
     tc.sfcd_meta = cfg.get("sfcd", {})
     return tc.eval()
+
+
+def load_dictionary(path: str | Path) -> SAE:
+    """An SAE (:func:`load_sae`) or, for a folder in sparsify's transcoder layout, a transcoder
+    (:func:`load_transcoder`)."""
+    folder = Path(path)
+    cfg = folder / "cfg.json"
+    if (folder / "sae.safetensors").exists() and cfg.exists() and _read_json(cfg).get("transcode"):
+        return load_transcoder(folder)
+    return load_sae(folder)

@@ -251,4 +251,5 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
         )
         written.append(folder)
     shutil.rmtree(state_dir, ignore_errors=True)
-    return written
+    log.info("wrote %d of the %d SAEs and transcoders asked for (the others were complete)", len(written), len(specs))
+    return [folder_of(sp) for sp in specs]  # every one asked for, as when all were complete

@@ -47,6 +47,9 @@ class Transcoder(TopKSAE):
         """The latents' part of the output (with ``b_dec``), in raw units."""
         return (f @ self.W_dec + self.b_dec) / self.out_scale
 
+    def decoder_rows(self) -> torch.Tensor:
+        return self.W_dec.detach() / self.out_scale
+
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """The skip path's part of the output for raw input ``x`` (zero without one)."""
         if self.W_skip is None:
