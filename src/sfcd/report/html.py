@@ -556,6 +556,11 @@ def _transcoder_section(root: Path, tc: dict) -> list[str]:
     if g["paths"]:
         items = "".join(f"<li>{_e(' -> '.join(p['path']))} ({_e(_short(p['score']))})</li>" for p in g["paths"])
         parts.append(f"<p>The strongest paths from the subject through them to the answer:</p><ul>{items}</ul>")
+    elif nodes:
+        parts.append(
+            "<p>No path from the subject's token through them to the answer's logit survives the pruning: their "
+            "dependence on the subject is not a direct (frozen-attention) effect of its embedding.</p>"
+        )
     pages = sorted(root.glob(f"graphs/{g['name']}/step*/graph.html"))
     if pages:
         links = ", ".join(_link(p, root, p.parent.name) for p in pages)
