@@ -21,6 +21,7 @@ FLOORS = [
     ("sae",),
     ("features", "crosscoders"),
     ("circuits",),
+    ("graphs",),
     ("development",),
     ("study",),
     ("stages",),
