@@ -101,3 +101,21 @@ def test_no_transcoders_at_all(tiny_run):
     shutil.rmtree(tiny_run / "transcoders")
     with pytest.raises(MissingArtifactError, match="sae.transcoders=\\[mlp\\]"):
         build_graphs(compose([f"run_dir={tiny_run}"]))
+
+
+def test_graph_page_draws_the_graph_in_chromium(tiny_run, chromium, tmp_path):
+    """graph.html after headless Chromium ran its scripts: every kept node and link drawn (the count line and the
+    SVG elements agree with graph.json), the tokens as column labels, and the prompt's markup only as text. Bugs
+    caught: a script error (nothing drawn), nodes or edges filtered by the default sliders, the prompt's
+    ``<script>`` run or turned into elements."""
+    from tests.conftest import run_chromium
+
+    cfg = compose([f"run_dir={tiny_run}", f"graph.prompt={json.dumps(PROMPT)}", "graph.batch_size=16"])
+    out = shutil.copytree(build_graphs(cfg)[0], tmp_path / "g")
+    g = json.loads((out / "graph.json").read_text())
+    dom = run_chromium(chromium, (out / "graph.html").as_uri())
+    n, e = len(g["nodes"]), len(g["links"])
+    assert f"{n} of {n} nodes, {e} of {e} edges" in dom
+    body = dom.split("<body>")[1].split("sfcd-data")[0]
+    assert len(re.findall(r'class="node"', body)) == n and len(re.findall(r'class="edge"', body)) == e
+    assert "<script>alert" not in body  # shown as text only
