@@ -11,7 +11,7 @@ import torch
 from sfcd.config import compose
 from sfcd.models.sites import Site, hooks, parse_site, reaches, run_with_cache
 from sfcd.sae import evaluate as E
-from sfcd.sae.io import load_sae, load_transcoder, save_transcoder
+from sfcd.sae.io import load_sae, load_transcoder, save_sae, save_transcoder
 from sfcd.sae.train import SAEModule, make_specs, train_module
 from sfcd.sae.transcoder import Transcoder
 
@@ -84,6 +84,8 @@ def test_sparsify_computes_the_saved_transcoder(skip, tmp_path):
         torch.testing.assert_close(tc.decoder_rows(), theirs.W_dec, atol=1e-6, rtol=1e-5)  # output units
     with pytest.raises(Exception, match="load_transcoder"):
         load_sae(folder)  # a transcoder is not an SAE of one site
+    with pytest.raises(Exception, match="save_transcoder"):
+        save_sae(tc, tmp_path / "saelens")  # nor a file SAELens would misread
 
 
 def _planted_mlp(n=16384, d=32, n_feat=48, p=0.03, seed=0):

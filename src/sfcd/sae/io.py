@@ -62,6 +62,11 @@ def save_sae(
 ) -> Path:
     """Write ``cfg.json``, ``sae_weights.safetensors`` and (given ``density``) ``sparsity.safetensors``, all at
     once (a temp folder renamed into place)."""
+    if sae.is_transcoder:
+        raise InputError(
+            "a TopK transcoder has no SAELens layout that SAELens would compute it from (no TopK transcoder, and "
+            "its sparsify loader drops W_skip); write it with sfcd.sae.io.save_transcoder (sparsify's layout)"
+        )
     cfg_extra, tensors = sae.export()
     meta = dict(metadata or {})
     site = meta.get("sfcd_site", "")
