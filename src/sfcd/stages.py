@@ -81,7 +81,7 @@ def reference(cfg: DictConfig) -> None:
     from sfcd.sae.stage import train_saes
 
     train_model(cfg)  # skipped when complete
-    folders = train_saes(cfg)
+    folders = [f for f in train_saes(cfg) if f.parent.parent.name != "transcoders"]  # (the SAEs are compared)
     md = write_comparison(folders, folders[0].parent)
     print(md.read_text())
     print(f"comparison: {md}")

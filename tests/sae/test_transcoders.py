@@ -157,12 +157,16 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def test_transcoder_beside_saes_equals_it_alone(tmp_path):
     """One stream feeds SAEs and transcoders: a transcoder trained beside SAEs on its own input and output sites
-    is the one trained alone. Bug caught: its initialisation depending on its place among the SAEs (a seed offset
-    by its index); the planted test catches it reading the wrong site."""
+    is the one trained alone, and logs under its own name beside the SAE of the same MLP. Bugs caught: its
+    initialisation depending on its place among the SAEs (a seed offset by its index), the transcoder and the SAE of
+    one MLP logged under one name (Lightning refuses it); the planted test catches it reading the wrong site."""
     arrays, *_ = _planted_mlp(n=4096)
-    both = _fit(arrays, tmp_path / "b", sae_sites=("mlp_in.0", "mlp.0"), steps=12)
+    both = _fit(arrays, tmp_path / "b", sae_sites=("mlp.0", "mlp_in.0"), steps=12)  # logged at step 10
     alone = _fit(arrays, tmp_path / "a", steps=12)
-    assert [s.name for s in both.specs] == ["mlp_in.0", "mlp.0", "mlp.0"] and both.specs[2].in_site == "mlp_in.0"
+    assert [s.name for s in both.specs] == ["mlp.0", "mlp_in.0", "mlp.0"] and both.specs[2].in_site == "mlp_in.0"
+    logged = both.trainer.logged_metrics
+    assert {"mlp.0/mse", "transcoder/mlp.0/mse"} <= set(logged)
+    assert logged["mlp.0/mse"] != logged["transcoder/mlp.0/mse"]
     a, b = both.saes[2].state_dict(), alone.saes[0].state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)

@@ -190,6 +190,11 @@ def hooks(model, fns: dict[Site, Callable[[torch.Tensor], torch.Tensor | None]])
 
     def make_pre(fn):
         def pre_hook(module, args):
+            if not args:
+                raise RuntimeError(
+                    f"{type(module).__name__} was called without a positional input; sfcd reads and replaces an "
+                    "MLP's input as its first positional argument (as GPT-NeoX and GPT-2 call it)"
+                )
             old = args[0]
             new = fn(old)
             return None if new is None else (new.to(old.dtype), *args[1:])

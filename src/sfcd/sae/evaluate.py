@@ -110,7 +110,11 @@ def spliced_losses(
     read: dict[str, torch.Tensor] = {}  # a transcoder's input, read in the same forward pass as its splice
 
     def splice(a: torch.Tensor) -> torch.Tensor:
-        return sae(read.pop("x", a).float()).to(a.dtype)
+        if in_site is None:
+            return sae(a.float()).to(a.dtype)
+        if "x" not in read:
+            raise RuntimeError(f"the transcoder's input {in_site.name} was not read before {site.name} in this pass")
+        return sae(read.pop("x").float()).to(a.dtype)
 
     def keep_input(a: torch.Tensor) -> None:
         read["x"] = a

@@ -67,6 +67,12 @@ class SAESpec:
         """The site whose activations it encodes."""
         return self.in_site or self.site
 
+    @property
+    def key(self) -> str:
+        """Its unique name among the SAEs and transcoders trained together (logs, densities): a transcoder of
+        ``mlp.<l>`` is ``transcoder/mlp.<l>`` beside the SAE ``mlp.<l>`` (both write folders named ``mlp.<l>``)."""
+        return f"transcoder/{self.name}" if self.in_site else self.name
+
     def build(self) -> SAE:
         return sae_class(self.architecture)(self.d_in, self.d_sae, seed=self.seed, **self.hparams)
 
@@ -360,8 +366,8 @@ class SAEModule(L.LightningModule):
             # tensors would be read back (a host sync) by the progress bar at every step
             values = torch.stack([torch.stack([o["mse"], o["l0"]]) for o in outs]).tolist()
             for i, (spec, (mse_v, l0_v)) in enumerate(zip(self.specs, values, strict=True)):
-                self.log(f"{spec.name}/mse", mse_v, prog_bar=i == 0)
-                self.log(f"{spec.name}/l0", l0_v, prog_bar=i == 0)
+                self.log(f"{spec.key}/mse", mse_v, prog_bar=i == 0)
+                self.log(f"{spec.key}/l0", l0_v, prog_bar=i == 0)
         if resample:
             if world > 1:  # every rank resamples from the global batch, in one process's row order
                 resample = [(spec, sae, *self._gather(batch[ROWS], x, per)) for spec, sae, x, per in resample]
@@ -386,7 +392,7 @@ class SAEModule(L.LightningModule):
         density = self.fresh_density(fresh, draw=step + 1) if fresh else {}
         for spec, sae, x, per_token in items:
             if sae.resample_criterion == "fresh_density":
-                dead = density[spec.name] < float(sae.hparams["resample_density"])
+                dead = density[spec.key] < float(sae.hparams["resample_density"])
             else:
                 dead = sae.tokens_since_fired > sae.hparams.get("dead_tokens", 100_000)
             n = int(dead.sum())
@@ -408,17 +414,17 @@ class SAEModule(L.LightningModule):
         source outside the training order, the same on every rank), read block by block and encoded in
         batches of ``sae.batch_size`` rows, so memory is one block and one batch of latents."""
         n = max(sae.resample_sample_tokens() for _, sae in items)
-        counts = {spec.name: torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_enc.device) for spec, sae in items}
+        counts = {spec.key: torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_enc.device) for spec, sae in items}
         seen = 0
         for block in self.source.fresh(n, draw):
             rows = len(next(iter(block.values())))
             for spec, sae in items:
                 take = max(0, min(rows, sae.resample_sample_tokens() - seen))
-                for xb in block[spec.site][:take].split(int(self.cfg.batch_size)):
+                for xb in block[spec.input_site][:take].split(int(self.cfg.batch_size)):
                     f = sae.activation(sae.pre_acts(xb.to(sae.W_enc.device, torch.float32) * sae.scale))
-                    counts[spec.name] += (f > 0).sum(0)
+                    counts[spec.key] += (f > 0).sum(0)
             seen += rows
-        return {spec.name: counts[spec.name] / sae.resample_sample_tokens() for spec, sae in items}
+        return {spec.key: counts[spec.key] / sae.resample_sample_tokens() for spec, sae in items}
 
 
 def buffer_rows(sae_cfg: DictConfig, total_steps: int) -> int:
