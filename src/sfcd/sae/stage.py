@@ -105,6 +105,7 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
     total = max(1, s.n_tokens // s.batch_size)
     model = tokenizer = None
     tc_dims: dict[str, int] = {}
+    tc_root: Path | None = None  # transcoders/step<N>/ (a model's run only)
     if s.activations and s.get("transcoders"):
         raise InputError(
             "sae.transcoders needs a model (an MLP's input and output from one forward pass), not an activation "
