@@ -16,7 +16,7 @@ from torch import nn
 from sfcd.circuits.data import PairBatch, metric
 from sfcd.circuits.splice import Splice, is_transcoder, last_logits
 from sfcd.errors import ConfigError
-from sfcd.models.sites import Site, architecture, reaches
+from sfcd.models.sites import Site, mlp_norm, reaches
 
 METHODS = ("attrib", "ig", "exact")
 
@@ -308,15 +308,6 @@ def _upstream_weights(
 
 
 # ----------------------------------------------------------------------- transcoder -> transcoder edges, split
-#: the layer norm before each architecture's MLP ({l}: the layer)
-_MLP_NORMS = {"gpt_neox": "gpt_neox.layers.{l}.post_attention_layernorm", "gpt2": "transformer.h.{l}.ln_2"}
-
-
-def mlp_norm(model, layer: int) -> nn.Module:
-    """The layer norm whose output the MLP of ``layer`` reads (``mlp_in.<layer>``)."""
-    return model.get_submodule(_MLP_NORMS[architecture(model)].format(l=layer))
-
-
 @torch.no_grad()
 def norm_scales(model, x: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
     """1/sigma of the MLP's layer norm at each token of ``x`` ([B, T], float32) for each of ``layers``: the

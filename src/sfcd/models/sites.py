@@ -153,6 +153,15 @@ def mlp_input_site(site: Site) -> Site:
     return Site(f"mlp_in.{site.layer}", "mlp_in", site.layer)
 
 
+#: the layer norm before each architecture's MLP ({l}: the layer): what ``mlp_in.<l>`` is the output of
+_MLP_NORMS = {"gpt_neox": "gpt_neox.layers.{l}.post_attention_layernorm", "gpt2": "transformer.h.{l}.ln_2"}
+
+
+def mlp_norm(model, layer: int) -> torch.nn.Module:
+    """The layer norm whose output the MLP of ``layer`` reads (``mlp_in.<layer>``)."""
+    return model.get_submodule(_MLP_NORMS[architecture(model)].format(l=layer))
+
+
 def site_dim(model, site: Site) -> int:
     c = model.config
     if site.kind == "mlp_act":
