@@ -334,7 +334,8 @@ def test_study_with_saes_warm_started_from_the_previous_checkpoint(test_run, tmp
     steps (8 Adam steps at lr 1e-3) feature i of the step-24 SAE is still feature i of the step-16 SAE: the same
     decoder direction at the same index (cosine near 1), where independently initialised SAEs (another seed per
     step) have unrelated directions at each index (cosine near 0 in 32 dimensions). Bug caught: the warm start
-    not reaching the SAE (init_from dropped, or read from the wrong folder)."""
+    not reaching the SAE (init_from dropped, or read from the wrong folder); the same for the transcoders
+    (study.transcoders=true)."""
     from safetensors.torch import load_file
 
     from sfcd.study import run_study
@@ -342,12 +343,18 @@ def test_study_with_saes_warm_started_from_the_previous_checkpoint(test_run, tmp
     copy = trained_model(test_run, tmp_path / "warm")
     base = ["experiment=test", f"run_dir={copy}", "study.steps=[16,24]", "study.seed_baseline=false"]
     base += ["sae.sites=[resid.0]", "circuit.sites=[resid.0]"]
-    assert run_study(compose([*base, "sae.init=previous"])).exists()
+    # with transcoders: each step's transcoder starts from the previous step's too (sae.transcoder.init_from)
+    assert run_study(compose([*base, "sae.init=previous", "study.transcoders=true", "study.tasks=[nounpp]"])).exists()
     w16, w24 = (
         load_file(str(copy / "saes" / f"step{s}" / "resid.0" / "sae_weights.safetensors"))["W_dec"] for s in (16, 24)
     )
     assert w24.shape == (128, 32)
     cos = torch.nn.functional.cosine_similarity(w16, w24, dim=1)
+    assert cos.median() > 0.9, cos
+    t16, t24 = (
+        load_file(str(copy / "transcoders" / f"step{s}" / "mlp.1" / "sae.safetensors"))["W_dec"] for s in (16, 24)
+    )
+    cos = torch.nn.functional.cosine_similarity(t16, t24, dim=1)
     assert cos.median() > 0.9, cos
     with pytest.raises(ConfigError, match="sae.init='warm'"):
         run_study(compose([*base, "sae.init=warm"]))

@@ -119,6 +119,7 @@ class TranscoderConfig:
     dead_tokens: int | None = None
     seed: int | None = None
     skip: bool = True  # the affine skip path W_skip x (Paulo et al. 2025; sparsify's skip_connection)
+    init_from: str | None = None  # a transcoders/step<N> folder to warm-start from (the study's sae.init=previous)
 
 
 @dataclass

@@ -73,6 +73,8 @@ def run_study(cfg: DictConfig) -> Path:
             else {}
         )
         tcs = {"sae.transcoders": ["mlp"]} if s.transcoders else {}  # trained from the SAEs' stream
+        if s.transcoders and warm:
+            tcs["sae.transcoder.init_from"] = str(run.transcoders(steps[k - 1]))
         folders = train_saes(_at(cfg, step=step, **{"sae.seed": cfg.sae.seed + step}, **warm, **tcs))
         sites = [f.name for f in folders if f.parent.parent.name == "saes"]
         if s.seed_baseline:  # a randomly initialised second seed, also with sae.init=previous

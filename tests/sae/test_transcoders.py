@@ -248,3 +248,19 @@ def test_transcoder_settings_are_the_sae_settings_of_its_site_under_its_own():
         specs = make_specs(cfg.sae, {}, {"mlp.0": 16, "mlp.1": 16})
         assert {s.name: (s.d_sae, s.hparams["k"]) for s in specs} == want
         assert [s.in_site for s in specs] == ["mlp_in.0", "mlp_in.1"]
+
+
+def test_warm_start_reproduces_the_saved_transcoder(tmp_path):
+    """sae.transcoder.init_from: a transcoder warm-started from a saved one computes the saved function, on data
+    of another scale too (both scales unfolded). Bugs caught: the output scale not unfolded from W_dec, b_dec or
+    W_skip, the SAE's warm start (load_sae) used, the biases' data initialisation left over the loaded ones."""
+    arrays, *_ = _planted_mlp(n=4096)
+    trained = _fit(arrays, tmp_path / "first", steps=8).saes[0]
+    save_transcoder(trained, tmp_path / "tcs" / "mlp.0", {})
+    cfg = compose(["sae.transcoder.d_sae=128", "sae.transcoder.k=4", f"sae.transcoder.init_from={tmp_path / 'tcs'}"])
+    x = torch.from_numpy(arrays["mlp_in.0"][:100])
+    for factor in (1.0, 3.0):  # another input and output scale
+        module = SAEModule(make_specs(cfg.sae, {}, {"mlp.0": 32}), cfg.sae, 10)
+        module.initialise({k: v * factor for k, v in arrays.items()})
+        with torch.no_grad():
+            torch.testing.assert_close(module.saes[0](x), trained(x), atol=1e-5, rtol=1e-4)

@@ -148,16 +148,28 @@ def transcoder_specs(sae_cfg: DictConfig, dims: dict[str, int]) -> list[SAESpec]
 
 @torch.no_grad()
 def warm_start(sae: SAE, folder: Path) -> None:
-    """Start from a saved SAE (same architecture and shape): its folded weights are unfolded with this SAE's
-    input scale, so the warm-started SAE computes the saved one's function on raw activations."""
+    """Start from a saved SAE (same architecture and shape), or a saved transcoder: its folded weights are unfolded
+    with this one's input (and output) scale, so the warm-started one computes the saved one's function on raw
+    activations."""
     from sfcd.errors import InputError
-    from sfcd.sae.io import load_sae
+    from sfcd.sae.io import load_sae, load_transcoder
 
-    old = load_sae(folder)
+    old = load_transcoder(folder) if sae.is_transcoder else load_sae(folder)
     if (old.d_in, old.d_sae) != (sae.d_in, sae.d_sae):
         raise InputError(
             f"cannot warm-start from {folder}: its shape {(old.d_in, old.d_sae)} is not {(sae.d_in, sae.d_sae)}"
         )
+    if sae.is_transcoder:  # raw -> scaled units: inputs times scale, outputs times out_scale
+        if (old.W_skip is None) != (sae.W_skip is None):
+            raise InputError(f"cannot warm-start from {folder}: its skip path differs (sae.transcoder.skip)")
+        s, t = sae.scale, sae.out_scale
+        sae.W_enc.copy_(old.W_enc / s)
+        sae.b_enc.copy_(old.b_enc)
+        sae.W_dec.copy_(old.W_dec * t)
+        sae.b_dec.copy_(old.b_dec * t)
+        if sae.W_skip is not None:
+            sae.W_skip.copy_(old.W_skip * (t / s))
+        return
     s = sae.scale
     sae.W_enc.copy_(old.W_enc / s)
     sae.b_enc.copy_(old.b_enc)
@@ -246,8 +258,9 @@ class SAEModule(L.LightningModule):
                 sae.init_biases(sample * sae.scale, target * sae.out_scale)
             if sae.apply_b_dec_to_input and sae.b_dec_at_median:
                 sae.b_dec.copy_(geometric_median(sample[:4096] * sae.scale))
-            if self.cfg.get("init_from") and not sae.is_transcoder:  # (transcoders start afresh at each step)
-                warm_start(sae, Path(self.cfg.init_from) / spec.name)
+            start = self.cfg.transcoder.get("init_from") if sae.is_transcoder else self.cfg.get("init_from")
+            if start:
+                warm_start(sae, Path(start) / spec.name)
 
     def configure_optimizers(self):
         groups = [
