@@ -12,14 +12,15 @@ A folder may hold, one subfolder per site:
   checkpoints at their mean activation), so a latent id is the same feature at every checkpoint and nothing from
   another checkpoint's tokens reaches the circuit; ``crosscoder_view="joint"`` opts in to
   :class:`sfcd.crosscoders.view.JointView` (the other checkpoints' models run on the same tokens).
-Each dictionary is loaded with :func:`sfcd.sae.io.load_sae` and checked against the site's width.
+Each dictionary is loaded with :func:`sfcd.sae.io.load_dictionary` (an SAE, or a transcoder) and checked against the
+site's width.
 
 Transcoders (sparsify's layout, ``transcode: true`` in ``cfg.json``; sfcd's ``transcoders/step<N>/``) are the
 dictionaries of ``mlp.<l>`` sites: a folder may hold them beside SAEs, named by sfcd site (``mlp.1``) or by
 sparsify hookpoint (``gpt_neox.layers.1.mlp``, or ``layers.1.mlp`` under the model's base module).
 ``circuit.transcoders=true`` takes the run's own (``transcoders/step<N>/mlp.<l>``) at every MLP site and the
-dictionaries above elsewhere. A transcoder is loaded with :func:`sfcd.sae.io.load_transcoder` and checked against
-the widths of the MLP's input and output (:func:`check_transcoder_fits`).
+dictionaries above elsewhere. A transcoder is checked against the widths of the MLP's input and output
+(:func:`check_transcoder_fits`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sfcd.errors import ConfigError, InputError, MissingArtifactError
 from sfcd.io import read_json
 from sfcd.models.sites import Site, mlp_input_site, parse_site, site_dim, site_of_module
 from sfcd.paths import RunDir
-from sfcd.sae.io import load_sae, load_transcoder
+from sfcd.sae.io import load_dictionary
 from sfcd.sae.stage import check_sae_fits
 
 _PAPER = re.compile(r"^(embed)$|^(attn_out|mlp_out|resid_out)_layer(\d+)$")
@@ -82,15 +83,6 @@ def _module_site(name: str) -> str | None:
     """The site a module path names, full (``gpt_neox.layers.1.mlp``) or under the base module (``layers.1.mlp``,
     sparsify's hookpoints)."""
     return site_of_module(name) or next((s for b in _BASES if (s := site_of_module(b + name))), None)
-
-
-def is_transcoder_folder(folder: Path) -> bool:
-    """Whether ``folder`` holds a sparsify-layout transcoder (``cfg.json`` with ``transcode: true``)."""
-    cfg_path = Path(folder) / "cfg.json"
-    if not cfg_path.exists():
-        return False
-    cfg = read_json(cfg_path)
-    return isinstance(cfg, dict) and bool(cfg.get("transcode"))
 
 
 def _paper_set(folder: Path) -> Path:
@@ -218,20 +210,12 @@ def load_dictionaries(
         if is_crosscoder(folders[s]):
             dicts[s] = _crosscoder_view(model, s, folders[s], step, others, crosscoder_view)
             continue
-        if is_transcoder_folder(folders[s]):
-            tc = load_transcoder(folders[s])
-            try:
-                check_transcoder_fits(tc, model, s)
-            except InputError as e:
-                raise InputError(f"{folders[s]}: {e}") from None
-            dicts[s] = tc.eval().to(device)
-            continue
-        sae = load_sae(folders[s])
+        d = load_dictionary(folders[s])  # an SAE, or a transcoder (sparsify's transcode layout)
         try:
-            check_sae_fits(sae, model, s)
+            (check_transcoder_fits if d.is_transcoder else check_sae_fits)(d, model, s)
         except InputError as e:
             raise InputError(f"{folders[s]}: {e}") from None
-        dicts[s] = sae.eval().to(device)
+        dicts[s] = d.eval().to(device)
     return dicts
 
 

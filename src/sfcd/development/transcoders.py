@@ -45,12 +45,12 @@ def directions(folder: Path) -> torch.Tensor:
     return torch.cat(unit, 1) / math.sqrt(2)
 
 
-def match_to(last: Path, other: Path, device=None) -> tuple[np.ndarray, np.ndarray]:
-    """For each latent of ``last``: its one-to-one match among ``other``'s live latents (-1: none, or dead in
-    ``last``) and the mean cosine of the pair."""
-    la, lb = live(last), live(other)
-    da, db = directions(last), directions(other)
-    m = match_decoders(da[la], db[lb], device=device)
+def match_to(da: torch.Tensor, la: np.ndarray, other: Path, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """For each latent of the last transcoder (its :func:`directions` ``da`` and live latents ``la``, read once
+    for every step): its one-to-one match among ``other``'s live latents (-1: none, or dead in the last) and the
+    mean cosine of the pair."""
+    lb = live(other)
+    m = match_decoders(da[la], directions(other)[lb], device=device)
     match, sim = np.full(len(da), -1), np.zeros(len(da))
     ok = m.match >= 0
     match[la[ok]] = lb[m.match[ok]]
@@ -62,13 +62,13 @@ def site_development(run: RunDir, steps: list[int], site: str, threshold: float,
     """One MLP's transcoders through ``steps``: per step the share of the last step's live latents present
     there, and each live last-step latent's onset."""
     folders = [transcoder_folder(run, s, site) for s in steps]
-    alive = live(folders[-1])
+    last, alive = directions(folders[-1]), live(folders[-1])
     present, matches = [], []
     for f in folders[:-1]:
-        match, sim = match_to(folders[-1], f, device)
+        match, sim = match_to(last, alive, f, device)
         present.append((match >= 0) & (sim >= threshold))
         matches.append(np.where(present[-1], match, -1))
-    present.append(np.isin(np.arange(len(directions(folders[-1]))), alive))
+    present.append(np.isin(np.arange(len(last)), alive))
     shares = [float(p[alive].mean()) if len(alive) else 0.0 for p in present]
     onset: dict[int, int | None] = {}
     for j in alive:
@@ -190,16 +190,21 @@ def graph_development(cfg, run: RunDir, steps: list[int], pair: dict, name: str,
     flips, ``pair["patch"]``), the strongest paths from the subject token through them to the clean answer's
     logit at the last step, and for each of the last step's number nodes its feature's onset (``sites_dev``)
     and the steps at whose graph its matched feature is a kept node at the same position."""
+    from sfcd.devices import work_device
     from sfcd.models.loading import checkpoint
     from sfcd.sae.io import load_transcoder
 
+    device = work_device(cfg.trainer)  # the model and transcoders where the work runs
     per_step, graphs = [], {}
     for step in steps:
         g = read_json(run.root / "graphs" / name / f"step{step}" / "graph.json")
         graphs[step] = g
         model, tokenizer, _ = checkpoint(cfg, step)
+        model.to(device)
         layers = g["metadata"]["n_layers"]
-        tcs = {layer: load_transcoder(transcoder_folder(run, step, f"mlp.{layer}")) for layer in range(layers)}
+        tcs = {
+            layer: load_transcoder(transcoder_folder(run, step, f"mlp.{layer}")).to(device) for layer in range(layers)
+        }
         flipped = activations_at(model.eval(), tokenizer, tcs, pair["patch"])
         nodes = number_nodes(g, flipped)
         per_step.append(

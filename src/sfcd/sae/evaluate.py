@@ -45,15 +45,14 @@ def reconstruction_metrics(
     for b in range(0, n, batch):
         x, y = x_all[b : b + batch], y_all[b : b + batch]
         f = sae.encode(x)
-        x_hat = sae.reconstruct(x, f)
-        x = y  # what is reconstructed
+        y_hat = sae.reconstruct(x, f)  # of y: x itself for an SAE, the MLP's output for a transcoder
         active = f > 0
         fired += active.sum(0)
         sums["l0"] += active.sum().item()
         sums["l1"] += f.abs().sum().item()
-        sums["sq_err"] += (x_hat - x).pow(2).sum().item()
-        sums["cos"] += F.cosine_similarity(x_hat, x, dim=-1).sum().item()
-        sums["l2_ratio"] += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-8)).sum().item()
+        sums["sq_err"] += (y_hat - y).pow(2).sum().item()
+        sums["cos"] += F.cosine_similarity(y_hat, y, dim=-1).sum().item()
+        sums["l2_ratio"] += (y_hat.norm(dim=-1) / y.norm(dim=-1).clamp_min(1e-8)).sum().item()
     m = {
         "l0": sums["l0"] / n,
         "l1": sums["l1"] / n,

@@ -414,11 +414,13 @@ def load_transcoder(path: str | Path) -> Transcoder:
     return tc.eval()
 
 
+def is_transcoder_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a transcoder in sparsify's layout (``cfg.json`` with ``transcode: true``)."""
+    cfg = Path(folder) / "cfg.json"
+    return cfg.is_file() and bool(_read_json(cfg).get("transcode"))
+
+
 def load_dictionary(path: str | Path) -> SAE:
     """An SAE (:func:`load_sae`) or, for a folder in sparsify's transcoder layout, a transcoder
     (:func:`load_transcoder`)."""
-    folder = Path(path)
-    cfg = folder / "cfg.json"
-    if (folder / "sae.safetensors").exists() and cfg.exists() and _read_json(cfg).get("transcode"):
-        return load_transcoder(folder)
-    return load_sae(folder)
+    return load_transcoder(path) if is_transcoder_folder(path) else load_sae(path)
