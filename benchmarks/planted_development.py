@@ -9,9 +9,12 @@ either is learned, where each is learned, the last checkpoint), then scores thre
 its words, follows their classes and the words share a direction in the model there):
 
 (a) SAEs, the study's own and wider ones (256 latents, k = 8, trained by the SAE stage as a one-point sweep at
-    every site and studied step): per site, the onset of the construction's features (the first studied step from
-    which the site has one at every later step), and their lineage through the development analysis's matching
-    (``match_live``, ``first_steps``: the earliest studied step their chain of matches reaches).
+    every site and studied step, with a second seed as the study's seed baseline): per site, the onset of the
+    construction's features (the first studied step from which the site has one at every later step), and how
+    the development analysis's matching reads them, by activation correlation (``study.match=activations``, the
+    default) and by decoder cosine: whether they are new at the first studied step after S while the control's
+    are carried; which the births-beyond-the-seed-floor rule calls born, and when; their lineage (``first_steps``:
+    the earliest studied step their chain of one-to-one matches reaches).
 (b) crosscoders, read one checkpoint at a time (``alone_view``: checkpoint m's own activations through m's encoder
     block, the other checkpoints at their mean): the onset of the construction's latents; beside it the
     crosscoder's own decoder-norm emergence of the last checkpoint's construction latents, which dates them to the
@@ -97,9 +100,10 @@ def settings(quick: bool, smoke: bool = False) -> tuple[int, list[int] | None, l
 
 def train_wide_saes(cfg, overrides: list[str], steps: list[int]) -> str:
     """The WIDE SAEs at every site of every studied step, each from its own random initialisation as the study's
-    are (the SAE stage skips those already trained); returns their name suffix. Warm-starting each from the
-    previous studied step's instead (``sae.init_from``) was measured too: matching then carries the construction's
-    features back to latents that held its words before S (7 of 8 at resid.0), so it dates nothing either."""
+    are, and beside each a second seed as the study's seed baseline is seeded (the SAE stage skips those already
+    trained); returns their name suffix. Warm-starting each from the previous studied step's instead
+    (``sae.init_from``) was measured too: matching then carries the construction's features back to latents that
+    held its words before S (7 of 8 at resid.0)."""
     from sfcd.config import compose
     from sfcd.sae.stage import train_saes
 
@@ -107,20 +111,34 @@ def train_wide_saes(cfg, overrides: list[str], steps: list[int]) -> str:
         c = compose([*overrides, f"step={step}", f"sae.seed={cfg.sae.seed + step}", "sae.ce_tokens=0"])
         c.sae.sweep = {key: [v] for key, v in WIDE.items()}  # a one-point grid: the folders get its suffix
         train_saes(c)
+        c.sae.sweep = {**c.sae.sweep, "seed": [cfg.sae.seed + step + 1]}  # the seed baseline
+        train_saes(c)
     return "@" + ",".join(f"{key}={v}" for key, v in sorted(WIDE.items()))
 
 
+def seed_names(cfg, steps: list[int], name: str) -> dict[int, str]:
+    """Each studied step's second-seed SAE of ``name`` (``<site>`` or ``<site>@<sweep>``), as the study and
+    :func:`train_wide_saes` name it."""
+    return {s: f"{name}{',' if '@' in name else '@'}seed={cfg.sae.seed + s + 1}" for s in steps}
+
+
 def score_saes(cfg, run, steps, S, windows, kinds, sites, suffix: str = ""):
-    """SAE features (``<site><suffix>`` at every studied step): the construction's, their onset, and their lineage
-    by the development analysis's matching."""
+    """SAE features (``<site><suffix>`` at every studied step): the construction's, their onset, and how the
+    development analysis's matching reads them: by activation correlation (the study's default, ``study.match``)
+    and, for comparison, by decoder cosine."""
+
     import sfcd
     from sfcd.development import groundtruth as G
-    from sfcd.development.analysis import site_development
+    from sfcd.development.analysis import site_development, site_signatures
     from sfcd.development.findings import first_steps
-    from sfcd.development.saes import match_live, sae_folder
+    from sfcd.development.matching import presence
+    from sfcd.development.saes import sae_folder
+    from sfcd.devices import work_device
 
     after = G.first_after(steps, S)
+    i = steps.index(after) if after in steps else 0
     thr = cfg.study.shared_threshold
+    device = work_device(cfg.trainer)
     classes = G.planted_classes(kinds)
     found = {}  # (site, step) -> {kind: summary}
     for step in steps:
@@ -129,50 +147,73 @@ def score_saes(cfg, run, steps, S, windows, kinds, sites, suffix: str = ""):
             sae = sfcd.load_sae(sae_folder(run, step, site + suffix))
             c = G.concentration(sae.encode, G.stream([model], site, windows, (0, 1)), kinds, classes)
             found[site, step] = {k: c.summary(k) for k in kinds}
-    right = right_lineage = readings = control_emerging = right_born = 0
+    totals: dict[str, dict[str, int]] = {}
     for site in sites:
+        name = site + suffix
         present = {k: [found[site, s][k]["n_features"] > 0 for s in steps] for k in kinds}
         onsets = {k: G.onset(steps, present[k]) for k in kinds}
-        # the development analysis's matching between consecutive studied steps (later as A)
-        ms = [
-            match_live(sae_folder(run, b, site + suffix), sae_folder(run, a, site + suffix))
-            for a, b in zip(steps, steps[1:], strict=False)
-        ]
-        starts = {k: first_steps(steps, ms, list(found[site, steps[-1]][k]["features"]), thr) for k in kinds}
-        lineage = {k: {str(s): v.count(s) for s in steps if v.count(s)} for k, v in starts.items()}
+        at = {k: found[site, after][k]["features"] for k in kinds}
+        last = {k: found[site, steps[-1]][k]["features"] for k in kinds}
         # a site reads the construction when its last SAE has features of it; it dates it right when they appear
         # at the first studied checkpoint after S and stay (none before: before S its words are untrained tokens)
-        reading = found[site, steps[-1]]["planted"]["n_features"] > 0
-        ok = reading and onsets["planted"] == after
-        # no emergence for the control: its features, where the last SAE has them, are there before S
+        reading = bool(last["planted"])
+        readings = {"onset": reading and onsets["planted"] == after}
         control_emerges = onsets["control"] is not None and onsets["control"] >= after
-        lin_p, lin_c = starts["planted"], starts["control"]
-        ok_lin = bool(lin_p) and all(s >= after for s in lin_p) and any(s == after for s in lin_p)
-        ok_lin = ok_lin and not any(s == after for s in lin_c)  # no control feature begins with the planted one
-        # births at the first studied step after S by the same matching: the construction's features there have
-        # no match at the step before, and matching tells them from carried ones only if it carries most of the
-        # control's features there (its own seed noise bounds this)
-        i = steps.index(after) if after in steps else 0
-        at = {k: found[site, after][k]["features"] for k in kinds}
-        back = first_steps(steps[i - 1 : i + 1], ms[i - 1 : i], at["planted"], thr) if i > 0 else []
-        born = sum(s == after for s in back)
-        back_c = first_steps(steps[i - 1 : i + 1], ms[i - 1 : i], at["control"], thr) if i > 0 else []
-        carried = sum(s < after for s in back_c)
-        ok_born = bool(at["planted"]) and born == len(at["planted"]) and 2 * carried > len(at["control"])
-        # the development analysis's per-feature birth rule (both seeds of the step have the feature, neither SAE
-        # of the step before does), where the study trained seed baselines: which of the features at the first
-        # step after S it calls born
-        rule = {}
-        if not suffix and cfg.study.seed_baseline and i > 0:
-            seeds = {s: f"{site}@seed={cfg.sae.seed + s + 1}" for s in steps}
-            dev = site_development(run, steps, site, thr, seeds)
-            born_rule = set(next(c for c in dev["changes"] if c["step"] == after).get("born_features") or [])
-            rule = {k: f"{len(born_rule & set(at[k]))} of {len(at[k])}" for k in kinds}
-        readings += reading
-        control_emerging += control_emerges
-        right_born += ok_born
-        right += ok
-        right_lineage += ok_lin
+        seeds = seed_names(cfg, steps, name)
+        per_method = {}
+        for how in ("activations", "decoders"):
+            sig = site_signatures(cfg, run, steps, name, seeds, device) if how == "activations" else None
+            dev = site_development(run, steps, name, thr, seeds, device, sig, cfg.study.match_min_fires)
+            ms = dev["matchings"]
+            # 1. new at the first studied step after S: a feature there is new when no feature of the studied
+            # step before reaches the threshold with it (every pair compared, not only the one-to-one match); the
+            # matching dates the construction when every planted feature there is new and most of the control's
+            # are not (they were learned before S: a carried feature is what tells matching from noise)
+            new = {}
+            if i > 0:
+                here, before = dev["features"][i], dev["features"][i - 1]
+                best = presence(here.rows, before.rows, thr, device).best_a
+                pos = {int(j): p for p, j in enumerate(here.idx)}
+                new = {k: [bool(best[pos[j]] < thr) if j in pos else None for j in at[k]] for k in kinds}
+            ok_new = (
+                bool(at["planted"])
+                and all(x is True for x in new.get("planted", []))
+                and 2 * sum(x is False for x in new.get("control", [])) > len(at["control"])
+            )
+            # 2. the development analysis's births beyond the seed floor (both seeds of a step have the feature,
+            # neither SAE of the step before does): which construction features it calls born, at which step
+            born = {k: {} for k in kinds}
+            for ch in dev["changes"]:
+                b = set(ch.get("born_features") or [])
+                for k in kinds:
+                    n_born = len(b & set(found[site, ch["step"]][k]["features"]))
+                    if n_born:
+                        born[k][ch["step"]] = n_born
+            ok_rule = bool(born["planted"]) and set(born["planted"]) == {after} and not born["control"]
+            # 3. the lineage of the last SAE's construction features: the earliest studied step their chain of
+            # one-to-one matches reaches
+            starts = {k: first_steps(steps, ms, last[k], thr) for k in kinds}
+            lin = {k: {str(s): v.count(s) for s in steps if v.count(s)} for k, v in starts.items()}
+            ok_lin = bool(starts["planted"]) and all(s >= after for s in starts["planted"])
+            ok_lin = ok_lin and any(s == after for s in starts["planted"])
+            ok_lin = ok_lin and not any(s >= after for s in starts["control"])
+            per_method[how] = {
+                "new_at_first_after": {k: f"{sum(x is True for x in v)} of {len(v)}" for k, v in new.items()},
+                "born_beyond_floor": {k: {str(s): n for s, n in v.items()} for k, v in born.items()},
+                "lineage_start_of_last_features": lin,
+                "correct_new": ok_new,
+                "correct_births": ok_rule,
+                "correct_lineage": ok_lin,
+                "floor_shared": [round(f["shared"], 2) if f else None for f in dev["floor"]],
+            }
+            t = totals.setdefault(how, {"new": 0, "births": 0, "lineage": 0})
+            t["new"] += ok_new and reading
+            t["births"] += ok_rule and reading
+            t["lineage"] += ok_lin and reading
+        totals.setdefault("onset", {"onset": 0, "reading": 0, "control_emerging_after_S": 0})
+        totals["onset"]["onset"] += readings["onset"]
+        totals["onset"]["reading"] += reading
+        totals["onset"]["control_emerging_after_S"] += control_emerges
         emit(
             figure="sae_dating",
             saes=suffix or "the study's",
@@ -185,29 +226,12 @@ def score_saes(cfg, run, steps, S, windows, kinds, sites, suffix: str = ""):
             control_features_per_step={s: found[site, s]["control"]["n_features"] for s in steps},
             planted_token_features_per_step={s: found[site, s]["planted"]["token_features"] for s in steps},
             planted_unstructured_per_step={s: found[site, s]["planted"]["unstructured_features"] for s in steps},
-            planted_best={
-                s: {x: found[site, s]["planted"][f"best_{x}"] for x in ("precision", "recall", "words")} for s in steps
-            },
-            lineage_start_of_last_features=lineage,
-            planted_born_at_first_after=f"{born} of {len(at['planted'])}",
-            control_carried_into_first_after=f"{carried} of {len(at['control'])}",
-            born_by_the_seed_rule_at_first_after=rule,
-            reads_the_construction=bool(reading),
-            correct_onset=bool(ok),
-            correct_lineage=bool(ok_lin),
-            correct_births=ok_born,
+            reads_the_construction=reading,
+            correct_onset=bool(readings["onset"]),
             control_emerges_after_S=bool(control_emerges),
+            matching=per_method,
         )
-    emit(
-        figure="sae_dating_sites_correct",
-        saes=suffix or "the study's",
-        sites=len(sites),
-        reading=readings,
-        onset=right,
-        lineage=right_lineage,
-        born_at_first_after=right_born,
-        control_emerging_after_S=control_emerging,
-    )
+    emit(figure="sae_dating_sites_correct", saes=suffix or "the study's", sites=len(sites), **totals)
 
 
 def score_crosscoders(cfg, run, steps, S, windows, kinds):

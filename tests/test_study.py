@@ -104,27 +104,45 @@ def reference_study(test_run, tmp_path_factory):
     return run_dir
 
 
-def _live(folder) -> np.ndarray:
-    """An SAE's features that fired on its evaluation tokens: sparsity.safetensors holds log10(density + 1e-10),
-    and one firing in the 2048 evaluation tokens is a log density near -3.3 (never fired: -10)."""
-    from safetensors.torch import load_file
+def _acts(folder) -> np.ndarray:
+    """An SAE's activations [N, F] on the study's matching sample, computed here: the first study.match_tokens
+    held-out tokens in windows of the model's length, special tokens left out, through the checkpoint's model
+    (the SAE's step) and the SAE's own encode."""
+    import sfcd
+    from sfcd.data.tokens import read_tokens
+    from sfcd.models.sites import parse_site, run_with_cache
 
-    return np.nonzero(load_file(str(folder / "sparsity.safetensors"))["sparsity"].numpy() > -9)[0]
+    run, step = folder.parents[2], int(folder.parent.name.removeprefix("step"))
+    cfg = compose(["experiment=test", f"run_dir={run}"])
+    model, sae = sfcd.load_model(run, step=step), sfcd.load_sae(folder)
+    n = cfg.study.match_tokens // cfg.model.seq_len
+    val = np.asarray(read_tokens(run / "corpus" / "val.tokens"), dtype=np.int64)
+    windows = torch.from_numpy(val[: n * cfg.model.seq_len].reshape(-1, cfg.model.seq_len))
+    site = parse_site(json.loads((folder / "metrics.json").read_text())["site"], model)
+    with torch.no_grad():
+        a = run_with_cache(model, windows, [site])[site.name].flatten(0, 1)
+        keep = ~torch.isin(windows.flatten(), torch.tensor(sfcd.load_tokenizer(run, step).all_special_ids))
+        return sae.encode(a[keep].float()).double().numpy()
+
+
+def _live(folder) -> np.ndarray:
+    """An SAE's features matched by the study: those that fired at least study.match_min_fires (5) times on the
+    matching sample."""
+    return np.nonzero((_acts(folder) > 0).sum(0) >= 5)[0]
 
 
 def _matches(a, b, threshold=0.7) -> dict[int, int]:
-    """One-to-one matches (feature of SAE a -> feature of SAE b) of the live features of two SAE folders, by
-    decoder cosine, with scipy's Hungarian on the full cosine matrix; the pairs at or above ``threshold``."""
-    from safetensors.torch import load_file
+    """One-to-one matches (feature of SAE a -> feature of SAE b) of the live features of two SAE folders, by the
+    Pearson correlation of their activations on the same tokens (numpy), with scipy's Hungarian on the full
+    matrix; the pairs at or above ``threshold``."""
     from scipy.optimize import linear_sum_assignment
 
     la, lb = _live(a), _live(b)
-    wa, wb = (load_file(str(f / "sae_weights.safetensors"))["W_dec"].double().numpy() for f in (a, b))
-    ua = wa[la] / np.linalg.norm(wa[la], axis=1, keepdims=True)
-    ub = wb[lb] / np.linalg.norm(wb[lb], axis=1, keepdims=True)
-    cos = np.clip(ua @ ub.T, 0, None)
-    r, c = linear_sum_assignment(-cos)
-    return {int(la[i]): int(lb[j]) for i, j in zip(r, c, strict=True) if cos[i, j] >= threshold}
+    xa, xb = _acts(a)[:, la], _acts(b)[:, lb]
+    corr = np.corrcoef(xa.T, xb.T)[: len(la), len(la) :]
+    corr = np.clip(np.nan_to_num(corr), 0, None)
+    r, c = linear_sum_assignment(-corr)
+    return {int(la[i]): int(lb[j]) for i, j in zip(r, c, strict=True) if corr[i, j] >= threshold}
 
 
 def _heat(dom: str, metric: str) -> dict[str, list[str]]:

@@ -286,7 +286,12 @@ class StudyConfig:
     tasks: list[str] = field(default_factory=lambda: ["simple", "nounpp", "rc", "within_rc"])  # circuit tasks
     seed_baseline: bool = True  # a second SAE seed at every step: the noise floor of births, deaths, shares
     features_at: str = "last"  # dashboards at: last | all (steps)
-    shared_threshold: float = 0.7  # decoder cosine at which matched features count as the same
+    # how features are matched across steps and seeds: activations (the correlation of what they fire on, over the
+    # first match_tokens held-out tokens, each step's SAE reading its own model) or decoders (decoder cosine)
+    match: str = "activations"
+    match_tokens: int = 65536
+    match_min_fires: int = 5  # a feature fired fewer times on that sample is not matched (as a dead one)
+    shared_threshold: float = 0.7  # the similarity (correlation or cosine) at which matched features are the same
     crosscoder: bool = False  # also train crosscoders over study.steps (crosscoder.*) and follow the circuits' latents
     # transcoders at every MLP beside the SAEs (one stream), the attribution graph of an agreement prompt and of its
     # number-flipped twin at every step (graph.*), and both read through training (development.json "transcoders")

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 
 from sfcd.development.findings import collect, summarise
 from sfcd.development.lineage import FLOOR_STATS, band, beyond_floor, floor, lineage
 from sfcd.development.matching import Matching, presence
-from sfcd.development.saes import decoder, live, match_live, sae_folder
+from sfcd.development.saes import MIN_FIRES, LiveFeatures, decoder, live_features, match_sets, sae_folder
+from sfcd.development.signatures import Signatures, read_signatures
 from sfcd.devices import work_device
-from sfcd.errors import InputError, MissingArtifactError
+from sfcd.errors import ConfigError, InputError, MissingArtifactError
 from sfcd.io import read_json, write_csv, write_json
 from sfcd.paths import RunDir
 
@@ -32,10 +32,14 @@ def site_development(
     threshold: float,
     seed_names: dict[int, str] | str | None,
     device=None,
+    signatures: dict[tuple[int, str], Signatures] | None = None,
+    min_fires: int = MIN_FIRES,
 ) -> dict:
     """Matchings between adjacent steps at one site, the lineage of the last SAE's features, the noise floor at
     every step with a seed baseline (``seed_names``: step -> the second seed's SAE name; a plain name: the last
-    step's), and the changes beyond it (:mod:`sfcd.development.lineage`)."""
+    step's), and the changes beyond it (:mod:`sfcd.development.lineage`). ``signatures``: (step, SAE name) ->
+    its features' activation signatures on one token sample (:func:`site_signatures`): features are then
+    matched by activation correlation, else by decoder cosine."""
     if isinstance(seed_names, str):
         seed_names = {steps[-1]: seed_names}
     seed_names = {int(k): v for k, v in (seed_names or {}).items() if int(k) in steps}
@@ -44,30 +48,42 @@ def site_development(
     if len({tuple(w.shape) for w in W}) > 1:
         shapes = {s: tuple(w.shape) for s, w in zip(steps, W, strict=True)}
         raise InputError(f"SAEs at site {site} differ in shape across steps {shapes}; use one width for the study")
-    alive = [live(f) for f in folders]
-    ms: list[Matching] = [match_live(folders[k + 1], folders[k], device) for k in range(len(W) - 1)]
+
+    def features(step: int, name: str, folder) -> LiveFeatures:
+        if signatures is None:
+            return live_features(folder)
+        if (step, name) not in signatures:
+            raise MissingArtifactError(f"no activation signatures of SAE {name} at step {step}")
+        return live_features(folder, signatures[step, name], min_fires)
+
+    feats = [features(s, site, f) for s, f in zip(steps, folders, strict=True)]
+    alive = [f.idx for f in feats]
+    ms: list[Matching] = [match_sets(feats[k + 1], feats[k], device) for k in range(len(W) - 1)]
     changes, first, persisted = lineage(steps, ms, [len(a) for a in alive], threshold)
     first, persisted = first[alive[-1]], persisted[alive[-1]]  # the last SAE's live features
 
     def shared(m: Matching, a: np.ndarray) -> float:  # of A's live features, the share matched at >= threshold
         return float((m.sim[a] >= threshold).mean()) if len(a) else float("nan")
 
-    vs_final = [shared(match_live(folders[-1], f, device), alive[-1]) for f in folders]
+    vs_final = [shared(match_sets(feats[-1], f, device), alive[-1]) for f in feats]
     # the noise floor: each step's main SAE against its second seed, as if they were two steps
-    rows_a = [W[k][alive[k]] for k in range(len(steps))]
-    rows_b: list[torch.Tensor | None] = []
+    rows_a = [f.rows for f in feats]
+    rows_b: list = []
     within: list = []  # each step's presence of the main SAE's features in its second seed, computed once
     floors: list[dict | None] = []
+    seed_match = None  # the last step's main SAE matched to its second seed
     for k, s in enumerate(steps):
         if s not in seed_names:
             rows_b.append(None)
             within.append(None)
             floors.append(None)
             continue
-        other = sae_folder(run, s, seed_names[s])
-        rows_b.append(decoder(other)[live(other)])
+        other = features(s, seed_names[s], sae_folder(run, s, seed_names[s]))
+        rows_b.append(other.rows)
         within.append(presence(rows_a[k], rows_b[k], threshold, device))
-        m = match_live(folders[k], other, device)
+        m = match_sets(feats[k], other, device)
+        if k == len(steps) - 1:
+            seed_match = m
         fl = floor(rows_a[k], rows_b[k], m.sim[alive[k]], threshold, device, within[k])
         floors.append({"step": s, "seed_sae": seed_names[s], **fl})
     out_changes = []
@@ -127,7 +143,38 @@ def site_development(
         "shared_with_final": vs_final,
         "seed_baseline": seed,
         "matchings": ms,
+        "seed_matching": seed_match,
+        "features": feats,
+        "matched_by": "decoder cosine" if signatures is None else "activation correlation",
     }
+
+
+def site_signatures(
+    cfg, run: RunDir, steps: list[int], site: str, seed_names: dict[int, str], device=None
+) -> dict[tuple[int, str], Signatures]:
+    """The activation signatures of the SAEs named ``site`` (``<site>`` or ``<site>@<sweep>``: the main one at
+    every step) and ``seed_names`` (the second seed where there is one) on the first ``study.match_tokens``
+    held-out tokens, each read through its own checkpoint's model (in ``model.dtype``, as every stage loads it;
+    activations in float32)."""
+    from sfcd.activations.harvest import token_windows
+    from sfcd.data.tokens import read_tokens
+    from sfcd.models.loading import checkpoint
+    from sfcd.sae.io import load_sae
+
+    seq_len = cfg.sae.seq_len or cfg.model.seq_len
+    windows = token_windows(read_tokens(run.tokens("val")), seq_len, max(1, int(cfg.study.match_tokens) // seq_len))
+    out: dict[tuple[int, str], Signatures] = {}
+    for step in steps:
+        model, tokenizer, _ = checkpoint(cfg, step, "study")
+        model.to(device)
+        exclude = set(tokenizer.all_special_ids) if cfg.sae.exclude_special else set()
+        names = [site, *([seed_names[step]] if step in seed_names else [])]
+        saes = {n: load_sae(sae_folder(run, step, n)).to(device).eval() for n in names}
+        encoders = {n: sae.encode for n, sae in saes.items()}
+        got = read_signatures(model, site.partition("@")[0], encoders, windows, exclude)
+        out |= {(step, n): v for n, v in got.items()}
+        del model, saes
+    return out
 
 
 def null_upper(mean: float, largest: int, q: float = 0.95) -> int:
@@ -271,10 +318,16 @@ def analyse(
     dev = run.root / "development"
     device = work_device(cfg.trainer) if cfg is not None else None
     suffixes = {steps[-1]: seed_suffix} if isinstance(seed_suffix, str) else dict(seed_suffix or {})
-    sites = {
-        s: site_development(run, steps, s, threshold, {k: f"{s}{v}" for k, v in suffixes.items()}, device)
-        for s in site_names
-    }
+    how = cfg.study.get("match", "activations") if cfg is not None else "decoders"
+    if how not in ("activations", "decoders"):
+        raise ConfigError(f"study.match={how!r}; expected activations (what features fire on) or decoders")
+    by_activations = how == "activations"
+    sites = {}
+    for s in site_names:  # one site at a time: its signatures (every step, both seeds) are what memory holds
+        seeds = {k: f"{s}{v}" for k, v in suffixes.items()}
+        sig = site_signatures(cfg, run, steps, s, seeds, device) if by_activations else None
+        min_fires = int(cfg.study.get("match_min_fires", MIN_FIRES)) if by_activations else MIN_FIRES
+        sites[s] = site_development(run, steps, s, threshold, seeds, device, sig, min_fires)
     rows = []
     for s, d in sites.items():
         for k, step in enumerate(steps):
@@ -312,15 +365,15 @@ def analyse(
     if crow:
         cols = list(dict.fromkeys(k for r in crow for k in r))
         write_csv(dev / "circuit_development.csv", crow, cols)
-    lineage_json = {s: {k: v for k, v in d.items() if k != "matchings"} for s, d in sites.items()}
+    objects = ("matchings", "seed_matching", "features")  # kept in memory for the findings, not written
+    lineage_json = {s: {k: v for k, v in d.items() if k not in objects} for s, d in sites.items()}
     result = {"steps": steps, "sites": lineage_json, "sae_rows": rows, "circuits": circuits}
     if circuits:
         ms = {s: d["matchings"] for s, d in sites.items()}
         thresholds = list(cfg.study.step_thresholds) if cfg is not None else None
         margin = cfg.study.step_margin if cfg is not None else None
-        result["findings"] = collect(
-            run, steps, circuits, ms, threshold, suffixes.get(steps[-1]), thresholds, device, margin
-        )
+        seeds = {s: d["seed_matching"] for s, d in sites.items() if d["seed_matching"] is not None}
+        result["findings"] = collect(run, steps, circuits, ms, threshold, seeds, thresholds, margin)
         for line in summarise(result["findings"]):
             log.info("finding: %s", line)
     write_json(dev / "development.json", result)

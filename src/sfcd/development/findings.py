@@ -160,27 +160,19 @@ def collect(
     circuits: dict[str, list[dict]],
     matchings: dict[str, list[Matching]],
     threshold: float,
-    seed_suffix: str | None,
+    seed: dict[str, Matching] | None = None,
     thresholds: list[float] | None = None,
-    device=None,
     margin: float | None = None,
 ) -> dict:
     """Every task's findings from a study's run folder: its circuits' development rows (``circuits``, as
     :func:`sfcd.development.analysis.circuit_development` returns them), the adjacent-step matchings per site,
-    the train log (when there is one) and, with ``seed_suffix``, each site's second-seed SAE at the last step."""
-    from sfcd.development.saes import match_live, sae_folder
+    the train log (when there is one) and ``seed``: per site, the last step's SAE matched to its second seed (a
+    site without one: its features stay unjudged)."""
     from sfcd.io import read_csv, read_json
     from sfcd.models.train_log import crossings
 
     rows_log = read_csv(run.train_log) if run.train_log.exists() else []
-    seed = {}
-    if seed_suffix:
-        for site in matchings:
-            try:
-                other = sae_folder(run, steps[-1], f"{site}{seed_suffix}")
-            except Exception:  # no second seed at this site: its features stay unjudged (None)
-                continue
-            seed[site] = match_live(sae_folder(run, steps[-1], site), other, device)
+    seed = dict(seed or {})
     out = {}
     for task, rows in circuits.items():
         meta = {}

@@ -363,7 +363,8 @@ def _site_section(root: Path, plots: dict[str, Path], dev: dict, site: str, by: 
     lineage = [{"first step": "features", **{str(s): firsts.get(s, firsts.get(str(s))) for s in steps}}]
     body = [
         _table(table, SAE_COLUMNS),
-        f"<p>Seed baseline (the last SAE against a second seed): {_e(_cell(d.get('seed_baseline')))}; "
+        f"<p>Features matched by {_e(d.get('matched_by', 'decoder cosine'))}. "
+        f"Seed baseline (the last SAE against a second seed): {_e(_cell(d.get('seed_baseline')))}; "
         f"share of the last SAE's live features that persisted through every checkpoint: "
         f"{_e(_cell(d.get('persisted_fraction')))}. The last SAE's live features by first appearance:</p>",
         _table(lineage, ["first step", *map(str, steps)]),
@@ -469,7 +470,8 @@ def _crosscoder_section(root: Path, plots: dict[str, Path], cc: dict) -> list[st
         parts.append(
             "<p>What share of the last circuit exists at earlier checkpoints, by both methods: share_present "
             "(the crosscoder circuit's latents present there) and share_matched_saes (the last SAE circuit's "
-            "features at the same sites matched there by independent SAEs, decoder cosine above the threshold); "
+            "features at the same sites matched there by independent SAEs, by the study's matching above the "
+            "threshold); "
             "numbers: "
             + _link(root / "crosscoders" / "circuit_development.csv", root, "circuit_development.csv")
             + ".</p>"
