@@ -136,3 +136,19 @@ def test_matching_refuses_two_kinds_or_two_widths(how):
     b = torch.randn(5, 9) if how == "decoders" else Signatures.from_dense(torch.rand(20, 5))
     with pytest.raises(InputError):
         match_features(a, b)
+
+
+def test_too_few_held_out_tokens_is_a_clear_error_naming_the_way_out(tmp_path):
+    # catches: an empty sample passed on (every feature then "unmatched": all born, all dead) or a KeyError
+    from sfcd.config import compose
+    from sfcd.data.tokens import write_tokens
+    from sfcd.development.analysis import site_signatures
+    from sfcd.errors import ConfigError
+    from sfcd.paths import RunDir
+
+    run = RunDir(tmp_path)
+    run.tokens("val").parent.mkdir(parents=True)
+    write_tokens(run.tokens("val"), [[1, 2, 3]], 50, 3)  # fewer than one window
+    cfg = compose(["experiment=test", f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="study.match=decoders"):
+        site_signatures(cfg, run, [8], "resid.0", {})

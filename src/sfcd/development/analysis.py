@@ -163,6 +163,11 @@ def site_signatures(
 
     seq_len = cfg.sae.seq_len or cfg.model.seq_len
     windows = token_windows(read_tokens(run.tokens("val")), seq_len, max(1, int(cfg.study.match_tokens) // seq_len))
+    if not len(windows):
+        raise ConfigError(
+            f"study.match=activations reads features on held-out tokens, and {run.tokens('val')} holds fewer than "
+            f"one window of {seq_len}; raise corpus.val_tokens, or match by decoders (study.match=decoders)"
+        )
     out: dict[tuple[int, str], Signatures] = {}
     for step in steps:
         model, tokenizer, _ = checkpoint(cfg, step, "study")
