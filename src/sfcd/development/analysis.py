@@ -102,28 +102,10 @@ def site_development(
             "mmcs": c.mmcs,
         }
         if rows_b[k] is not None and rows_b[k + 1] is not None:
-            bf = beyond_floor(
-                rows_a[k],
-                rows_b[k],
-                rows_a[k + 1],
-                rows_b[k + 1],
-                threshold,
-                device,
-                (within[k], within[k + 1]),
-                null=True,
+            bf, counts = changes_beyond_floor(
+                rows_a[k], rows_b[k], rows_a[k + 1], rows_b[k + 1], threshold, device, (within[k], within[k + 1])
             )
-            null = bf.pop("null")
-            row |= {key: int(len(v)) for key, v in bf.items()}
-            # what the rule counts from seed variance alone: the seeds paired across the two steps (4 pairings)
-            row["null"] = null
-            row |= {f"{key}_null": float(np.mean(v)) for key, v in null.items()}
-            row |= {f"{key}_null_max": int(max(v)) for key, v in null.items()}
-            # the counts beyond what seed variance alone gives: the rule's count less the null's 95% upper bound
-            # (a Poisson of the crossed pairings' mean count, and at least their largest count), never below 0
-            for key in bf:
-                row[f"{key}_rule"] = row[key]
-                row[f"{key}_null_hi"] = null_upper(row[f"{key}_null"], row[f"{key}_null_max"])
-                row[key] = max(0, row[key] - row[f"{key}_null_hi"])
+            row |= counts
             # which features (full SAE indices): born/merged at steps[k + 1], died/split from steps[k]
             row["born_features"] = alive[k + 1][bf["births"]].tolist()
             row["died_features"] = alive[k][bf["deaths"]].tolist()
@@ -180,6 +162,25 @@ def site_signatures(
         out |= {(step, n): v for n, v in got.items()}
         del model, saes
     return out
+
+
+def changes_beyond_floor(a0, b0, a1, b1, threshold: float, device=None, within=None) -> tuple[dict, dict]:
+    """:func:`sfcd.development.lineage.beyond_floor` from step k (main SAE ``a0``, second seed ``b0``: their live
+    features' rows) to k + 1 (``a1``, ``b1``), with its crossed-seed null; returns (the rule's feature indices,
+    the counts of a development row: ``<stat>_rule``, the null's mean, largest and 95% bound, and ``<stat>``:
+    what exceeds the bound)."""
+    bf = beyond_floor(a0, b0, a1, b1, threshold, device, within, null=True)
+    null = bf.pop("null")
+    row: dict = {"null": null}  # what the rule counts from seed variance alone: the seeds paired across the steps
+    row |= {f"{key}_null": float(np.mean(v)) for key, v in null.items()}
+    row |= {f"{key}_null_max": int(max(v)) for key, v in null.items()}
+    # the counts beyond what seed variance alone gives: the rule's count less the null's 95% upper bound (a
+    # Poisson of the crossed pairings' mean count, and at least their largest count), never below 0
+    for key, v in bf.items():
+        row[f"{key}_rule"] = int(len(v))
+        row[f"{key}_null_hi"] = null_upper(row[f"{key}_null"], row[f"{key}_null_max"])
+        row[key] = max(0, row[f"{key}_rule"] - row[f"{key}_null_hi"])
+    return bf, row
 
 
 def null_upper(mean: float, largest: int, q: float = 0.95) -> int:
