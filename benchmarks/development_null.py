@@ -35,6 +35,7 @@ def main() -> None:
     from sfcd.config import compose
     from sfcd.development.analysis import changes_beyond_floor, site_development, site_signatures
     from sfcd.development.saes import live_features, sae_folder
+    from sfcd.devices import work_device
     from sfcd.io import read_json
     from sfcd.paths import RunDir
     from sfcd.sae.stage import train_saes
@@ -51,6 +52,7 @@ def main() -> None:
     base = ["experiment=demo", f"run_dir={work}"]
     cfg = compose(base)
     run = RunDir(work)
+    device = work_device(cfg.trainer)
     seed = cfg.sae.seed
 
     def train(step: int, s: int, suffix: bool) -> None:
@@ -77,8 +79,9 @@ def main() -> None:
             per_site = {}
             for site in sites:
                 sn = {s: seeds[s](site) for s in pair}
-                sig = site_signatures(c, run, pair, site, sn) if how == "activations" else None
-                d = site_development(run, pair, site, c.study.shared_threshold, sn, None, sig, c.study.match_min_fires)
+                sig = site_signatures(c, run, pair, site, sn, device) if how == "activations" else None
+                thr, fires = c.study.shared_threshold, c.study.match_min_fires
+                d = site_development(run, pair, site, thr, sn, device, sig, fires)
                 ch = d["changes"][0]
                 per_site[site] = {x: ch[x] for x in STATS}
                 for x in STATS:
@@ -94,12 +97,12 @@ def main() -> None:
             names = [site, *(f"{site}@seed={seed + last + j}" for j in (1, 2, 3))]
             sig = {}
             if how == "activations":
-                sig = site_signatures(c, run, [last], names[0], {last: names[1]})
-                sig |= site_signatures(c, run, [last], names[2], {last: names[3]})
+                sig = site_signatures(c, run, [last], names[0], {last: names[1]}, device)
+                sig |= site_signatures(c, run, [last], names[2], {last: names[3]}, device)
             feats = [
                 live_features(sae_folder(run, last, n), sig.get((last, n)), c.study.match_min_fires) for n in names
             ]
-            _, ch = changes_beyond_floor(*(f.rows for f in feats), c.study.shared_threshold)
+            _, ch = changes_beyond_floor(*(f.rows for f in feats), c.study.shared_threshold, device)
             per_site[site] = {x: ch[x] for x in STATS}
             for x in STATS:
                 total[f"{x}_rule"] += ch[f"{x}_rule"]

@@ -305,6 +305,12 @@ def test_study_errors(tmp_path, test_run):
         run_study(compose(["experiment=test", f"run_dir={test_run.run_dir}", "study.tasks=[]"]))
     with pytest.raises(MissingArtifactError, match=r"study.steps \[5\] are not checkpoints.*\[0, 1, 2, 4, 8, 16, 24\]"):
         run_study(compose(["experiment=test", f"run_dir={test_run.run_dir}", "study.steps=[5,24]"]))
+    # the matching's settings fail before any work (not after hours of SAEs): the model stage has not run
+    fresh = tmp_path / "fresh"
+    for bad, msg in (("study.match=cosine", "study.match='cosine'"), ("study.match_tokens=0", "match_tokens=0")):
+        with pytest.raises(ConfigError, match=msg):
+            run_study(compose(["experiment=test", f"run_dir={fresh}", bad]))
+        assert not fresh.exists()
 
 
 def test_saes_of_different_widths_across_steps(tmp_path):

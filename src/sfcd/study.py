@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def run_study(cfg: DictConfig) -> Path:
     from sfcd.circuits.stage import CIRCUIT_DTYPES, find_circuit
-    from sfcd.development.analysis import analyse
+    from sfcd.development.analysis import analyse, check_match
     from sfcd.development.transcoders import graph_names, transcoder_development
     from sfcd.devices import work_device
     from sfcd.features.stage import build_features
@@ -40,6 +40,7 @@ def run_study(cfg: DictConfig) -> Path:
     if not tasks:
         raise ConfigError("study.tasks is empty; name at least one task, e.g. study.tasks=[nounpp]")
     model_dtype(cfg.model.dtype, "circuit", CIRCUIT_DTYPES)  # the circuits' dtype, before hours of SAEs
+    check_match(cfg)  # the development analysis's matching settings, likewise
     if cfg.model.source and not list(s.steps):
         raise ConfigError(
             "study.steps is empty and model.source is a loaded model without sfcd's train log to choose them "

@@ -36,6 +36,19 @@ def test_correlation_is_numpys_pearson_block_by_block():
     assert int(sa.fires[1]) == 5 and int(sa.fires[0]) == 0
 
 
+def test_a_feature_firing_everywhere_at_a_near_constant_value_correlates_exactly():
+    # catches: the covariance as dot(a, b) - n mean_a mean_b in float32, which cancels for such a feature (its
+    # self-correlation came out at -3.8 over 2^18 tokens)
+    g = torch.Generator().manual_seed(11)
+    n = 2**16
+    base = torch.randn(n, generator=g, dtype=torch.float64)
+    a = torch.stack([10 + 0.01 * base, torch.rand(n, generator=g, dtype=torch.float64) * (base > 1)], 1)
+    b = torch.stack([10 + 0.01 * (base + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)), a[:, 1]], 1)
+    got = correlation(Signatures.from_dense(a.float()), Signatures.from_dense(b.float()), 0, 2)
+    ref = np.corrcoef(a.float().double().T.numpy(), b.float().double().T.numpy())[:2, 2:]
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-4)
+
+
 def test_select_keeps_the_chosen_rows_in_order():
     # catches: a selected row's nonzeros read from the next row (an off-by-one in the row starts)
     a = _acts(300, 20, 3)
@@ -59,8 +72,10 @@ def test_presence_and_matching_by_signatures_against_scipy():
     assert p.count_a.tolist() == (c >= 0.5).sum(1).tolist() and p.count_b.tolist() == (c >= 0.5).sum(0).tolist()
     r, col = linear_sum_assignment(-np.clip(c, 0, None))
     ref = dict(zip(r.tolist(), col.tolist(), strict=True))
-    for k in (8, 1):  # a small pair set is matched exactly, whatever the candidate count (used on large ones)
-        m = match_features(sa, sb, candidates=k)
+    # a small pair set is matched exactly, whatever the candidate count; forced onto the large sets' path (8
+    # candidates, sparse bipartite matching), the same here, where no pair >= 0.7 is outside a top 8
+    for k, dense in ((8, 4_000_000), (1, 4_000_000), (8, 0)):
+        m = match_features(sa, sb, candidates=k, dense_pairs=dense)
         assert np.clip(m.sim, 0, None).sum() == pytest.approx(np.clip(c, 0, None)[r, col].sum(), abs=1e-4)
         assert {i: int(j) for i, j in enumerate(m.match) if m.sim[i] >= 0.7} == {
             i: j for i, j in ref.items() if c[i, j] >= 0.7
@@ -125,7 +140,18 @@ def test_read_signatures_streams_what_the_encoders_give_on_the_same_positions():
     for name, scale in (("one", 1.0), ("two", 2.0)):
         ref = enc(scale)(a[torch.from_numpy(keep)])
         assert got[name].n_tokens == int(keep.sum()) and got[name].csr._nnz() > 0.05 * ref.numel()
-        assert torch.allclose(got[name].dense_rows(0, 16), ref.T, atol=1e-6), name
+        assert torch.allclose(got[name].dense_rows(0, 16).float(), ref.T, atol=1e-6), name
+
+
+def test_matching_with_no_features_on_either_side():
+    # catches: an empty candidate list concatenated (a ValueError) when a site has no live features at two steps
+    empty = Signatures.from_dense(torch.zeros(30, 0))
+    some = Signatures.from_dense(_acts(30, 4, 12, 0.5))
+    for a, b in ((empty, empty), (empty, some), (some, empty)):
+        m = match_features(a, b)
+        assert len(m.match) == len(a) and (m.match == -1).all()
+        p = presence(a, b, 0.7)
+        assert len(p.best_a) == len(a) and len(p.best_b) == len(b)
 
 
 @pytest.mark.parametrize("how", ["decoders", "signatures"])

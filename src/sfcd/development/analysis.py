@@ -131,6 +131,20 @@ def site_development(
     }
 
 
+def check_match(cfg) -> str:
+    """``study.match`` and its settings checked (a study calls this before any work); returns the matching."""
+    st = cfg.study
+    how = st.get("match", "activations")
+    if how not in ("activations", "decoders"):
+        raise ConfigError(f"study.match={how!r}; expected activations (what features fire on) or decoders")
+    if how == "activations" and (int(st.match_tokens) <= 0 or int(st.match_min_fires) < 1):
+        raise ConfigError(
+            f"study.match_tokens={st.match_tokens} and study.match_min_fires={st.match_min_fires}: both must be "
+            "positive (the held-out tokens features are matched on, and the firings a matched feature needs there)"
+        )
+    return how
+
+
 def site_signatures(
     cfg, run: RunDir, steps: list[int], site: str, seed_names: dict[int, str], device=None
 ) -> dict[tuple[int, str], Signatures]:
@@ -324,16 +338,14 @@ def analyse(
     dev = run.root / "development"
     device = work_device(cfg.trainer) if cfg is not None else None
     suffixes = {steps[-1]: seed_suffix} if isinstance(seed_suffix, str) else dict(seed_suffix or {})
-    how = cfg.study.get("match", "activations") if cfg is not None else "decoders"
-    if how not in ("activations", "decoders"):
-        raise ConfigError(f"study.match={how!r}; expected activations (what features fire on) or decoders")
-    by_activations = how == "activations"
+    by_activations = cfg is not None and check_match(cfg) == "activations"
     sites = {}
     for s in site_names:  # one site at a time: its signatures (every step, both seeds) are what memory holds
         seeds = {k: f"{s}{v}" for k, v in suffixes.items()}
         sig = site_signatures(cfg, run, steps, s, seeds, device) if by_activations else None
-        min_fires = int(cfg.study.get("match_min_fires", MIN_FIRES)) if by_activations else MIN_FIRES
+        min_fires = int(cfg.study.match_min_fires) if by_activations else MIN_FIRES
         sites[s] = site_development(run, steps, s, threshold, seeds, device, sig, min_fires)
+        del sites[s]["features"], sig  # the signatures go with the site
     rows = []
     for s, d in sites.items():
         for k, step in enumerate(steps):
@@ -371,7 +383,7 @@ def analyse(
     if crow:
         cols = list(dict.fromkeys(k for r in crow for k in r))
         write_csv(dev / "circuit_development.csv", crow, cols)
-    objects = ("matchings", "seed_matching", "features")  # kept in memory for the findings, not written
+    objects = ("matchings", "seed_matching")  # kept in memory for the findings, not written
     lineage_json = {s: {k: v for k, v in d.items() if k not in objects} for s, d in sites.items()}
     result = {"steps": steps, "sites": lineage_json, "sae_rows": rows, "circuits": circuits}
     if circuits:

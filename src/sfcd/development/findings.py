@@ -9,11 +9,11 @@ the last circuit's features are new and which carried over, each judged against 
   and the first studied checkpoint from which the *last* circuit, carried back through matched features, stays
   at least ``FAITHFUL`` faithful (resolvable) to the end.
 - **Features** of the last circuit (feature nodes, one per feature whatever its positions): each feature's first
-  studied checkpoint, through an unbroken chain of one-to-one decoder matches >= the sharing threshold back from
-  the last SAE. A feature is *carried over* when it existed before the circuit appeared (its first checkpoint is
-  earlier), *new* otherwise. A new feature counts as new only when a second SAE of the last checkpoint (another
-  seed) finds it too: a feature one seed has and the other lacks may be the SAE's own variance, and is listed as
-  *not reproducible* instead of new.
+  studied checkpoint, through an unbroken chain of one-to-one matches (``study.match``) >= the sharing threshold
+  back from the last SAE. A feature is *carried over* when it existed before the circuit appeared (its first
+  checkpoint is earlier), *new* otherwise. A new feature counts as new only when a second SAE of the last
+  checkpoint (another seed) finds it too: a feature one seed has and the other lacks may be the SAE's own
+  variance, and is listed as *not reproducible* instead of new.
 """
 
 from __future__ import annotations

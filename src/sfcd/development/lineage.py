@@ -9,7 +9,8 @@ one and the seed baseline, ``<site>@seed=<s>``) as if they were two steps, with 
 (the bootstrap over features of a count of features is Binomial(n, count / n); its quantiles are used exactly).
 
 Changes beyond the floor (:func:`beyond_floor`), per feature, with A/B the two seeds of a checkpoint and "present
-in an SAE" meaning that some live decoder row of it has cosine >= threshold with the feature's:
+in an SAE" meaning that some live feature of it has similarity >= threshold with the feature (decoder cosine, or
+the correlation of their activation signatures: :mod:`sfcd.development.matching`):
 - a feature of A at step k+1 is **born** when it is present in B at k+1 (reproducible: both seeds learned it) and
   present in neither A nor B at step k;
 - a feature of A at step k **dies** at k+1 when it is present in B at k and in neither SAE at k+1;

@@ -27,7 +27,7 @@ from sfcd.development.signatures import Signatures, correlation
 from sfcd.errors import InputError
 
 DENSE_PAIRS = 4_000_000  # up to this many pairs, matching uses the full similarity matrix
-SHARED = 0.7  # the cosine at which a matched pair counts as the same feature (Paulo & Belrose)
+SHARED = 0.7  # the similarity at which a matched pair is one feature (Paulo & Belrose's decoder cosine)
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Matching:
 
     match: np.ndarray
     sim: np.ndarray
-    best: np.ndarray  # [Fa] max similarity of each A feature to any B feature (for MMCS)
+    best: np.ndarray  # [Fa] max similarity of each A feature to any B feature (MMCS: their mean)
     candidates: tuple[np.ndarray, np.ndarray, np.ndarray]  # (rows, cols, sims) of the candidate pairs
 
     @property
@@ -82,6 +82,9 @@ def _device(x: Features):
 
 def _candidates(a: Features, b: Features, k: int):
     """Top-k similar pairs per row of a (against b) and per row of b (against a), block by block."""
+    if not len(a) or not len(b):  # nothing to pair
+        empty = np.zeros(0, dtype=np.int64)
+        return np.zeros(len(a)), (empty, empty, np.zeros(0, dtype=np.float32))
     rows, cols, sims = [], [], []
     best = torch.empty(len(a), device=_device(a))
     block = block_size(a, b)
@@ -149,14 +152,14 @@ def match_activations(acts_a: torch.Tensor, acts_b: torch.Tensor, candidates: in
     return match_features(Signatures.from_dense(acts_a), Signatures.from_dense(acts_b), candidates)
 
 
-def match_features(a: Features, b: Features, candidates: int = 8) -> Matching:
+def match_features(a: Features, b: Features, candidates: int = 8, dense_pairs: int = DENSE_PAIRS) -> Matching:
     """One-to-one matching of A's features to B's: decoder rows by cosine, signatures by correlation (on A's
-    device)."""
+    device); exact up to ``dense_pairs`` pairs, on ``candidates`` partners per feature above."""
     a, b = _on_device(a, b, None)
-    if len(a) * len(b) <= DENSE_PAIRS:  # every pair is a candidate: the exact assignment
+    if len(a) * len(b) <= dense_pairs:  # every pair is a candidate: the exact assignment
         candidates = max(candidates, len(a), len(b))
     best, cand = _candidates(a, b, candidates)
-    match, sim = assign(*cand, len(a), len(b), DENSE_PAIRS)
+    match, sim = assign(*cand, len(a), len(b), dense_pairs)
     return Matching(match, sim, best, cand)
 
 

@@ -9,9 +9,9 @@ their rows differently even on one checkpoint (measured on the planted benchmark
 on is the thing a researcher names it by, and it is read on the same tokens at both checkpoints.
 
 Signatures are sparse, as the activations of a sparse dictionary are (nonzeros = tokens x L0): at 32k features,
-L0 32 and a sample of 2^20 tokens, ~256 MB per SAE. Correlations are computed block by block (a block of A's
-features densified [block, N], B sparse), and corrected for the means, so no [F, N] dense matrix and no
-[Fa, Fb] matrix is held: memory is the nonzeros and one tile, on the device of the work.
+L0 32 and a sample of 2^18 tokens, ~130 MB per SAE (int64 positions, float64 values). Correlations are computed
+block by block (a block of A's features densified and centred [block, N], B sparse), so no [F, N] dense matrix
+and no [Fa, Fb] matrix is held: memory is the nonzeros and one tile, on the device of the work.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Signatures:
     ) -> Signatures:
         """From (feature, position, value) triplets, each (feature, position) once."""
         order = torch.argsort(feats * n_tokens + toks)
-        feats, toks, vals = feats[order], toks[order], vals[order].float()
+        feats, toks, vals = feats[order], toks[order], vals[order].double()  # float64: see correlation()
         crow = torch.zeros(n_features + 1, dtype=torch.long, device=feats.device)
         crow[1:] = (
             torch.zeros(n_features, dtype=torch.long, device=feats.device)
@@ -100,18 +100,18 @@ class Signatures:
         return Signatures(csr, self.n_tokens)
 
     def dense_rows(self, lo: int, hi: int) -> torch.Tensor:
-        """Rows ``lo:hi`` (``hi`` clipped to the rows there are) as a dense [rows, N] float32 block."""
+        """Rows ``lo:hi`` (``hi`` clipped to the rows there are) as a dense [rows, N] block (float64)."""
         hi = min(hi, len(self))
         crow = self.csr.crow_indices()
         a, b = int(crow[lo]), int(crow[hi])
         part = _csr(
-            crow[lo : hi + 1] - a, self.csr.col_indices()[a:b], self.csr.values()[a:b].float(), (hi - lo, self.n_tokens)
+            crow[lo : hi + 1] - a, self.csr.col_indices()[a:b], self.csr.values()[a:b], (hi - lo, self.n_tokens)
         )
         return part.to_dense()
 
     def block_rows(self, tile: int = 2**26) -> int:
-        """How many rows of a dense block fit ``tile`` floats."""
-        return max(1, tile // max(self.n_tokens, 1))
+        """How many rows of a dense float64 block fit the memory of ``tile`` float32s."""
+        return max(1, tile // (2 * max(self.n_tokens, 1)))
 
 
 def correlation(a: Signatures, b: Signatures, lo: int, hi: int) -> torch.Tensor:
@@ -122,11 +122,14 @@ def correlation(a: Signatures, b: Signatures, lo: int, hi: int) -> torch.Tensor:
 
         raise InputError(f"signatures on {a.n_tokens} and {b.n_tokens} tokens; read both on the same sample")
     hi = min(hi, len(a))
-    dense = a.dense_rows(lo, hi)  # [h, N]
-    dots = (b.csr @ dense.t()).t().double()  # [h, Fb]
-    cov = dots - a.n_tokens * a.mean[lo:hi, None] * b.mean[None, :]
+    # the covariance exactly as sum_t b_t (a_t - mean_a), in float64: the product of B with A's centred rows. The
+    # usual dot(a, b) - n mean_a mean_b cancels catastrophically for a feature that fires nearly everywhere at a
+    # nearly constant value (in float32 over 2^18 tokens such a feature's self-correlation came out at -3.8)
+    dense = a.dense_rows(lo, hi) - a.mean[lo:hi, None]  # [h, N]
+    cov = (b.csr @ dense.t()).t()  # [h, Fb]
     den = a.norm[lo:hi, None] * b.norm[None, :]
-    return torch.where(den > 0, cov / den.clamp_min(1e-30), torch.zeros_like(cov)).float()
+    corr = torch.where(den > 0, cov / den.clamp_min(1e-300), torch.zeros_like(cov))
+    return corr.clamp(-1.0, 1.0).float()
 
 
 def read_signatures(
