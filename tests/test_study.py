@@ -1,5 +1,6 @@
 """The study: every stage over checkpoints, resumable after kill -9, the development analysis, the report."""
 
+import functools
 import json
 import os
 import signal
@@ -104,6 +105,7 @@ def reference_study(test_run, tmp_path_factory):
     return run_dir
 
 
+@functools.lru_cache(maxsize=64)
 def _acts(folder) -> np.ndarray:
     """An SAE's activations [N, F] on the study's matching sample, computed here: the first study.match_tokens
     held-out tokens in windows of the model's length, special tokens left out, through the checkpoint's model
