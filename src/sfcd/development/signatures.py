@@ -39,7 +39,7 @@ class Signatures:
     def __init__(self, csr: torch.Tensor, n_tokens: int):
         self.csr = csr
         self.n_tokens = int(n_tokens)
-        vals = csr.values().float()
+        vals = csr.values()
         rows = torch.repeat_interleave(
             torch.arange(csr.shape[0], device=vals.device), csr.crow_indices().diff(), output_size=len(vals)
         )
@@ -47,7 +47,7 @@ class Signatures:
         sums.index_add_(0, rows, vals.double())
         sq = torch.zeros_like(sums).index_add_(0, rows, vals.double() ** 2)
         n = max(self.n_tokens, 1)
-        self.mean = sums / n  # float64: the centring subtracts n * mean_a * mean_b from a dot product
+        self.mean = sums / n  # float64, as the values: correlation() centres the rows by it
         self.norm = (sq - n * self.mean**2).clamp_min(0).sqrt()  # || a - mean ||
         self.fires = torch.zeros(csr.shape[0], dtype=torch.long, device=vals.device).index_add_(
             0, rows, (vals != 0).long()
@@ -87,7 +87,7 @@ class Signatures:
 
     def select(self, idx: np.ndarray | torch.Tensor) -> Signatures:
         """The signatures of features ``idx`` (in that order)."""
-        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=self.device)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.device)  # numpy or a tensor on any device
         crow = self.csr.crow_indices()
         start, count = crow[idx], crow[idx + 1] - crow[idx]
         new_crow = torch.zeros(len(idx) + 1, dtype=torch.long, device=self.device)
