@@ -117,7 +117,7 @@ def test_a_rotated_basis_is_the_same_dictionary_to_activation_matching_only():
 
 
 def test_read_signatures_streams_what_the_encoders_give_on_the_same_positions():
-    # catches: positions numbered per batch (every batch's tokens at 0..n), special tokens kept, one encoder's
+    # catches: positions numbered per batch or per chunk of rows, special tokens kept, one encoder's
     # triplets filed under another's name
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -136,7 +136,8 @@ def test_read_signatures_streams_what_the_encoders_give_on_the_same_positions():
     def enc(scale):
         return lambda x: torch.relu(x @ W * scale - 0.1 * scale)
 
-    got = read_signatures(model, "resid.0", {"one": enc(1.0), "two": enc(2.0)}, windows, exclude=(0, 1), batch=3)
+    # batches of 3 windows (36 positions) encoded 7 rows at a time: positions must run on across both
+    got = read_signatures(model, "resid.0", {"one": enc(1.0), "two": enc(2.0)}, windows, (0, 1), batch=3, rows=7)
     for name, scale in (("one", 1.0), ("two", 2.0)):
         ref = enc(scale)(a[torch.from_numpy(keep)])
         assert got[name].n_tokens == int(keep.sum()) and got[name].csr._nnz() > 0.05 * ref.numel()

@@ -139,22 +139,27 @@ def read_signatures(
     windows: np.ndarray,
     exclude: Iterable[int] = (),
     batch: int = 32,
+    rows: int = 4096,
 ) -> dict[str, Signatures]:
     """Each encoder's signatures on ``windows`` (the same positions for every call), read at ``site`` of
-    ``model`` one batch at a time; the triplets are kept on the model's device, nothing dense past one batch."""
+    ``model`` one batch of windows at a time and encoded ``rows`` positions at a time (the dense encoding is
+    ``rows x d_sae``: 512 MB at 32k features, whatever the windows' length); the triplets are kept on the model's
+    device."""
     s = parse_site(site, model)
     pieces: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {k: [] for k in encoders}
     widths: dict[str, int] = {}
     n = 0
     with torch.no_grad():
         for out in harvest(model, windows, [s], batch, set(exclude)):
-            a = out[s.name]
-            for name, enc in encoders.items():
-                f = enc(a).float()
-                widths[name] = f.shape[1]
-                t, j = torch.nonzero(f, as_tuple=True)
-                pieces[name].append((j, t + n, f[t, j]))
-            n += len(a)
+            acts = out[s.name]
+            for lo in range(0, len(acts), rows):
+                a = acts[lo : lo + rows]
+                for name, enc in encoders.items():
+                    f = enc(a).float()
+                    widths[name] = f.shape[1]
+                    t, j = torch.nonzero(f, as_tuple=True)
+                    pieces[name].append((j, t + n, f[t, j]))
+                n += len(a)
     return {
         name: Signatures.from_pieces(*(torch.cat(x) for x in zip(*p, strict=True)), widths[name], n)
         for name, p in pieces.items()
