@@ -164,7 +164,7 @@ def test_k_aux_is_half_of_one_checkpoints_width():
     x = torch.randn(B, K * d, generator=g)
     x_hat = torch.randn(B, K * d, generator=g)  # any main reconstruction: AuxK fits its error
     pre = x @ cc.W_enc + cc.b_enc
-    got = cc.aux_loss(x, x - x_hat, pre, sparse=True)
+    got = cc.aux_loss(x, x, x_hat, pre, sparse=True)
     with torch.no_grad():
         idx = pre.topk(d // 2, dim=-1).indices  # 64 dead >= k_aux: the scale min(n_dead / k_aux, 1) is 1
         e_hat = torch.zeros(B, m).scatter(1, idx, torch.relu(pre.gather(1, idx))) @ cc.W_dec

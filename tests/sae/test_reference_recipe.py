@@ -125,7 +125,7 @@ def test_one_step_loss_and_gradient_equal_the_formulas():
     p = {k: getattr(sae, k).detach().contiguous() for k in ("W_enc", "W_dec", "b_enc", "b_dec")}
     assert out["loss"].item() == pytest.approx(reference_loss(p, x)[0].item(), rel=1e-12)
     out["loss"].backward()
-    grads = {k: getattr(sae, k).grad.contiguous() for k in p}
+    grads = {k: sae.grad_of(k).contiguous() for k in p}
     g = torch.Generator().manual_seed(1)
     for k, v in p.items():
         for flat in torch.randint(0, v.numel(), (6,), generator=g).tolist():
@@ -172,7 +172,7 @@ def test_resampling_criterion_new_weights_and_untouched_adam_state():
     opt = torch.optim.Adam(sae.parameters(), lr=LR, betas=BETAS)
     sae.training_loss(torch.from_numpy(x[:512]), 0.0)["loss"].backward()
     opt.step()  # Adam state to keep
-    before = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    before = {k: v.detach().clone() for k, v in sae.state_dict().items()} | {"W_enc": sae.W_enc.detach().clone()}
     adam = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in sae.parameters()}
 
     # 10^-5.5 x 1e6 = 3.16 firings: 0-3 firings dead, 4 and more alive; every feature >= d is dead

@@ -37,11 +37,24 @@ class SAE(nn.Module):
         w = torch.randn(d_sae, d_in, generator=g)
         w = w / w.norm(dim=1, keepdim=True) * (1.0 if self.unit_norm_decoder else 0.1)
         self.W_dec = nn.Parameter(w)
-        self.W_enc = nn.Parameter(w.t().clone())
+        # the encoder is stored latents first ([d_sae, d_in], contiguous) and read through ``W_enc``, its
+        # transpose: a step's sparse gradient comes grouped by latent in this layout, and the fused Adam updates a
+        # contiguous parameter in place (a strided one it copies to and from contiguous memory on every step)
+        self.W_enc_T = nn.Parameter(w.clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """The encoder, [d_in, d_sae] (SAELens's orientation): a view of the stored ``W_enc_T``, so in-place writes
+        to it (``copy_``, indexing) write the parameter."""
+        return self.W_enc_T.t()
+
+    def grad_of(self, name: str) -> torch.Tensor | None:
+        """The gradient of parameter ``name`` in the orientation it is read in (``W_enc``: [d_in, d_sae])."""
+        return None if (g := self.W_enc_T.grad) is None else g.t() if name == "W_enc" else getattr(self, name).grad
 
     # ----------------------------------------------------------------------------------------- inference
     def pre_acts(self, x_scaled: torch.Tensor) -> torch.Tensor:
@@ -102,8 +115,10 @@ class SAE(nn.Module):
     def before_step(self) -> None:
         """Remove the gradient component parallel to each decoder row (unit-norm decoders)."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
-            w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
-            self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
+            # grad -= (grad . w) w for w = W / |W|, as (grad . W) / |W|^2 times W, in place: no [d_sae, d] temporary
+            W, grad = self.W_dec, self.W_dec.grad
+            coef = torch.linalg.vecdot(grad, W) / torch.linalg.vector_norm(W, dim=1).square()
+            grad.addcmul_(coef[:, None], W, value=-1.0)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -137,8 +152,9 @@ class SAE(nn.Module):
 
 
 def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over dimensions, averaged over the batch."""
-    return (x_hat - x).pow(2).sum(-1).mean()
+    """Squared error summed over dimensions, averaged over the batch (one fused pass each way, no [B, d]
+    temporaries of its own)."""
+    return nn.functional.mse_loss(x_hat, x, reduction="sum") / max(1, x.numel() // x.shape[-1])
 
 
 def linear_warmup(progress: float, warmup: float) -> float:

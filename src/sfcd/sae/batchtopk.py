@@ -39,8 +39,8 @@ class BatchTopKSAE(TopKSAE):
 
     def training_loss(self, x: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
         b_in = self.b_dec if self.apply_b_dec_to_input else None
-        xc = x if b_in is None else x - b_in
         with torch.no_grad():
+            xc = x if b_in is None else x - b_in
             pre = encoder_pre(xc, self.W_enc, self.b_enc)
             m = min(self.d_sae, int(self.hparams.get("candidate_mult", 4)) * self.k)
             # a row's candidates for the batch's top (unsorted: only the selection matters)
@@ -57,10 +57,10 @@ class BatchTopKSAE(TopKSAE):
         sparse = self.hparams.get("sparse", True)
         if sparse:
             active = ActiveLatents(idx, self.d_sae)
-            vals = torch.relu(gather_pre(x, self.W_enc, self.b_enc, active, pre, b_in)) * keep
+            vals = torch.relu(gather_pre(x, self.W_enc, self.b_enc, active, pre, b_in, xc=xc)) * keep
             x_hat = sparse_decode(active, vals, self.W_dec) + self.b_dec
         else:
-            pre_g = xc @ self.W_enc + self.b_enc
+            pre_g = (x if b_in is None else x - b_in) @ self.W_enc + self.b_enc
             vals = torch.relu(pre_g.gather(1, idx)) * keep
             x_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec + self.b_dec
         with torch.no_grad():
@@ -75,7 +75,7 @@ class BatchTopKSAE(TopKSAE):
             self.threshold.copy_(torch.where(ok, moved, self.threshold))
         rec = mse(x_hat, x)
         fired = fired_latents(idx, vals, self.d_sae)
-        aux = self.aux_loss(x, (x - x_hat).detach(), pre if sparse else pre_g, sparse)
+        aux = self.aux_loss(x, x, x_hat, pre if sparse else pre_g, sparse)
         return {
             "loss": rec + self.hparams.get("aux_coeff", 1 / 32) * aux,
             "mse": rec,

@@ -38,15 +38,16 @@ class TopKSAE(SAE):
         y = x if target is None else target
         sparse = self.hparams.get("sparse", True)
         b_in = self.b_dec if self.apply_b_dec_to_input else None
-        xc = x if b_in is None else x - b_in
         if sparse:
             with torch.no_grad():
+                xc = x if b_in is None else x - b_in
                 pre = encoder_pre(xc, self.W_enc, self.b_enc)
             active = ActiveLatents(self.select(pre), self.d_sae)
             idx = active.idx
-            vals = torch.relu(gather_pre(x, self.W_enc, self.b_enc, active, pre, b_in))
+            vals = torch.relu(gather_pre(x, self.W_enc, self.b_enc, active, pre, b_in, xc=xc))
             y_hat = sparse_decode(active, vals, self.W_dec) + self.b_dec
         else:
+            xc = x if b_in is None else x - b_in
             pre = torch.addmm(self.b_enc, xc, self.W_enc)
             idx = self.select(pre.detach())
             vals = torch.relu(pre.gather(1, idx))
@@ -54,7 +55,7 @@ class TopKSAE(SAE):
         y_hat = self.add_skip(x, y_hat)
         rec = mse(y_hat, y)
         out = {"mse": rec, "l0": (vals > 0).float().sum(-1).mean(), "fired": fired_latents(idx, vals, self.d_sae)}
-        aux = self.aux_loss(x, (y - y_hat).detach(), pre, sparse)
+        aux = self.aux_loss(x, y, y_hat, pre, sparse)
         out["aux"] = aux
         out["loss"] = rec + self.hparams.get("aux_coeff", 1 / 32) * aux
         return out
@@ -63,17 +64,19 @@ class TopKSAE(SAE):
         """The reconstruction plus any path that bypasses the latents (none for an SAE; a transcoder's skip)."""
         return y_hat
 
-    def aux_loss(self, x, e, pre, sparse: bool) -> torch.Tensor:
+    def aux_loss(self, x, y, y_hat, pre, sparse: bool) -> torch.Tensor:
         """AuxK (Gao et al. 2024, appendix B.1; as EleutherAI's sparsify): the top ``k_aux`` dead latents
-        reconstruct the (detached) residual ``e`` of the reconstruction (``x - x_hat``; a transcoder's
-        ``y - y_hat``), encoding ``x``. Returned in the main loss's units (squared error summed over
-        dims, mean over the batch) times ``min(n_dead / k_aux, 1)``, so ``mse + aux_coeff * aux`` weighs the two
-        as sparsify's ``fvu + auxk_alpha * auxk_loss`` does (both of those are divided by the batch's centred
-        variance ``sum ||x - mean(x)||^2``, which cancels in the ratio)."""
+        reconstruct the (detached) residual ``e = y - y_hat`` of the reconstruction (``x - x_hat``; a
+        transcoder's ``y - y_hat``), encoding ``x``; ``e`` is formed only when some latent is dead. Returned in
+        the main loss's units (squared error summed over dims, mean over the batch) times ``min(n_dead / k_aux,
+        1)``, so ``mse + aux_coeff * aux`` weighs the two as sparsify's ``fvu + auxk_alpha * auxk_loss`` does
+        (both of those are divided by the batch's centred variance ``sum ||x - mean(x)||^2``, which cancels in the
+        ratio)."""
         dead = (self.tokens_since_fired > self.hparams.get("dead_tokens", 10_000_000)).nonzero().squeeze(1)
         n_dead = len(dead)
         if n_dead == 0:
             return torch.zeros((), device=x.device)
+        e = (y - y_hat).detach()
         k_aux = int(self.hparams.get("k_aux") or e.shape[-1] // 2)
         scale = min(n_dead / k_aux, 1.0)
         # the top k_aux among the dead latents' pre-activations only; a kept latent at or below 0 adds nothing to

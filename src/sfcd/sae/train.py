@@ -44,6 +44,9 @@ HPARAMS = {
     "jumprelu": ("l0_coeff", "bandwidth", "threshold_init"),
     "transcoder": ("k", "aux_coeff", "dead_tokens", "skip"),
 }
+#: the version of how a resumable state stores an SAE (2: the encoder as ``W_enc_T``, [d_sae, d_in]); a state of
+#: another version is started afresh (:func:`prepare_state_dir`) rather than misread
+STATE_LAYOUT = 2
 SWEEPABLE = {"architecture", "expansion", "d_sae", "lr", "seed", *{k for ks in HPARAMS.values() for k in ks}}
 
 
@@ -415,7 +418,7 @@ class SAEModule(L.LightningModule):
             sae.resample(dead, x, per_token, self._gens[self.specs.index(spec)])
             if not sae.resample_resets_adam:
                 continue
-            for p, rows in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+            for p, rows in ((sae.W_dec, (dead,)), (sae.W_enc_T, (dead,)), (sae.b_enc, (dead,))):
                 state = opt.state.get(p, {})
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in state:
@@ -513,7 +516,7 @@ def settings_of(specs: list[SAESpec], sae_cfg: DictConfig, total: int) -> dict:
     sae = OmegaConf.to_container(sae_cfg, resolve=True)
     for key in ("shard", "shards", "checkpoint_minutes"):  # (when states are saved changes nothing they hold)
         sae.pop(key, None)
-    return {"specs": [s.__dict__ for s in specs], "total_steps": total, "sae": sae}
+    return {"specs": [s.__dict__ for s in specs], "total_steps": total, "sae": sae, "layout": STATE_LAYOUT}
 
 
 def prepare_state_dir(state_dir: Path, settings: dict) -> None:
