@@ -84,9 +84,11 @@ def test_sparse_and_dense_paths_equal_the_written_out_loss(arch, dead_bias, aux_
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
 def test_the_fused_adam_step_copies_no_weight_matrix(arch):
     """Each weight matrix and its gradient reach the fused Adam contiguous and in the same layout, so its step
-    updates them in place. Bug caught: the encoder stored transposed as a strided parameter (the fused kernel then
-    copies it, its gradient and both moments to contiguous memory and back on every step: 21 ms of a 450 ms step
-    at d_sae 8,192), or a sparse gradient produced in another layout than its parameter. ``W_enc`` still reads in
+    updates them in place, and no weight-sized copy is made in the backward either. Bugs caught: the encoder
+    stored transposed as a strided parameter (the fused kernel then copies it, its gradient and both moments to
+    contiguous memory and back on every step: 21 ms of a 450 ms step at d_sae 8,192); a gradient produced in
+    another layout than its parameter (autograd copies it into the parameter's: the dense encoder as ``x @
+    W_enc``, whose gradient is [d_in, d_sae]). ``W_enc`` still reads in
     SAELens's orientation and writes through to the parameter."""
     torch.manual_seed(0)
     sae = sae_class(arch)(D_IN, D_SAE, seed=0, k=K, dead_tokens=10, l1_coeff=1e-3, l0_coeff=1e-3)
@@ -98,10 +100,10 @@ def test_the_fused_adam_step_copies_no_weight_matrix(arch):
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)
     for _ in range(2):  # the second step has the moments in place
         opt.zero_grad()
-        sae.training_loss(torch.randn(B, D_IN), 0.5)["loss"].backward()
-        for p in sae.parameters():
-            assert p.grad is not None and p.grad.stride() == p.stride() and p.is_contiguous(), (arch, p.shape)
         with torch.profiler.profile(record_shapes=True) as prof:
+            sae.training_loss(torch.randn(B, D_IN), 0.5)["loss"].backward()
+            for p in sae.parameters():
+                assert p.grad is not None and p.grad.stride() == p.stride() and p.is_contiguous(), (arch, p.shape)
             opt.step()
     big = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
     assert not [e for e in big if any(list(s) in ([D_IN, D_SAE], [D_SAE, D_IN]) for s in e.input_shapes)], arch

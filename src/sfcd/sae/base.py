@@ -60,8 +60,10 @@ class SAE(nn.Module):
     def pre_acts(self, x_scaled: torch.Tensor) -> torch.Tensor:
         if self.apply_b_dec_to_input:
             x_scaled = x_scaled - self.b_dec
-        flat = x_scaled.reshape(-1, x_scaled.shape[-1])  # addmm: the bias added in the matmul's own pass
-        return torch.addmm(self.b_enc, flat, self.W_enc).view(*x_scaled.shape[:-1], self.d_sae)
+        flat = x_scaled.reshape(-1, x_scaled.shape[-1])
+        # linear on the stored W_enc_T: the bias added in the matmul's own pass, and W_enc_T's gradient produced in
+        # its own layout ([d_sae, d_in], contiguous), not transposed and copied into it
+        return nn.functional.linear(flat, self.W_enc_T, self.b_enc).view(*x_scaled.shape[:-1], self.d_sae)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         """Dense feature activations from pre-activations (inference path)."""

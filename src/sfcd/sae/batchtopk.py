@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 
 from sfcd.sae.base import mse
-from sfcd.sae.sparse_ops import ActiveLatents, dense_from_sparse, encoder_pre, gather_pre, sparse_decode
+from sfcd.sae.sparse_ops import (
+    ActiveLatents,
+    dense_from_sparse,
+    encoder_pre,
+    gather_pre,
+    sparse_decode,
+    top_k_indices,
+)
 from sfcd.sae.topk import TopKSAE, fired_latents
 
 
@@ -43,8 +50,10 @@ class BatchTopKSAE(TopKSAE):
             xc = x if b_in is None else x - b_in
             pre = encoder_pre(xc, self.W_enc, self.b_enc)
             m = min(self.d_sae, int(self.hparams.get("candidate_mult", 4)) * self.k)
-            # a row's candidates for the batch's top (unsorted: only the selection matters)
-            cand_vals, idx = self.selection_score(pre).topk(m, dim=-1, sorted=False)
+            # a row's candidates for the batch's top (unsorted: only the selection matters; on the CPU by groups)
+            score = self.selection_score(pre)
+            idx = top_k_indices(score, m)
+            cand_vals = score.gather(1, idx)
             flat = cand_vals.flatten()
             world = _world()
             if world > 1:  # DDP: the global batch's top k * B, from every rank's candidates, as one process takes it

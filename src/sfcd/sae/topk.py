@@ -5,6 +5,7 @@ active latents (:mod:`sfcd.sae.sparse_ops`); ``sparse=False`` runs the dense ref
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from sfcd.sae.base import SAE, mse
 from sfcd.sae.sparse_ops import ActiveLatents, dense_from_sparse, encoder_pre, gather_pre, sparse_decode, top_k_indices
@@ -88,9 +89,10 @@ class TopKSAE(SAE):
         local = top_k_indices(sub, k_eff)  # among the dead latents
         b_in = self.b_dec if self.apply_b_dec_to_input else None
         if sparse and n_dead <= self.dense_aux_ratio * k_eff:
-            # the dead latents' own columns, densely: [B, n_dead] pre-activations, the kept ones decoded
-            pre_dead = torch.addmm(
-                self.b_enc.index_select(0, dead), x if b_in is None else x - b_in, self.W_enc.index_select(1, dead)
+            # the dead latents' own columns, densely: [B, n_dead] pre-activations, the kept ones decoded (their
+            # encoder rows taken from the stored W_enc_T: whole rows, no copy of the rest, a gradient in its layout)
+            pre_dead = nn.functional.linear(
+                x if b_in is None else x - b_in, self.W_enc_T.index_select(0, dead), self.b_enc.index_select(0, dead)
             )
             keep = torch.zeros_like(pre_dead, dtype=torch.bool).scatter_(1, local, True)
             e_hat = (torch.relu(pre_dead) * keep) @ self.W_dec.index_select(0, dead)
