@@ -107,3 +107,17 @@ def test_the_fused_adam_step_copies_no_weight_matrix(arch):
             opt.step()
     big = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
     assert not [e for e in big if any(list(s) in ([D_IN, D_SAE], [D_SAE, D_IN]) for s in e.input_shapes)], arch
+
+
+def test_the_decoder_projection_holds_under_bf16_autocast():
+    """The gradient along each decoder row is removed to float32 precision inside a bf16-mixed step (Lightning
+    runs the whole training step, ``before_step`` included, under autocast). Bug caught: the row dot products
+    computed by an op autocast runs in bf16 (``linalg.vecdot``), which leaves ~1% of the parallel part."""
+    sae = sae_class("topk")(64, 256, seed=0, k=K)
+    g = torch.Generator().manual_seed(0)
+    sae.W_dec.grad = torch.randn(256, 64, generator=g) * 8
+    want = sae.W_dec.grad - (sae.W_dec.grad * sae.W_dec).sum(1, keepdim=True) * sae.W_dec  # unit rows
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sae.before_step()
+    assert sae.W_dec.grad.dtype == torch.float32
+    torch.testing.assert_close(sae.W_dec.grad, want, atol=1e-4, rtol=1e-4)

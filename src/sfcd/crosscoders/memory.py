@@ -13,8 +13,9 @@ Training holds, per group of sites trained together (``dims``: each site's per-c
   with the module's buffers (input scale, block means, firing counters);
 - ``grads``: one per parameter (param dtype);
 - ``adam``: ``adam_states`` (2: first and second moments) per parameter (param dtype);
-- ``autocast``: under bf16-mixed, autocast's cached half-precision copies of ``W_enc`` and ``W_dec`` (kept for the
-  whole training step, every site's);
+- ``autocast``: under bf16-mixed, autocast's half-precision copies of ``W_enc`` and ``W_dec`` (``W_dec``'s cached for
+  the whole training step, every site's; ``W_enc``'s, cast from its transposed view, which autocast does not
+  cache, lives through the encoder's matmul only: counted as kept, an upper bound);
 - ``batch``: one batch of every site's ``K d`` inputs (float32), plus the largest site's working tensors of one
   step (an estimate: the scaled input, the reconstruction and its error, ``[B, K d]`` each; the pre-activations,
   the selection score and AuxK's masked copy, ``[B, m]`` each).

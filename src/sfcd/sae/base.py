@@ -1,4 +1,5 @@
-"""The SAE base class: parameters in SAELens orientation, input scaling folded at export, hooks for training.
+"""The SAE base class: parameters read in SAELens orientation (the encoder stored latents first, ``W_enc_T``, and
+read through ``W_enc``, its transposed view), input scaling folded at export, hooks for training.
 
 Training works on scaled inputs ``x * scale`` (``scale`` makes E||x|| = sqrt(d_in)); ``encode``/``decode``/
 ``forward`` take and return raw activations, and :meth:`SAE.export` folds ``scale`` into the weights so the
@@ -54,7 +55,9 @@ class SAE(nn.Module):
 
     def grad_of(self, name: str) -> torch.Tensor | None:
         """The gradient of parameter ``name`` in the orientation it is read in (``W_enc``: [d_in, d_sae])."""
-        return None if (g := self.W_enc_T.grad) is None else g.t() if name == "W_enc" else getattr(self, name).grad
+        if name != "W_enc":
+            return getattr(self, name).grad
+        return None if self.W_enc_T.grad is None else self.W_enc_T.grad.t()
 
     # ----------------------------------------------------------------------------------------- inference
     def pre_acts(self, x_scaled: torch.Tensor) -> torch.Tensor:
@@ -117,9 +120,12 @@ class SAE(nn.Module):
     def before_step(self) -> None:
         """Remove the gradient component parallel to each decoder row (unit-norm decoders)."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
-            # grad -= (grad . w) w for w = W / |W|, as (grad . W) / |W|^2 times W, in place: no [d_sae, d] temporary
+            # grad -= (grad . w) w for w = W / |W|, as (grad . W) / |W|^2 times W, the update in place (one
+            # [d_sae, d] temporary, inside vecdot, where three were); in the parameters' dtype: the step runs under
+            # autocast (bf16-mixed), which would compute vecdot in bf16 and leave ~1% of the parallel part
             W, grad = self.W_dec, self.W_dec.grad
-            coef = torch.linalg.vecdot(grad, W) / torch.linalg.vector_norm(W, dim=1).square()
+            with torch.autocast(W.device.type, enabled=False):
+                coef = torch.linalg.vecdot(grad, W) / torch.linalg.vector_norm(W, dim=1).square()
             grad.addcmul_(coef[:, None], W, value=-1.0)
 
     @torch.no_grad()
