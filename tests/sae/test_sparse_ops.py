@@ -26,7 +26,7 @@ def test_top_k_indices_keep_the_k_largest_values(case):
     elif case == "one_group_holds_all":  # the row's top k all in one strided group (latents j, j + m/8, ...)
         pre = torch.randn(B, m, generator=g)
         pre[:, 5 :: m // 8] += 100  # 8 members only: the top 16 also need the next group's
-    elif case == "fallback_width":  # k * GROUP * 4 > m: torch.topk
+    elif case == "fallback_width":  # k * GROUP * 8 > m: torch.topk
         pre, k = torch.randn(B, 96, generator=g), 16
     else:  # m not a multiple of the group size
         pre = torch.randn(B, 1001, generator=g)

@@ -69,7 +69,9 @@ def top_k_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
     top-k is a radix select) and where the grouping saves nothing, ``torch.topk``.
     """
     m = pre.shape[-1]
-    if pre.device.type != "cpu" or m % GROUP or k * GROUP * 4 > m or pre.dim() != 2:
+    # it pays while the k groups' members are a small part of the row: measured at m = 8,192 (4,096 rows), k = 128
+    # takes 94 ms grouped against 117 for torch.topk, k = 256 164 against 157
+    if pre.device.type != "cpu" or m % GROUP or k * GROUP * 8 > m or pre.dim() != 2:
         return pre.topk(k, dim=-1, sorted=False).indices
     groups = m // GROUP
     gmax = pre.view(pre.shape[0], GROUP, groups).amax(1)  # group j: latents j, j + groups, j + 2 groups, ...
