@@ -154,6 +154,12 @@ class SAEConfig:
     # 0: none)
     seq_len: int | None = None  # harvest context length (None: the model preset's seq_len)
     harvest_batch: int = 32  # sequences per harvesting forward pass
+    # make the next chunk on a background thread (its own CUDA stream) while training reads this one: auto (on a
+    # GPU only) | true | false. Memory is two chunks instead of one
+    prefetch: Any = "auto"
+    # the training harvest's forward passes under torch.autocast: auto (on a GPU with a float32 model: the
+    # checkpoint's stored 16-bit dtype, else bfloat16) | none | bfloat16 | float16. Evaluation runs in model.dtype
+    harvest_autocast: Any = "auto"
     exclude_special: bool = True  # leave BOS/EOS/padding positions out of training and evaluation
     cache: bool = False  # write each streamed chunk to activations/step<N>/<site>/ and reuse it (no forward pass)
     activations: str | None = None  # train on a plain activation file (.npy/.safetensors [N, d]) instead of a model

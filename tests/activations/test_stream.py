@@ -159,3 +159,155 @@ def test_fresh_samples_are_new_rows_outside_the_training_order_and_never_cached(
     assert len(rows(a) & rows(b)) < 0.2 * n  # another draw, other windows (some repeat: a small file)
     assert len(rows(a) & seen) < 0.5 * n
     torch.testing.assert_close(cached.chunk(1)["resid.0"], train[1])  # the training order is untouched
+
+
+def _made_where(src):
+    """Wraps ``src.chunk`` to record (chunk, thread name) of every chunk made."""
+    import threading
+
+    made, inner = [], src.chunk
+
+    def chunk(c):
+        made.append((c, threading.current_thread().name))
+        return inner(c)
+
+    src.chunk = chunk
+    return made
+
+
+def test_prefetch_gives_the_same_batches_made_ahead_on_another_thread_and_holds_two_chunks(micro):
+    # catches: a prefetched chunk that is not the next one (or is made again in place), a prefetch past the
+    # run's last step, a resume (start mid-chunk) that reads another chunk than the plain stream, a stream that
+    # keeps more than the current and the next chunk
+    plain = StreamBatches(source(micro, ["resid.0"]), 256, seed=0, start=6)
+    src = source(micro, ["resid.0"])
+    made = _made_where(src)
+    ahead = StreamBatches(src, 256, seed=0, start=6, prefetch=True, stop=20)
+    held = []
+    try:
+        for step in range(6, 20):
+            a, b = plain.batch(step), ahead.batch(step)
+            assert torch.equal(a["resid.0"], b["resid.0"]), step
+            pending = ahead._next[1].result()[0] if ahead._next else {}
+            held.append(sum(t.numel() for d in (ahead._chunk[1], pending) for t in d.values()))
+    finally:
+        ahead.close()
+    # chunk 1 (step 6) is made in place, then each next one ahead on the prefetch thread, and none past step 19
+    assert [c for c, _ in made] == [1, 2, 3, 4]
+    assert made[0][1] == "MainThread" and all(t.startswith("sfcd-prefetch") for _, t in made[1:])
+    assert max(held) == 2 * ROWS * 32 and held[-1] == ROWS * 32  # the last chunk prefetches nothing
+
+
+def test_a_prefetch_error_is_raised_at_the_step_that_needs_its_chunk(micro):
+    # catches: an error on the prefetch thread that is lost (training would hang or read a missing chunk) or
+    # raised before its chunk is needed
+    src = source(micro, ["resid.0"])
+    inner = src.chunk
+
+    def chunk(c):
+        if c == 2:
+            raise InputError("chunk 2 is unreadable")
+        return inner(c)
+
+    src.chunk = chunk
+    batches = StreamBatches(src, 256, seed=0, prefetch=True)
+    try:
+        for step in range(8):  # chunks 0 and 1 (chunk 2 fails meanwhile on the prefetch thread)
+            batches.batch(step)
+        with pytest.raises(InputError, match="chunk 2 is unreadable"):
+            batches.batch(8)
+    finally:
+        batches.close()
+
+
+def test_a_prefetch_and_fresh_rows_never_run_the_model_at_the_same_time(micro):
+    # catches: a source without its lock: the prefetch thread's forward and a resampling criterion's fresh rows
+    # on the training thread would run the model at once, each one's hooks catching the other's activations
+    import threading
+    import time
+
+    model = micro[0]
+    spans, block = [], model.gpt_neox.layers[0]
+
+    def slow(module, args):
+        start = time.monotonic()
+        if threading.current_thread().name.startswith("sfcd-prefetch"):
+            time.sleep(0.05)  # the prefetch is mid-forward when the training thread asks for fresh rows
+        spans.append((start, time.monotonic()))
+
+    handle = block.register_forward_pre_hook(slow)
+    try:
+        src = source(micro, ["resid.0"])
+        batches = StreamBatches(src, 256, seed=0, prefetch=True)
+        batches.batch(0)  # chunk 0 here, chunk 1 starts on the prefetch thread
+        fresh = torch.cat([b["resid.0"] for b in src.fresh(300, draw=1)])
+        batches.close()
+    finally:
+        handle.remove()
+    spans.sort()
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
+    expect = torch.cat([b["resid.0"] for b in source(micro, ["resid.0"]).fresh(300, draw=1)])
+    assert torch.equal(fresh, expect)
+
+
+def test_training_with_prefetch_resumes_to_the_run_without_it(micro, tmp_path):
+    # catches: sae.prefetch not reaching the stream, or a prefetching run whose batches differ from the plain
+    # one's (across chunk boundaries and a resume mid-chunk)
+    ref = fit(micro, ["resid.0"], tmp_path / "ref", overrides=["sae.prefetch=false"])
+    assert not ref.stream.prefetch
+    with pytest.raises(Crash):
+        fit(micro, ["resid.0"], tmp_path / "r", [CrashAt(13)], overrides=["sae.prefetch=true"])
+    resumed = fit(micro, ["resid.0"], tmp_path / "r", overrides=["sae.prefetch=true"])
+    assert resumed.stream.prefetch and resumed.stream._pool is None  # closed after training
+    same(resumed.saes[0], ref.saes[0])
+
+
+def test_prefetch_settings_and_their_memory(micro):
+    # catches: auto prefetching on the CPU (the harvest would take the SAE steps' cores), a typo accepted, and
+    # a buffer check that counts one chunk where prefetch holds two
+    from sfcd.activations.stream import prefetch_on
+    from sfcd.devices import available_bytes
+
+    assert not prefetch_on("auto", torch.device("cpu")) and prefetch_on("auto", torch.device("cuda"))
+    assert prefetch_on(True, torch.device("cpu")) and not prefetch_on("false", torch.device("cuda"))
+    with pytest.raises(InputError, match="sae.prefetch='sometimes'"):
+        prefetch_on("sometimes", torch.device("cpu"))
+    rows = int(0.5 * available_bytes(torch.device("cpu")) / (512 * 4))  # one chunk: half of what is free
+    check_buffer_fits(rows, {"resid.0": 512}, torch.float32, torch.device("cpu"))
+    with pytest.raises(InputError, match="sae.prefetch=false"):
+        check_buffer_fits(rows, {"resid.0": 512}, torch.float32, torch.device("cpu"), chunks=2)
+
+
+def test_harvest_autocast_runs_the_forward_in_the_fast_dtype(micro, monkeypatch):
+    # catches: the setting not reaching the forward (bf16 chunks equal to float32 ones), autocast's output left
+    # unconverted (a bf16 buffer where float32 was asked), auto choosing autocast on the CPU or ignoring the
+    # checkpoint's stored dtype on a GPU, a typo accepted
+    from sfcd.activations.harvest import harvest_autocast
+
+    model, tokens = micro
+    sites = [parse_site("mlp.1", model)]
+    plain = source(micro, ["mlp.1"]).chunk(1)["mlp.1"]
+    fast = HarvestSource(model, tokens, sites, {"mlp.1": 32}, 16, ROWS, 0, {0}, 8, autocast=torch.bfloat16)
+    got = fast.chunk(1)["mlp.1"]
+    assert got.dtype == torch.float32 and not torch.equal(got, plain)
+    # bf16 rounds each matmul's inputs (8 bits of mantissa): within a few percent of the float32 activations
+    assert (got - plain).norm() / plain.norm() < 0.03
+    assert harvest_autocast("auto", model) is None  # the CPU
+    assert harvest_autocast("none", model) is None and harvest_autocast("float16", model) is torch.float16
+    with pytest.raises(ConfigError, match="sae.harvest_autocast='fp8'"):
+        harvest_autocast("fp8", model)
+
+    class OnGPU(torch.nn.Module):  # a float32 model as it sits on a GPU, loaded from a float16 checkpoint
+        def __init__(self, stored, dtype=torch.float32):
+            super().__init__()
+            self.sfcd_source = {"stored_dtype": stored}
+            self.w = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+
+        def parameters(self, recurse=True):
+            p = self.w
+            yield type("P", (), {"device": torch.device("cuda"), "dtype": p.dtype})()
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert harvest_autocast("auto", OnGPU("float16")) is torch.float16
+    assert harvest_autocast("auto", OnGPU("float32")) is torch.bfloat16
+    assert harvest_autocast("auto", OnGPU("float16", torch.bfloat16)) is None  # already 16-bit

@@ -3,11 +3,13 @@ where the model is."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 
+from sfcd.errors import ConfigError
 from sfcd.models.sites import Site, run_with_cache
 
 
@@ -22,17 +24,47 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+#: values of ``sae.harvest_autocast``
+HARVEST_AUTOCAST = ("auto", "none", "bfloat16", "float16")
+
+
+def harvest_autocast(setting, model) -> torch.dtype | None:
+    """``sae.harvest_autocast`` for ``model`` where it is: the dtype the training harvest's forward passes run in
+    under ``torch.autocast`` (None: the model's own, ``model.dtype``).
+
+    ``auto``: on a GPU, with the model in float32, the dtype its checkpoint is stored in when that is 16-bit
+    (Pythia's hub checkpoints: float16, the precision Pythia was trained and saved in, so its activations stay in
+    float16's range), else bfloat16 where the GPU has it, else float16. On the CPU, or with a model loaded in 16
+    bits already, none: autocast there gains nothing."""
+    value = "none" if setting is None or setting is False else str(setting).lower()
+    if value not in HARVEST_AUTOCAST:
+        raise ConfigError(f"sae.harvest_autocast={setting!r}; expected one of {list(HARVEST_AUTOCAST)}")
+    if value == "none":
+        return None
+    if value != "auto":
+        return getattr(torch, value)
+    param = next(model.parameters())
+    if param.device.type != "cuda" or param.dtype != torch.float32:
+        return None
+    stored = (getattr(model, "sfcd_source", None) or {}).get("stored_dtype")
+    if stored in ("float16", "bfloat16"):
+        return getattr(torch, stored)
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def harvest(
     model,
     windows: Iterable[np.ndarray] | np.ndarray,
     sites: list[Site],
     batch_size: int = 32,
     exclude_ids: set[int] | frozenset[int] = frozenset(),
+    autocast: torch.dtype | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield, per batch of windows, ``{site: [n_tokens, d]}`` float32 activations (token rows in order) on the
     model's device. ``windows`` is an ``[n, seq_len]`` array or an iterable of such batches.
 
-    Positions whose token is in ``exclude_ids`` (e.g. BOS/EOS) are left out at every site alike.
+    Positions whose token is in ``exclude_ids`` (e.g. BOS/EOS) are left out at every site alike. With
+    ``autocast``, the forward passes run under ``torch.autocast`` in that dtype (:func:`harvest_autocast`).
     """
     device = model_device(model)
     excl = torch.tensor(sorted(exclude_ids), dtype=torch.long, device=device)
@@ -44,7 +76,9 @@ def harvest(
     with torch.no_grad():
         for w in batches:
             x = torch.from_numpy(np.ascontiguousarray(w, dtype=np.int64)).to(device, non_blocking=True)
-            acts = run_with_cache(model, x, sites)
+            fast = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+            with fast:
+                acts = run_with_cache(model, x, sites)
             keep = ~torch.isin(x, excl).flatten() if len(excl) else None
             out = {}
             for s in sites:
@@ -61,13 +95,14 @@ def harvest_rows(
     n_rows: int,
     exclude_ids: set[int] | frozenset[int] = frozenset(),
     dtype: torch.dtype = torch.float32,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Exactly ``n_rows`` activations per site (fewer only when ``windows`` runs out), written into buffers
     allocated once on the model's device: memory is ``n_rows x sum(d)``, never a list of pieces."""
     device = model_device(model)
     bufs = {s.name: torch.empty(n_rows, dims[s.name], dtype=dtype, device=device) for s in sites}
     filled = 0
-    for out in harvest(model, windows, sites, exclude_ids=exclude_ids):
+    for out in harvest(model, windows, sites, exclude_ids=exclude_ids, autocast=autocast):
         n = min(len(next(iter(out.values()))), n_rows - filled)
         for name, a in out.items():
             bufs[name][filled : filled + n] = a[:n]

@@ -15,13 +15,20 @@ sees, and many SAEs trained from one stream see the batches each would see alone
 
 With a cache (``sae.cache=true``) each harvested chunk is written per site as it is made (float32 or bfloat16) and
 read back through a memory map next time, so another sweep at the same checkpoint runs no forward pass.
+
+With prefetch (``sae.prefetch``, on by default on a GPU) chunk ``c + 1`` is made on a background thread (on its
+own CUDA stream) while training reads chunk ``c``: the harvest's forward passes overlap the SAE steps. The chunks
+are the same ones, so every property above holds; memory is two chunks instead of one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,18 +51,32 @@ _WINDOW_MARGIN = 1.0625
 FRESH = 1 << 40
 
 
-def check_buffer_fits(rows: int, dims: dict[str, int], dtype: torch.dtype, device: torch.device) -> int:
-    """The buffer's bytes; a clear error when it cannot fit in what ``device`` has free."""
+def check_buffer_fits(
+    rows: int, dims: dict[str, int], dtype: torch.dtype, device: torch.device, chunks: int = 1
+) -> int:
+    """The buffer's bytes (``chunks`` chunks held at once: 2 with prefetch); a clear error when it cannot fit in
+    what ``device`` has free."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    need = rows * sum(dims.values()) * itemsize
+    need = chunks * rows * sum(dims.values()) * itemsize
     free = available_bytes(device)
     if need > 0.8 * free:
+        held = f"two chunks (prefetch) of {rows:,} tokens" if chunks == 2 else f"{rows:,} tokens"
         raise InputError(
-            f"the activation buffer of {rows:,} tokens x {len(dims)} sites ({sum(dims.values())} dims in all, "
+            f"the activation buffer of {held} x {len(dims)} sites ({sum(dims.values())} dims in all, "
             f"{itemsize}-byte values) needs {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
-            f"{device} allows; lower sae.buffer_tokens (or set sae.buffer_dtype=bfloat16)"
+            f"{device} allows; lower sae.buffer_tokens (or set sae.buffer_dtype=bfloat16"
+            + (", or sae.prefetch=false)" if chunks == 2 else ")")
         )
     return need
+
+
+def prefetch_on(setting, device: torch.device) -> bool:
+    """``sae.prefetch`` (auto | true | false) for a stream on ``device``: auto prefetches on a GPU only (on the
+    CPU the harvest's forward would take the cores the SAE steps use)."""
+    value = str(setting).lower()
+    if value not in ("auto", "true", "false"):
+        raise InputError(f"sae.prefetch={setting!r}; expected auto, true or false")
+    return torch.device(device).type == "cuda" if value == "auto" else value == "true"
 
 
 class ChunkSource:
@@ -73,10 +94,17 @@ class ChunkSource:
         self.device = torch.device(device)
         return self
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while the source makes rows: a prefetching thread and the training thread (a resampling
+        criterion's fresh rows) never run its model, hooks and window order at the same time."""
+        return self.__dict__.setdefault("_lock", threading.RLock())
+
     def sample(self, n: int) -> dict[str, torch.Tensor]:
         """The first ``n`` rows of chunk 0 as float32 on the CPU (for input scales and b_dec initialisation).
         Chunk 0 is kept until training asks for it, so it is made once."""
-        first = self.chunk(0)
+        with self.lock:
+            first = self.chunk(0)
         self._first = first
         return {k: v[:n].float().cpu() for k, v in first.items()}
 
@@ -87,7 +115,9 @@ class ChunkSource:
         on every rank and on a rerun. Never read from or written to the cache."""
         blocks = math.ceil(n / self.chunk_rows)
         for k in range(blocks):
-            yield self.uncached_rows(FRESH + draw * blocks + k, min(self.chunk_rows, n - k * self.chunk_rows))
+            with self.lock:
+                rows = self.uncached_rows(FRESH + draw * blocks + k, min(self.chunk_rows, n - k * self.chunk_rows))
+            yield rows
 
     def uncached_rows(self, c: int, rows: int) -> dict[str, torch.Tensor]:
         """The first ``rows`` rows of chunk ``c``, bypassing any cache."""
@@ -155,8 +185,9 @@ class HarvestSource(ChunkSource):
         dtype: str = "float32",
         cache_dir: Path | None = None,
         cache_meta: dict | None = None,
+        autocast: torch.dtype | None = None,
     ):
-        self.model, self.tokens, self.sites = model, tokens, sites
+        self.model, self.tokens, self.sites, self.autocast = model, tokens, sites, autocast
         self.names, self.dims = [s.name for s in sites], {s.name: dims[s.name] for s in sites}
         self.seq_len, self.chunk_rows, self.seed = seq_len, chunk_rows, seed
         self.exclude_ids, self.harvest_batch, self.dtype = set(exclude_ids), harvest_batch, torch_dtype(dtype)
@@ -170,6 +201,8 @@ class HarvestSource(ChunkSource):
         if cache_dir is not None:
             settings = {
                 **(cache_meta or {}),
+                # (only when set: a cache of the model's own dtype is the one made before this setting existed)
+                **({"harvest_autocast": str(autocast).removeprefix("torch.")} if autocast else {}),
                 "seq_len": seq_len,
                 "seed": seed,
                 "windows_per_chunk": self.windows_per_chunk,
@@ -207,7 +240,14 @@ class HarvestSource(ChunkSource):
         missing = [s for s in self.sites if s.name not in out]
         if missing:
             got = harvest_rows(
-                self.model, self._windows(c), missing, self.dims, self.chunk_rows, self.exclude_ids, self.dtype
+                self.model,
+                self._windows(c),
+                missing,
+                self.dims,
+                self.chunk_rows,
+                self.exclude_ids,
+                self.dtype,
+                self.autocast,
             )
             for s in missing:
                 if s.name in self.caches:
@@ -216,7 +256,9 @@ class HarvestSource(ChunkSource):
         return {n: out[n] for n in self.names}
 
     def uncached_rows(self, c: int, rows: int) -> dict[str, torch.Tensor]:
-        return harvest_rows(self.model, self._windows(c), self.sites, self.dims, rows, self.exclude_ids, self.dtype)
+        return harvest_rows(
+            self.model, self._windows(c), self.sites, self.dims, rows, self.exclude_ids, self.dtype, self.autocast
+        )
 
 
 class ConcatSource(ChunkSource):
@@ -272,9 +314,22 @@ class ConcatSource(ChunkSource):
 class StreamBatches(IterableDataset):
     """For optimizer steps ``start, start + 1, ...``: ``{name: [batch, d]}`` float32 with the same rows at every
     name, on the source's device. Under DDP each rank takes its slice of the global batch (every rank builds
-    the same chunk, so the global batch is the one-device batch)."""
+    the same chunk, so the global batch is the one-device batch).
 
-    def __init__(self, source: ChunkSource, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1):
+    With ``prefetch``, entering chunk ``c`` starts making chunk ``c + 1`` on a background thread (unless step
+    ``stop`` lies before it); call :meth:`close` when done with the stream."""
+
+    def __init__(
+        self,
+        source: ChunkSource,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        prefetch: bool = False,
+        stop: int | None = None,
+    ):
         if source.chunk_rows < batch_size:
             raise InputError(
                 f"{source.chunk_rows} activations are fewer than one batch of {batch_size}; lower sae.batch_size"
@@ -282,17 +337,55 @@ class StreamBatches(IterableDataset):
         self.source, self.batch_size, self.seed = source, batch_size, seed
         self.start, self.rank, self.world = start, rank, world
         self.steps_per_chunk = source.chunk_rows // batch_size
+        self.prefetch, self.stop = prefetch, stop
         self._chunk: tuple[int, dict[str, torch.Tensor], torch.Tensor] | None = None
+        self._next: tuple[int, Future] | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def rows(self, step: int) -> torch.Tensor:
         c, j = divmod(step, self.steps_per_chunk)
         if self._chunk is None or self._chunk[0] != c:
-            self._chunk = None  # free the old chunk before the new one is made
-            data = self.source.take_first(c) or self.source.chunk(c)
+            self._chunk = None  # free the old chunk before the new one is made (or taken from the prefetch)
+            data = self._load(c)
             perm = np.random.default_rng([self.seed, _SHUFFLE, c]).permutation(self.source.chunk_rows)
             self._chunk = (c, data, torch.from_numpy(perm).to(self.source.device))
         rows = self._chunk[2][j * self.batch_size : (j + 1) * self.batch_size]
         return rows.tensor_split(self.world)[self.rank].sort().values
+
+    def _load(self, c: int) -> dict[str, torch.Tensor]:
+        """Chunk ``c``: the prefetched one when it is (waiting for it; its error, if making it failed, is raised
+        here, where making it in place would have raised it), else made now; then the next one's prefetch."""
+        if self._next is not None and self._next[0] == c:
+            data, done = self._next[1].result()
+            self._next = None
+            if done is not None:  # made on the thread's CUDA stream: this stream waits for it, and owns it
+                here = torch.cuda.current_stream(self.source.device)
+                here.wait_event(done)
+                for t in data.values():
+                    t.record_stream(here)
+        else:
+            self._drop_next()
+            with self.source.lock:
+                data = self.source.take_first(c) or self.source.chunk(c)
+        if self.prefetch and (self.stop is None or (c + 1) * self.steps_per_chunk < self.stop):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfcd-prefetch")
+            self._next = (c + 1, self._pool.submit(_made_aside, self.source, c + 1))
+        return data
+
+    def _drop_next(self) -> None:
+        """Forget a prefetch that will not be used (a jump in steps), once its thread is done with the source."""
+        if self._next is not None:
+            with contextlib.suppress(Exception):
+                self._next[1].result()
+            self._next = None
+
+    def close(self) -> None:
+        """Wait for a prefetch in flight (so nothing else runs the model after this) and stop the thread."""
+        self._drop_next()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         r = self.rows(step)
@@ -303,3 +396,19 @@ class StreamBatches(IterableDataset):
         while True:
             yield self.batch(step)
             step += 1
+
+
+def _made_aside(source: ChunkSource, c: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    """Chunk ``c`` made on a prefetching thread: on a CUDA device on a stream of its own, so the harvest's kernels
+    run beside the training's, with the event that marks them done."""
+    device = torch.device(source.device)
+    if device.type != "cuda":
+        with source.lock:
+            return source.chunk(c), None
+    torch.cuda.set_device(device)
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream), source.lock:
+        data = source.chunk(c)
+    done = torch.cuda.Event()
+    done.record(stream)
+    return data, done

@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from sfcd.activations.cache import read_activation_file, torch_dtype
-from sfcd.activations.harvest import harvest_rows, token_windows
-from sfcd.activations.stream import ArraySource, HarvestSource, check_buffer_fits
+from sfcd.activations.harvest import harvest_autocast, harvest_rows, token_windows
+from sfcd.activations.stream import ArraySource, HarvestSource, check_buffer_fits, prefetch_on
 from sfcd.data.tokens import read_tokens
 from sfcd.errors import InputError
 from sfcd.io import read_json, write_json
@@ -144,6 +144,9 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
             # with these it computes the same activations as the transformers model these SAEs were trained on
             "model_from_pretrained_kwargs": dict(TRANSFORMER_LENS_KWARGS),
         }
+        fast = harvest_autocast(s.harvest_autocast, model)
+        # the training activations' forward passes under autocast in this dtype (null: model.dtype's own)
+        meta_base["sfcd_harvest_autocast"] = str(fast).removeprefix("torch.") if fast else None
     specs = shard_specs(make_specs(s, site_dims, tc_dims), s)  # sae.shards > 1: this job's share of the sites
 
     def folder_of(spec) -> Path:
@@ -163,7 +166,7 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
     if model is not None:
         need_sites = [x for x in sites if x.name in need]
         dims = {x.name: site_dim(model, x) for x in need_sites}
-        check_buffer_fits(rows, dims, torch_dtype(s.buffer_dtype), device)
+        check_buffer_fits(rows, dims, torch_dtype(s.buffer_dtype), device, 2 if prefetch_on(s.prefetch, device) else 1)
         source = HarvestSource(
             model,
             read_tokens(run.tokens("train")),
@@ -177,6 +180,7 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
             s.buffer_dtype,
             cache_dir=run.root / "activations" / f"step{step}" if s.cache else None,
             cache_meta={"model": meta_base["model_name"], "step": step, "tokens": str(run.tokens("train"))},
+            autocast=fast,
         )
     state_dir = out_root / state_dir_name(s)  # one per shard: concurrent shard jobs never share it
     prepare_state_dir(state_dir, settings_of(todo, s, total))

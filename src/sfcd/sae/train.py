@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sfcd.activations.stream import ArraySource, ChunkSource, StreamBatches
+from sfcd.activations.stream import ArraySource, ChunkSource, StreamBatches, prefetch_on
 from sfcd.errors import ConfigError, SfcdError
 from sfcd.io import read_json, write_json
 from sfcd.sae.base import SAE, geometric_median
@@ -288,10 +288,17 @@ class SAEModule(L.LightningModule):
             )
         self.source.to(self.device)  # harvest where the SAEs train; batches are made on that device
         cls = _RankBatches if t.world_size > 1 else StreamBatches
-        ds = cls(
-            self.source, self.cfg.batch_size, self.cfg.seed, start=t.global_step, rank=t.global_rank, world=t.world_size
+        self.stream = cls(
+            self.source,
+            self.cfg.batch_size,
+            self.cfg.seed,
+            start=t.global_step,
+            rank=t.global_rank,
+            world=t.world_size,
+            prefetch=prefetch_on(self.cfg.get("prefetch", "auto"), self.device),
+            stop=self.total_steps,
         )
-        return DataLoader(ds, batch_size=None, num_workers=0)
+        return DataLoader(self.stream, batch_size=None, num_workers=0)
 
     def _world(self) -> int:
         """Processes whose gradients are averaged (1 outside DDP)."""
@@ -478,6 +485,9 @@ def train_module(
     try:
         trainer.fit(module, ckpt_path=str(state) if state.exists() else None, weights_only=True)
     finally:
+        stream = getattr(module, "stream", None)
+        if stream is not None:  # a prefetch in flight ends before anything else runs the model
+            stream.close()
         release_workspace()
     # spawned ranks (ddp_spawn) return rank 0's weights and the trainer's state, not its step counter
     spawned_and_done = trainer.world_size > 1 and trainer.state.finished and not trainer.interrupted
