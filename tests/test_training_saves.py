@@ -44,3 +44,45 @@ def test_the_interval_is_rank_zeros(monkeypatch, tmp_path):
     cb = SaveEvery(tmp_path / "s", every=7, minutes=0.5, probe=5)
     saved = run(cb, lambda i: 3.0, 40, monkeypatch, broadcast=lambda v, src=0: 9)
     assert cb.interval == 9 and saved == [9, 18, 27, 36]
+
+
+def test_states_are_written_behind_the_training_whole_and_as_they_were(monkeypatch, tmp_path):
+    """A real SAE training whose state writes take 0.3 s each. Bugs caught: a save that stalls the step until the
+    file is written (no background write), a state written from the live tensors after later steps moved them
+    (no snapshot), a run that returns before its last save is on disk, a temp file left behind."""
+    import time
+
+    import lightning as L
+    import numpy as np
+    import torch
+
+    from sfcd.config import compose
+    from sfcd.sae.train import SAEModule, make_specs, train_module
+
+    written, inner = [], training.AtomicCheckpointIO.save_checkpoint
+
+    def slow(self, checkpoint, path, storage_options=None):
+        time.sleep(0.3)
+        inner(self, checkpoint, path, storage_options)
+        written.append(checkpoint["global_step"])
+
+    monkeypatch.setattr(training.AtomicCheckpointIO, "save_checkpoint", slow)
+    returned_before_written, at_save = [], {}
+
+    class Probe(L.Callback):  # after SaveEvery: sees each save's step as the save returned
+        def on_train_batch_end(self, trainer, module, *args):
+            step = trainer.global_step
+            if step % 5 == 0:
+                returned_before_written.append(step not in written)
+                at_save[step] = module.saes[0].W_dec.detach().clone()
+
+    cfg = compose(["sae.batch_size=64", "sae.d_sae=32", "sae.k=4", "sae.checkpoint_every=5"])
+    acts = np.random.default_rng(0).standard_normal((1024, 16), dtype=np.float32)
+    module = SAEModule(make_specs(cfg.sae, {"x": 16}), cfg.sae, 24)
+    train_module(module, cfg.trainer, tmp_path, {"x": acts}, [Probe()])
+    assert written == [5, 10, 15, 20] and all(returned_before_written)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 20
+    torch.testing.assert_close(state["state_dict"]["saes.0.W_dec"], at_save[20], rtol=0, atol=0)
+    assert not torch.equal(at_save[20], module.saes[0].W_dec.detach())  # four more steps moved it
+    assert not list(tmp_path.glob(".*.tmp"))

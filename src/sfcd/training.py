@@ -1,4 +1,5 @@
-"""Pieces shared by sfcd's Lightning trainings: the Trainer from ``cfg.trainer`` and atomic state saves."""
+"""Pieces shared by sfcd's Lightning trainings: the Trainer from ``cfg.trainer`` and atomic state saves, written
+on a background thread (Lightning's ``AsyncCheckpointIO``) so that training does not stall while they are."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig
 
 from sfcd.devices import work_device
@@ -41,9 +43,24 @@ def _plain(value):
     return [int(v) for v in value] if isinstance(value, (ListConfig, list, tuple)) else value
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` straight into a temp file beside the target, then renamed over it: a reader (a resume) finds
+    the previous state or the new one whole, never a part. (Lightning's own writes through an in-memory copy of
+    the whole file first, a second 7.6 GB at the pythia preset's 19 sites.)"""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
 def make_trainer(trainer_cfg: DictConfig, max_steps: int, log_dir: Path, callbacks: list, **kwargs) -> L.Trainer:
     """A Lightning Trainer on ``trainer_cfg`` (accelerator, devices, strategy, precision) with a CSV logger
-    and, when tensorboard is installed, a TensorBoard logger beside it."""
+    and, when tensorboard is installed, a TensorBoard logger beside it. State saves are atomic and written on a
+    background thread: ``AsyncCheckpointIO`` snapshots every tensor (a copy on its device) and returns, and the
+    Trainer's teardown waits for the last write, so a run that ends or fails leaves its last state whole."""
     loggers = [L.pytorch.loggers.CSVLogger(str(log_dir), name="lightning_logs", version=0)]
     try:
         import tensorboard  # noqa: F401
@@ -63,23 +80,18 @@ def make_trainer(trainer_cfg: DictConfig, max_steps: int, log_dir: Path, callbac
         enable_model_summary=False,
         log_every_n_steps=10,
         num_sanity_val_steps=0,
+        plugins=[AsyncCheckpointIO(AtomicCheckpointIO())],
         **kwargs,
     )
 
 
 def save_state(trainer: L.Trainer, path: Path) -> None:
-    """Lightning's full training state (weights, optimizer, loops), written atomically.
+    """Lightning's full training state (weights, optimizer, loops), written atomically on a background thread
+    (:class:`AtomicCheckpointIO` under ``AsyncCheckpointIO``): the call returns once the state is snapshotted.
 
     Every rank must call this: ``Trainer.save_checkpoint`` gathers the state, writes on rank 0 and ends in a
-    barrier (under DDP, a call on rank 0 alone waits forever). All ranks name the same temp file; rank 0, the
-    only writer, renames it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(str(tmp), weights_only=False)
-    if trainer.is_global_zero:
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    trainer.strategy.barrier("sfcd.save_state")
+    barrier (under DDP, a call on rank 0 alone waits forever)."""
+    trainer.save_checkpoint(str(path), weights_only=False)
 
 
 class SaveEvery(L.Callback):

@@ -100,6 +100,10 @@ class ChunkSource:
         criterion's fresh rows) never run its model, hooks and window order at the same time."""
         return self.__dict__.setdefault("_lock", threading.RLock())
 
+    def __getstate__(self) -> dict:
+        """Pickled (to spawned DDP processes) without its lock; each process makes its own."""
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
     def sample(self, n: int) -> dict[str, torch.Tensor]:
         """The first ``n`` rows of chunk 0 as float32 on the CPU (for input scales and b_dec initialisation).
         Chunk 0 is kept until training asks for it, so it is made once."""
