@@ -3,11 +3,15 @@
 Prints one JSON line per figure. Shapes: d_in 512, d_sae 8192, batch 4096 (override with --d-in/--d-sae/--batch).
 Each architecture trains through the real path (SAEModule on a Lightning Trainer); step times come from a
 callback, the first steps (warm-up) left out. Issue 21's two CPU figures: ``topk_fraction_of_limit`` (TopK
-tokens/s x 2 x d_in x d_sae over the encoder matmul's fp32 rate, measured around the run into a preallocated
-output, so the limit is the machine's and not its page faults') and ``sites19_fraction_of_limit`` (19 same-shape
-TopK SAEs, d_sae 4,096, k 32 as the pythia preset, from one stream through the real loop); SAELens's TopK
-training step at the same shape beside sfcd's. Also: harvesting every site of the demo-sized model vs a bare
-forward pass over the same tokens.
+tokens/s x 2 x d_in x d_sae over the encoder matmul's fp32 rate, measured into a preallocated output, so the limit
+is the machine's and not its page faults) and ``sites19_fraction_of_limit`` (19 same-shape TopK SAEs, d_sae 4,096,
+k 32 as the pythia preset, from one stream through the real loop). Their limit is measured in the run itself: one
+encoder-shaped matmul before every step (outside the step's time), the median over the timed steps, so the
+machine's rate is read under the same load as the steps (read before and after the run instead, it moved the
+fraction by +-0.1 on this machine). SAELens's TopK training step at the same shape beside sfcd's. Also:
+harvesting every site of the demo-sized model vs a bare forward pass over the same tokens, and the stall of one
+training-state save, written in the step (``AtomicCheckpointIO``) and behind it (Lightning's
+``AsyncCheckpointIO`` over it, what sfcd's trainers use).
 """
 
 from __future__ import annotations
@@ -40,22 +44,17 @@ def matmul_rate(b: int, d: int, m: int, reps: int = 5, encoder_only: bool = Fals
     return reps * len(products) * 2 * b * d * m / (time.perf_counter() - t)
 
 
-def encoder_rate(b: int, d: int, m: int) -> float:
-    return matmul_rate(b, d, m, encoder_only=True)
-
-
-def around(rate, run):
-    """``run()`` and the mean of ``rate()`` measured just before and just after it."""
-    before = rate()
-    result = run()
-    return result, (before + rate()) / 2
-
-
 class StepTimer(L.Callback):
-    def __init__(self):
+    """Each step's time; with ``probe`` (a function returning a rate), ``probe()`` run before each step, outside
+    its time, and its rates kept in ``rates``."""
+
+    def __init__(self, probe=None):
         self.times: list[float] = []
+        self.probe, self.rates = probe, []
 
     def on_train_batch_start(self, *a):
+        if self.probe is not None:
+            self.rates.append(self.probe())
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, *a):
@@ -88,9 +87,11 @@ def sae_rate(
     k: int,
     sites: int = 1,
     dead: int = 0,
-) -> float:
+    limit: bool = False,
+):
     """Stream tokens/s (batch rows per second) of ``sites`` same-shape SAEs trained side by side from one stream
-    through the real loop (each row feeds every SAE); ``dead`` latents of each dead throughout (AuxK on)."""
+    through the real loop (each row feeds every SAE); ``dead`` latents of each dead throughout (AuxK on). With
+    ``limit``: (that, the encoder matmul's fp32 rate measured before each step, median over the timed steps)."""
     from sfcd.config import compose
     from sfcd.sae.train import SAEModule, make_specs, train_module
 
@@ -106,10 +107,11 @@ def sae_rate(
     )
     names = [f"s{i}" for i in range(sites)]
     module = SAEModule(make_specs(cfg.sae, dict.fromkeys(names, d_in)), cfg.sae, steps)
-    timer = StepTimer()
+    timer = StepTimer((lambda: matmul_rate(batch, d_in, d_sae, reps=1, encoder_only=True)) if limit else None)
     with tempfile.TemporaryDirectory() as tmp:
         train_module(module, cfg.trainer, Path(tmp), dict.fromkeys(names, acts), [timer, DeadLatents(dead)])
-    return batch / float(np.median(timer.times[2:]))
+    rate = batch / float(np.median(timer.times[2:]))
+    return (rate, float(np.median(timer.rates[2:]))) if limit else rate
 
 
 def saelens_topk_rate(acts: np.ndarray, d_in: int, d_sae: int, batch: int, steps: int, k: int) -> float | None:
@@ -171,6 +173,43 @@ def harvest_vs_forward(n_tokens: int = 65536) -> dict:
     }
 
 
+def checkpoint_stall(d_in: int = 512, d_sae: int = 32768, reps: int = 3) -> dict:
+    """How long a training-state save holds the step: the state of one TopK SAE at the pythia preset's width
+    (weights and both Adam moments, ~400 MB) written in the step by sfcd's ``AtomicCheckpointIO`` and through
+    Lightning's ``AsyncCheckpointIO`` over it (the call returns once every tensor is snapshotted); the write's
+    own time beside them. The median of ``reps`` saves each."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    from sfcd.training import AtomicCheckpointIO
+
+    g = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(d_sae, d_in, generator=g) for name in ("W_enc_T", "W_dec")}
+    moments = {name: {"exp_avg": w.clone(), "exp_avg_sq": w.clone()} for name, w in weights.items()}
+    state = {"state_dict": weights, "optimizer_states": [moments]}
+    nbytes = sum(t.numel() * 4 for t in weights.values()) * 3
+    in_step, behind, written = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "last.ckpt"
+        for _ in range(reps):
+            t = time.perf_counter()
+            AtomicCheckpointIO().save_checkpoint(state, path)
+            in_step.append(time.perf_counter() - t)
+            io = AsyncCheckpointIO(AtomicCheckpointIO())
+            t = time.perf_counter()
+            io.save_checkpoint(state, path)
+            behind.append(time.perf_counter() - t)
+            io.teardown()  # waits for the write
+            written.append(time.perf_counter() - t)
+    return {
+        "figure": "checkpoint_stall",
+        "state_mb": round(nbytes / 2**20),
+        "in_step_ms": round(1e3 * float(np.median(in_step)), 1),
+        "behind_ms": round(1e3 * float(np.median(behind)), 1),
+        "behind_write_done_ms": round(1e3 * float(np.median(written)), 1),
+        "stall_ratio": round(float(np.median(behind)) / float(np.median(in_step)), 3),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--d-in", type=int, default=512)
@@ -187,13 +226,11 @@ def main() -> None:
     # a dense SAE step is five matmuls of 2*B*D*M FLOPs (encoder, decoder, and the grads of W_enc, f, W_dec);
     # the matmul rate is measured just before and after each architecture's run, and the two averaged
     flops_per_token = 5 * 2 * a.d_in * a.d_sae
-    rates, enc = {}, {}
+    rates = {}
     for arch in ("relu", "jumprelu", "topk", "batchtopk"):
-        both = lambda: (matmul_rate(a.batch, a.d_in, a.d_sae), encoder_rate(a.batch, a.d_in, a.d_sae))  # noqa: E731
-        before = both()
+        before = matmul_rate(a.batch, a.d_in, a.d_sae)
         rates[arch] = sae_rate(arch, acts, a.d_in, a.d_sae, a.batch, a.steps, a.k)
-        after = both()
-        peak, enc[arch] = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        peak = (before + matmul_rate(a.batch, a.d_in, a.d_sae)) / 2
         print(
             json.dumps(
                 {
@@ -219,15 +256,16 @@ def main() -> None:
         )
     )
     # a TopK step's only dense product is the encoder's, 2 * d_in * d_sae FLOPs per token: its time at the
-    # machine's own fp32 rate for that matmul (measured around the run) is the limit the step is measured against
-    limit = enc["topk"] / (2 * a.d_in * a.d_sae)
+    # machine's own fp32 rate for that matmul (measured before every step of this run) is the step's limit
+    topk, enc_topk = sae_rate("topk", acts, a.d_in, a.d_sae, a.batch, a.steps, a.k, limit=True)
+    limit = enc_topk / (2 * a.d_in * a.d_sae)
     print(
         json.dumps(
             {
                 "figure": "topk_fraction_of_limit",
-                "value": round(rates["topk"] / limit, 3),
-                "tokens_per_s": round(rates["topk"]),
-                "encoder_matmul_gflops": round(enc["topk"] / 1e9, 1),
+                "value": round(topk / limit, 3),
+                "tokens_per_s": round(topk),
+                "encoder_matmul_gflops": round(enc_topk / 1e9, 1),
                 "d_in": a.d_in,
                 "d_sae": a.d_sae,
                 "k": a.k,
@@ -236,10 +274,7 @@ def main() -> None:
         )
     )
     # the same TopK SAE with an eighth of its latents dead: AuxK (k_aux = d_in / 2 among the dead) in every step
-    auxk, enc_auxk = around(
-        lambda: encoder_rate(a.batch, a.d_in, a.d_sae),
-        lambda: sae_rate("topk", acts, a.d_in, a.d_sae, a.batch, a.steps, a.k, dead=a.d_sae // 8),
-    )
+    auxk, enc_auxk = sae_rate("topk", acts, a.d_in, a.d_sae, a.batch, a.steps, a.k, dead=a.d_sae // 8, limit=True)
     limit_auxk = enc_auxk / (2 * a.d_in * a.d_sae)
     print(
         json.dumps(
@@ -260,16 +295,13 @@ def main() -> None:
                     "figure": "topk_speedup_over_saelens",
                     "ratio": round(rates["topk"] / peer, 2),
                     "saelens_tokens_per_s": round(peer),
-                    "sfcd_tokens_per_s": round(rates["topk"]),
+                    "sfcd_tokens_per_s": round(rates["topk"]),  # the run without the limit's matmuls
                 }
             )
         )
     # many same-shape SAEs from one stream through the real loop: stream rows/s x every SAE's encoder FLOPs
     n, m, k = a.sites, a.sites_d_sae, a.sites_k
-    rate, rate_enc = around(
-        lambda: encoder_rate(a.batch, a.d_in, m),
-        lambda: sae_rate("topk", acts, a.d_in, m, a.batch, a.steps, k, sites=n),
-    )
+    rate, rate_enc = sae_rate("topk", acts, a.d_in, m, a.batch, a.steps, k, sites=n, limit=True)
     print(
         json.dumps(
             {
@@ -286,6 +318,7 @@ def main() -> None:
         )
     )
     print(json.dumps(harvest_vs_forward()))
+    print(json.dumps(checkpoint_stall()))
 
 
 if __name__ == "__main__":

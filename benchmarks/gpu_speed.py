@@ -89,6 +89,7 @@ PROFILES = {
         "chunk_steps": 20,  # sae.buffer_tokens = 20 batches: chunks harvested at steps 0 and 20 (and 40)
         "corpus_tokens": 400_000,
         "eval_tokens": 8192,
+        "harvest_windows": 512,  # 65,536 tokens through every site, per dtype
         "matmul_reps": 20,
         "copy_bytes": 1 << 30,
     },
@@ -107,6 +108,7 @@ PROFILES = {
         "chunk_steps": 3,
         "corpus_tokens": 60_000,
         "eval_tokens": 1024,
+        "harvest_windows": 64,
         "matmul_reps": 10,
         "copy_bytes": 16 << 20,
     },
@@ -250,6 +252,7 @@ class StepTimer(L.Callback):
             "step_ms_median": statistics.median(steps),
             "step_ms_mean": statistics.fmean(steps),
             "loop_ms_per_step": (window - sum(inside)) / t * 1e3,
+            "window_ms_per_step": window / t * 1e3,
             "harvest_ms_per_chunk": statistics.fmean(harvests) * 1e3 if harvests else None,
             "harvests_timed": len(harvests),
             "harvests_in_window": len(inside),
@@ -369,14 +372,16 @@ def arch_figure(arch: str, acts: np.ndarray, prof: dict, tr: list[str], device, 
     )
 
 
-def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path) -> dict:
-    """(b) TopK SAEs at every site of the model, from one activation stream, through the real sae stage."""
+def stream_inputs(prof: dict, work: Path) -> tuple:
+    """The corpus run and the random Pythia-shaped checkpoint the stream figures harvest from (made once)."""
     from sfcd.config import compose
     from sfcd.data.corpus import build_corpus, corpus_tokenizer
     from sfcd.models.presets import random_checkpoint
-    from sfcd.sae.stage import train_saes
 
-    b, d_sae = prof["batch"], prof["d_sae"]
+    done = work / "corpus_run"
+    shape = compose([f"model={prof['model']}"]).model
+    if done.exists():
+        return done, work / "model", shape
     # the model's weights are random, so any text serves: documents of 300 random words (the built-in grammar's
     # documents take seconds more to make)
     rng = np.random.default_rng(0)
@@ -397,14 +402,28 @@ def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path) -> di
             ]
         )
     )
-    shape = compose([f"model={prof['model']}"]).model
-    model_dir = random_checkpoint(work / "model", shape, corpus_tokenizer(corpus_run), vocab_size=prof["vocab"])
-    run = work / "all_sites"
+    random_checkpoint(work / "model", shape, corpus_tokenizer(corpus_run), vocab_size=prof["vocab"])
+    done.symlink_to(corpus_run.root)
+    return done, work / "model", shape
+
+
+def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path, prefetch: bool = True) -> dict:
+    """(b) TopK SAEs at every site of the model, from one activation stream, through the real sae stage; with
+    ``prefetch`` (``sae.prefetch``, the default on a GPU) the next chunk is harvested on a background thread while
+    the SAEs train, else in the loop, between steps."""
+    from sfcd.config import compose
+    from sfcd.sae.stage import train_saes
+
+    b, d_sae = prof["batch"], prof["d_sae"]
+    corpus_root, model_dir, shape = stream_inputs(prof, work)
+    name = "all_sites" if prefetch else "all_sites_no_prefetch"
+    run = work / name
     run.mkdir()
-    (run / "corpus").symlink_to(corpus_run.root / "corpus")
+    (run / "corpus").symlink_to(corpus_root.resolve() / "corpus")
     seq_len = min(128, shape.max_position)
     w, t = prof["site_warmup"], prof["site_timed"]
-    total = w + t + sum(prof["profile_steps"])
+    profiler = make_profiler(device, w + t, prof, name, out) if prefetch else None
+    total = w + t + (sum(prof["profile_steps"]) if profiler else 0)
     cfg = compose(
         [
             "experiment=test",
@@ -424,22 +443,26 @@ def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path) -> di
             f"sae.eval_tokens={prof['eval_tokens']}",
             "sae.ce_tokens=0",
             "sae.checkpoint_every=0",
+            f"sae.prefetch={str(prefetch).lower()}",
         ]
     )
     flops, bandwidth = device_rates(device, b, d_in=shape.d_model, d_sae=d_sae, prof=prof)
-    timer = StepTimer(device, w, t, make_profiler(device, w + t, prof, "all_sites", out), time_chunks=True)
+    timer = StepTimer(device, w, t, profiler, time_chunks=True)
     folders = train_saes(cfg, [timer])
     metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
+    autocast = json.loads((folders[0] / "cfg.json").read_text()).get("sfcd_harvest_autocast")
     r = timer.result
     spc = prof["chunk_steps"]
     harvest_ms = r["harvest_ms_per_chunk"] or 0.0
-    stream_ms = r["loop_ms_per_step"] + harvest_ms / spc  # a chunk's harvest shared by its steps
+    # with prefetch the harvests ran beside the steps: the loop's whole time a step (any wait for a chunk in it);
+    # without, in the loop: the steps' time, and a chunk's harvest shared by its steps
+    stream_ms = r["window_ms_per_step"] if prefetch else r["loop_ms_per_step"] + harvest_ms / spc
     tokens_per_s = b / (stream_ms / 1e3)
     floor = floor_fields(b, [(m["d_in"], m["d_sae"]) for m in metrics], timer.n_params, flops, bandwidth)
     target = TARGETS["all_sites"]
     return rounded(
         {
-            "figure": "all_sites_stream",
+            "figure": "all_sites_stream" if prefetch else "all_sites_stream_no_prefetch",
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "precision": str(cfg.trainer.precision),
@@ -457,9 +480,12 @@ def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path) -> di
             "warmup_steps": w,
             "timed_steps": t,
             "steps_per_chunk": spc,
+            "prefetch": prefetch,
+            "harvest_autocast": autocast,
             "step_ms_median": r["step_ms_median"],
             "step_ms_mean": r["step_ms_mean"],
             "loop_ms_per_step": r["loop_ms_per_step"],
+            "window_ms_per_step": r["window_ms_per_step"],
             "harvest_ms_per_chunk": r["harvest_ms_per_chunk"],
             "harvests_timed": r["harvests_timed"],
             "training_tokens_per_s": b / (r["loop_ms_per_step"] / 1e3),
@@ -472,6 +498,60 @@ def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path) -> di
             "projected_minutes_per_checkpoint": PYTHIA_TOKENS / tokens_per_s / 60,
             "projection_note": "training and harvest at this rate; evaluation not included",
             "peak_memory_gib": r["peak_memory_gib"],
+        }
+    )
+
+
+def harvest_figure(prof: dict, device, work: Path) -> dict:
+    """(c) The harvest alone: every site of the Pythia-shaped model over the same windows, the forward in float32
+    and under autocast in bfloat16 and float16 (``sae.harvest_autocast``), tokens/s each and how far each dtype's
+    activations are from float32's (relative Frobenius error, the worst site)."""
+    from sfcd.activations.harvest import harvest
+    from sfcd.data.tokens import read_tokens
+    from sfcd.models.loading import load_model
+    from sfcd.models.sites import expand_sites
+    from sfcd.paths import RunDir
+
+    corpus_root, model_dir, shape = stream_inputs(prof, work)
+    model = load_model(model_dir).to(device)
+    sites = expand_sites(["all"], model)
+    seq_len = min(128, shape.max_position)
+    tokens = read_tokens(RunDir(corpus_root.resolve()).tokens("train"))
+    n = prof["harvest_windows"]
+    windows = np.asarray(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+    clock = Clock(device.type == "cuda")
+    rates, acts = {}, {}
+    for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        run = lambda dtype=dtype: list(harvest(model, windows, sites, batch_size=32, autocast=dtype))  # noqa: E731
+        run()  # warm-up
+        clock.sync()
+        a = clock.mark()
+        got = run()
+        b = clock.mark()
+        clock.sync()
+        rates[name] = n * seq_len / clock.seconds(a, b)
+        acts[name] = {s.name: torch.cat([g[s.name] for g in got]) for s in sites}
+    ref = acts["float32"]
+
+    def worst(name: str) -> float:
+        return max(float((acts[name][k] - ref[k]).norm() / ref[k].norm()) for k in ref)
+
+    return rounded(
+        {
+            "figure": "harvest_dtypes",
+            "device": str(device),
+            "model": prof["model"],
+            "sites": len(sites),
+            "windows": n,
+            "seq_len": seq_len,
+            "tokens": n * seq_len,
+            "float32_tokens_per_s": rates["float32"],
+            "bfloat16_tokens_per_s": rates["bfloat16"],
+            "float16_tokens_per_s": rates["float16"],
+            "bfloat16_speedup": rates["bfloat16"] / rates["float32"],
+            "float16_speedup": rates["float16"] / rates["float32"],
+            "bfloat16_worst_site_rel_error": worst("bfloat16"),
+            "float16_worst_site_rel_error": worst("float16"),
         }
     )
 
@@ -509,7 +589,9 @@ def main(argv: list[str] | None = None) -> int:
             for arch in ARCHS:
                 emit(arch_figure(arch, acts, prof, tr, device, work, out), sink)
             del acts
-            emit(sites_figure(prof, tr, device, work, out), sink)
+            emit(sites_figure(prof, tr, device, work, out, prefetch=True), sink)
+            emit(sites_figure(prof, tr, device, work, out, prefetch=False), sink)
+            emit(harvest_figure(prof, device, work), sink)
         return 0
     finally:
         if args.work is None:

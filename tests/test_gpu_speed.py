@@ -61,7 +61,11 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
     printed = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     written = [json.loads(x) for x in (out / "figures.jsonl").read_text().splitlines()]
     assert printed == written
-    assert [r["figure"] for r in printed] == ["sae_step"] * 4 + ["all_sites_stream"]
+    assert [r["figure"] for r in printed] == ["sae_step"] * 4 + [
+        "all_sites_stream",
+        "all_sites_stream_no_prefetch",
+        "harvest_dtypes",
+    ]
     prof = mod.PROFILES["small"]
 
     archs = {r["architecture"]: r for r in printed[:4]}
@@ -85,24 +89,37 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
         (prof["warmup"], prof["timed"], *prof["profile_steps"])
     )
 
-    s = printed[4]
-    # the micro model's sites: embed, and attn/mlp/resid of each of its 2 layers
-    names = ["embed", *(f"{kind}.{layer}" for layer in range(2) for kind in ("attn", "mlp", "resid"))]
-    assert s["sites"] == s["n_saes"] == len(names) == 7 and s["site_names"] == names
-    saes = sorted((work / "all_sites" / "saes" / "step0").glob("*/metrics.json"))
-    assert sorted(p.parent.name for p in saes) == sorted(names)
-    for p in saes:
-        m = json.loads(p.read_text())
-        assert (m["architecture"], m["d_in"], m["d_sae"], m["hparams"]["k"]) == ("topk", 32, prof["d_sae"], 32)
-        assert m["train_tokens"] == s["steps"] * s["batch"] and m["training"]["buffer_tokens"] == 3 * s["batch"]
-    # the stream's rate: the loop's time a step and each chunk's harvest shared by its steps
-    assert s["harvests_timed"] >= 1 and s["harvest_ms_per_chunk"] > 0 and s["steps_per_chunk"] == prof["chunk_steps"]
-    stream_ms = s["loop_ms_per_step"] + s["harvest_ms_per_chunk"] / s["steps_per_chunk"]
-    assert 0 < s["tokens_per_s"] < math.inf and close(s["tokens_per_s"], s["batch"] / (stream_ms / 1e3)), s
-    assert close(s["training_tokens_per_s"], s["batch"] / (s["loop_ms_per_step"] / 1e3)), s
-    assert close(s["projected_minutes_per_checkpoint"], 50e6 / s["tokens_per_s"] / 60), s
-    assert s["target_tokens_per_s"] == 85e3
-    check_floor(s, [(32, prof["d_sae"])] * 7, 7 * (2 * 32 * prof["d_sae"] + prof["d_sae"] + 32))
+    for s in printed[4:6]:
+        # the micro model's sites: embed, and attn/mlp/resid of each of its 2 layers
+        names = ["embed", *(f"{kind}.{layer}" for layer in range(2) for kind in ("attn", "mlp", "resid"))]
+        assert s["sites"] == s["n_saes"] == len(names) == 7 and s["site_names"] == names
+        run = "all_sites" if s["prefetch"] else "all_sites_no_prefetch"
+        saes = sorted((work / run / "saes" / "step0").glob("*/metrics.json"))
+        assert sorted(p.parent.name for p in saes) == sorted(names)
+        for p in saes:
+            m = json.loads(p.read_text())
+            assert (m["architecture"], m["d_in"], m["d_sae"], m["hparams"]["k"]) == ("topk", 32, prof["d_sae"], 32)
+            assert m["train_tokens"] == s["steps"] * s["batch"] and m["training"]["buffer_tokens"] == 3 * s["batch"]
+        assert s["harvest_autocast"] is None  # auto on the CPU: the model's own float32
+        assert s["harvests_timed"] >= 1 and s["harvest_ms_per_chunk"] > 0
+        assert s["steps_per_chunk"] == prof["chunk_steps"]
+        if s["prefetch"]:  # the harvests ran beside the steps: the loop's whole time a step
+            stream_ms = s["window_ms_per_step"]
+        else:  # the loop's time a step and each chunk's harvest shared by its steps
+            stream_ms = s["loop_ms_per_step"] + s["harvest_ms_per_chunk"] / s["steps_per_chunk"]
+        assert 0 < s["tokens_per_s"] < math.inf and close(s["tokens_per_s"], s["batch"] / (stream_ms / 1e3)), s
+        assert close(s["training_tokens_per_s"], s["batch"] / (s["loop_ms_per_step"] / 1e3)), s
+        assert close(s["projected_minutes_per_checkpoint"], 50e6 / s["tokens_per_s"] / 60), s
+        assert s["target_tokens_per_s"] == 85e3
+        check_floor(s, [(32, prof["d_sae"])] * 7, 7 * (2 * 32 * prof["d_sae"] + prof["d_sae"] + 32))
+    assert [s["prefetch"] for s in printed[4:6]] == [True, False]
+
+    h = printed[6]
+    assert h["sites"] == 7 and h["tokens"] == prof["harvest_windows"] * h["seq_len"] and h["seq_len"] > 0
+    for dtype in ("bfloat16", "float16"):
+        assert close(h[f"{dtype}_speedup"], h[f"{dtype}_tokens_per_s"] / h["float32_tokens_per_s"], 3e-3), h
+        # autocast ran (its activations are not float32's) and stayed near them (8 or 11 bits of mantissa)
+        assert 1e-5 < h[f"{dtype}_worst_site_rel_error"] < 0.05, h
 
     for name in ("topk", "all_sites"):
         trace = json.loads((out / f"trace_{name}.json").read_text())
