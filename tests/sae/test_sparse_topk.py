@@ -121,3 +121,30 @@ def test_the_decoder_projection_holds_under_bf16_autocast():
         sae.before_step()
     assert sae.W_dec.grad.dtype == torch.float32
     torch.testing.assert_close(sae.W_dec.grad, want, atol=1e-4, rtol=1e-4)
+
+
+def test_dead_latents_are_read_from_the_device_only_when_one_may_have_died():
+    # catches: a "none can be dead" answer kept after a latent died (the silence left not shrinking with the tokens
+    # counted, or set from dead_tokens instead of the longest silence), or kept after another write to the counts
+    # (the bench's, a resample's, a resumed state's); and a read at every step where none is needed
+    sae = sae_class("topk")(D_IN, D_SAE, k=K, dead_tokens=100)
+    found, steps = [], 90
+    for step in range(steps):
+        if step == 70:  # written from outside (as a resample or a resumed state does)
+            sae.tokens_since_fired[50] = 10**6
+        got = sae.dead_latents(100)
+        exact = (sae.tokens_since_fired > 100).nonzero().squeeze(1)
+        assert torch.equal(got, exact), step
+        found.append(len(got))
+        fired = torch.zeros(D_SAE, dtype=torch.bool)
+        fired[step % 2 :: 2] = True  # every latent fires every other step: silent for 10 tokens at most
+        if 20 <= step < 45:
+            fired[5] = False  # silent from step 20: dead after 100 tokens (steps 31 to 45), fires again at 45
+        if step == 84:  # written between a read and the step's count (the last read: step 81)
+            sae.tokens_since_fired[61] = 10**6  # (61 does not fire at an even step)
+        sae.record_firing(fired, 10)
+    assert found[31] == 1 and found[30] == 0 and found[70] == 1 and found[85] == 1 and found[83] == 0
+    # the quiet stretches need one read per 9 steps (the longest silence is 10 tokens of 100); a step with a dead
+    # latent reads every time
+    dead_steps = sum(1 for n in found if n)
+    assert dead_steps + 3 <= sae.dead_reads < dead_steps + 0.2 * (steps - dead_steps), (sae.dead_reads, dead_steps)

@@ -46,6 +46,9 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+        #: how many times :meth:`dead_latents` read the silence counts back from the device (a host sync on a GPU)
+        self.dead_reads = 0
+        self._quiet: tuple | None = None  # (the counts, their version, tokens left, dead_tokens): none can be dead
 
     @property
     def W_enc(self) -> torch.Tensor:
@@ -105,8 +108,32 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def record_firing(self, fired: torch.Tensor, n_tokens: int) -> None:
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired.masked_fill_(fired, 0)  # not fired-mask indexing: no host sync
+        tsf, quiet = self.tokens_since_fired, self._quiet
+        untouched = quiet is not None and quiet[0] is tsf and quiet[1] == tsf._version  # since the last read
+        tsf += n_tokens
+        tsf.masked_fill_(fired, 0)  # not fired-mask indexing: no host sync
+        # every count grew by n_tokens at most: the tokens any latent can still go silent without dying shrink so
+        self._quiet = (tsf, tsf._version, quiet[2] - n_tokens, quiet[3]) if untouched else None
+
+    def dead_latents(self, dead_tokens: int) -> torch.Tensor:
+        """Indices of the latents silent for more than ``dead_tokens`` training tokens.
+
+        Read from the device (a host sync on a GPU) only when a latent may have died since the last read: a read
+        that finds none also notes how many more tokens every latent can stay silent without dying
+        (``dead_tokens`` minus the longest silence); while :meth:`record_firing` has counted no more than that,
+        and nothing else wrote the counts (their tensor and its version are checked), none can be dead, and the
+        answer is known without a read. Exact: the same set as reading the counts at every step."""
+        tsf, quiet = self.tokens_since_fired, self._quiet
+        known = quiet is not None and quiet[0] is tsf and quiet[1] == tsf._version and quiet[3] == dead_tokens
+        if known and quiet[2] >= 0:
+            return tsf.new_empty(0)
+        self.dead_reads += 1
+        n_dead, longest = torch.stack([(tsf > dead_tokens).sum(), tsf.max()]).tolist()
+        if n_dead == 0:
+            self._quiet = (tsf, tsf._version, dead_tokens - longest, dead_tokens)
+            return tsf.new_empty(0)
+        self._quiet = None
+        return (tsf > dead_tokens).nonzero().squeeze(1)
 
     def resample_period(self) -> int:
         """Steps between resampling passes (0: never)."""

@@ -73,7 +73,7 @@ class TopKSAE(SAE):
         1)``, so ``mse + aux_coeff * aux`` weighs the two as sparsify's ``fvu + auxk_alpha * auxk_loss`` does
         (both of those are divided by the batch's centred variance ``sum ||x - mean(x)||^2``, which cancels in the
         ratio)."""
-        dead = (self.tokens_since_fired > self.hparams.get("dead_tokens", 10_000_000)).nonzero().squeeze(1)
+        dead = self.dead_latents(self.hparams.get("dead_tokens", 10_000_000))  # no host sync while none can be
         n_dead = len(dead)
         if n_dead == 0:
             return torch.zeros((), device=x.device)
