@@ -35,6 +35,9 @@ Step times come from a Lightning callback that records CUDA events at ``on_train
   sites; the issue's own estimate for TopK at this shape: ~0.9 ms a step, ~4.5M tokens/s); ``meets_target`` only
   in the full profile (the targets are for its shapes);
 - ``peak_memory_gib``: ``torch.cuda.max_memory_allocated`` over the training (null on the CPU).
+- ``host_syncs_per_step`` and ``sync_sites`` (TopK and the all-sites run, on a GPU): host synchronisations a step,
+  counted by CUDA's sync debug mode over a few steps after the profiled ones, and the five places (file:line)
+  that made most (null on the CPU).
 
 A ``torch.profiler`` trace of a few steady-state steps (after the timed ones, so profiling does not touch the
 figures) of the TopK run and of the all-sites run: ``trace_<name>.json`` (chrome://tracing, Perfetto) and
@@ -49,6 +52,7 @@ it has (7, not 19: its row says how many).
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import math
@@ -58,6 +62,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -81,6 +86,7 @@ PROFILES = {
         "warmup": 10,  # steps left out
         "timed": 50,  # steps timed: 60 a run
         "profile_steps": (2, 3),  # profiler warm-up and active steps, after the timed ones
+        "sync_steps": 3,  # then steps whose host synchronisations are counted
         "rows": 8 * 4096,  # cached random activations (a), cycled
         "model": "pythia-70m-deduped",
         "vocab": 50304,
@@ -100,6 +106,7 @@ PROFILES = {
         "warmup": 2,
         "timed": 4,
         "profile_steps": (1, 1),
+        "sync_steps": 1,
         "rows": 4 * 256,
         "model": "micro",
         "vocab": None,
@@ -196,12 +203,26 @@ def device_rates(device: torch.device, batch: int, d_in: int, d_sae: int, prof: 
 
 class StepTimer(L.Callback):
     """Marks at each training batch's start and end, read when training ends; optionally steps a profiler and
-    times the stream's chunk harvests (the source's ``chunk``, wrapped here)."""
+    times the stream's chunk harvests (the source's ``chunk``, wrapped here). With ``sync_steps``, the host
+    synchronisations of that many steps from step ``sync_from`` on are counted (CUDA's sync debug mode warns at
+    each; after the timed and profiled steps, since the warnings cost time) with where they come from."""
 
-    def __init__(self, device: torch.device, warmup: int, timed: int, profiler=None, time_chunks: bool = False):
+    def __init__(
+        self,
+        device: torch.device,
+        warmup: int,
+        timed: int,
+        profiler=None,
+        time_chunks: bool = False,
+        sync_from: int = 0,
+        sync_steps: int = 0,
+    ):
         self.clock = Clock(device.type == "cuda")
         self.device, self.warmup, self.timed = device, warmup, timed
         self.profiler, self.time_chunks = profiler, time_chunks
+        self.sync_from, self.sync_steps = sync_from, sync_steps
+        self._syncs: warnings.catch_warnings | None = None
+        self.sync_records: list = []
         self.starts: list = []
         self.ends: list = []
         self.chunks: list[tuple[int, object, object]] = []  # (batches ended before it, start mark, end mark)
@@ -227,10 +248,19 @@ class StepTimer(L.Callback):
             self.profiler.start()
 
     def on_train_batch_start(self, *args):
+        if self.sync_steps and len(self.starts) == self.sync_from and self.device.type == "cuda":
+            self._syncs = warnings.catch_warnings(record=True)
+            self.sync_records = self._syncs.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
         self.starts.append(self.clock.mark())
 
     def on_train_batch_end(self, *args):
         self.ends.append(self.clock.mark())
+        if self._syncs is not None and len(self.ends) == self.sync_from + self.sync_steps:
+            torch.cuda.set_sync_debug_mode(0)
+            self._syncs.__exit__(None, None, None)
+            self._syncs = None
         if self.profiler is not None:
             self.profiler.step()
 
@@ -259,7 +289,17 @@ class StepTimer(L.Callback):
             "peak_memory_gib": (
                 torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
             ),
+            **self.sync_counts(),
         }
+
+    def sync_counts(self) -> dict:
+        """Host synchronisations a step over the counted steps, and the five places that made most (file:line of
+        the warning; null on the CPU, where nothing is counted)."""
+        if not self.sync_steps or self.device.type != "cuda":
+            return {"host_syncs_per_step": None, "sync_sites": None}
+        syncs = [w for w in self.sync_records if "synchroniz" in str(w.message)]
+        where = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+        return {"host_syncs_per_step": len(syncs) / self.sync_steps, "sync_sites": dict(where.most_common(5))}
 
 
 def make_profiler(device: torch.device, wait: int, prof: dict, name: str, out: Path):
@@ -330,8 +370,11 @@ def arch_figure(arch: str, acts: np.ndarray, prof: dict, tr: list[str], device, 
     flops, bandwidth = device_rates(device, b, d_in, d_sae, prof)
     w, t = prof["warmup"], prof["timed"]
     profiler = make_profiler(device, w + t, prof, arch, out) if arch == "topk" else None
-    total = w + t + (sum(prof["profile_steps"]) if profiler else 0)
-    timer = StepTimer(device, w, t, profiler)
+    extra = (sum(prof["profile_steps"]) + prof["sync_steps"]) if profiler else 0  # profiled, then syncs counted
+    total = w + t + extra
+    timer = StepTimer(
+        device, w, t, profiler, sync_from=w + t + sum(prof["profile_steps"]), sync_steps=extra and prof["sync_steps"]
+    )
     module = SAEModule(make_specs(cfg.sae, {"x": d_in}), cfg.sae, total)
     state = work / f"sae-{arch}"
     state.mkdir(parents=True)
@@ -368,6 +411,8 @@ def arch_figure(arch: str, acts: np.ndarray, prof: dict, tr: list[str], device, 
             "meets_target": (tokens_per_s >= target) if target and prof is PROFILES["full"] else None,
             "issue_estimate": ISSUE_ESTIMATE.get(arch),
             "peak_memory_gib": r["peak_memory_gib"],
+            "host_syncs_per_step": r["host_syncs_per_step"],
+            "sync_sites": r["sync_sites"],
         }
     )
 
@@ -423,7 +468,8 @@ def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path, prefe
     seq_len = min(128, shape.max_position)
     w, t = prof["site_warmup"], prof["site_timed"]
     profiler = make_profiler(device, w + t, prof, name, out) if prefetch else None
-    total = w + t + (sum(prof["profile_steps"]) if profiler else 0)
+    extra = (sum(prof["profile_steps"]) + prof["sync_steps"]) if profiler else 0  # profiled, then syncs counted
+    total = w + t + extra
     cfg = compose(
         [
             "experiment=test",
@@ -447,7 +493,15 @@ def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path, prefe
         ]
     )
     flops, bandwidth = device_rates(device, b, d_in=shape.d_model, d_sae=d_sae, prof=prof)
-    timer = StepTimer(device, w, t, profiler, time_chunks=True)
+    timer = StepTimer(
+        device,
+        w,
+        t,
+        profiler,
+        time_chunks=True,
+        sync_from=w + t + sum(prof["profile_steps"]),
+        sync_steps=extra and prof["sync_steps"],
+    )
     folders = train_saes(cfg, [timer])
     metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
     autocast = json.loads((folders[0] / "cfg.json").read_text()).get("sfcd_harvest_autocast")
@@ -498,6 +552,8 @@ def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path, prefe
             "projected_minutes_per_checkpoint": PYTHIA_TOKENS / tokens_per_s / 60,
             "projection_note": "training and harvest at this rate; evaluation not included",
             "peak_memory_gib": r["peak_memory_gib"],
+            "host_syncs_per_step": r["host_syncs_per_step"],
+            "sync_sites": r["sync_sites"],
         }
     )
 

@@ -86,8 +86,9 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
         check_floor(r, [(d_in, d_sae)], n_params)
         assert r["peak_memory_gib"] is None and r["meets_target"] is None  # CPU: no CUDA memory; small: no target
     assert archs["topk"]["target_tokens_per_s"] == 1.5e6 and archs["topk"]["steps"] == sum(
-        (prof["warmup"], prof["timed"], *prof["profile_steps"])
+        (prof["warmup"], prof["timed"], *prof["profile_steps"], prof["sync_steps"])
     )
+    assert all(r["host_syncs_per_step"] is None for r in printed[:6])  # counted on a GPU only
 
     for s in printed[4:6]:
         # the micro model's sites: embed, and attn/mlp/resid of each of its 2 layers
@@ -133,3 +134,26 @@ def test_gpu_speed_asks_for_a_gpu_clearly(capsys, tmp_path):
     assert load_script().main(["--device", "cuda", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "asks for a GPU but torch sees none" in err and "Traceback" not in err
+
+
+def test_host_syncs_are_counted_per_step_by_place():
+    # catches: counting every warning (not only CUDA's sync warnings), a count not divided by the counted steps,
+    # places merged or lost. The records are what warnings.catch_warnings gives for CUDA's sync debug mode (it
+    # needs a GPU to make them)
+    import warnings
+
+    mod = load_script()
+    timer = mod.StepTimer(torch.device("cuda"), 1, 1, sync_from=2, sync_steps=2)
+
+    def record(message, filename, lineno):
+        return warnings.WarningMessage(UserWarning(message), UserWarning, filename, lineno)
+
+    sync = "called a synchronizing CUDA operation"
+    timer.sync_records = [
+        *[record(sync, "/x/sfcd/sae/topk.py", 86)] * 3,
+        record(sync, "/x/sfcd/sae/train.py", 351),
+        record("some other warning", "/x/a.py", 1),
+    ]
+    got = timer.sync_counts()
+    assert got == {"host_syncs_per_step": 2.0, "sync_sites": {"topk.py:86": 3, "train.py:351": 1}}
+    assert mod.StepTimer(torch.device("cpu"), 1, 1, sync_steps=2).sync_counts()["host_syncs_per_step"] is None
