@@ -203,7 +203,8 @@ def device_rates(device: torch.device, batch: int, d_in: int, d_sae: int, prof: 
 
 class StepTimer(L.Callback):
     """Marks at each training batch's start and end, read when training ends; optionally steps a profiler and
-    times the stream's chunk harvests (the source's ``chunk``, wrapped here). With ``sync_steps``, the host
+    times the stream's chunk harvests (the source's ``chunk``, wrapped here; with ``harvest_overlaps``, made on the
+    prefetch thread, they are not taken out of the loop's time). With ``sync_steps``, the host
     synchronisations of that many steps from step ``sync_from`` on are counted (CUDA's sync debug mode warns at
     each; after the timed and profiled steps, since the warnings cost time) with where they come from."""
 
@@ -216,11 +217,13 @@ class StepTimer(L.Callback):
         time_chunks: bool = False,
         sync_from: int = 0,
         sync_steps: int = 0,
+        harvest_overlaps: bool = False,
     ):
         self.clock = Clock(device.type == "cuda")
         self.device, self.warmup, self.timed = device, warmup, timed
         self.profiler, self.time_chunks = profiler, time_chunks
         self.sync_from, self.sync_steps = sync_from, sync_steps
+        self.harvest_overlaps = harvest_overlaps
         self._syncs: warnings.catch_warnings | None = None
         self.sync_records: list = []
         self.starts: list = []
@@ -229,10 +232,8 @@ class StepTimer(L.Callback):
         self.n_params = 0
         self.result: dict = {}
 
-    def on_train_start(self, trainer, pl_module):
-        self.n_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+    def setup(self, trainer, pl_module, stage):
+        # before the loop's first fetch, which makes chunk 0 and (with prefetch) starts chunk 1 on its thread
         source = getattr(pl_module, "source", None)
         if self.time_chunks and source is not None:
             make = source.chunk
@@ -244,6 +245,11 @@ class StepTimer(L.Callback):
                 return out
 
             source.chunk = chunk
+
+    def on_train_start(self, trainer, pl_module):
+        self.n_params = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         if self.profiler is not None:
             self.profiler.start()
 
@@ -278,6 +284,8 @@ class StepTimer(L.Callback):
         steady = [sec(a, b) for n, a, b in self.chunks if 0 < n < w + t]
         harvests = steady or [sec(a, b) for _, a, b in self.chunks]
         inside = [sec(a, b) for n, a, b in self.chunks if w <= n <= w + t - 1]  # after end w-1, before end w+t-1
+        if self.harvest_overlaps:  # made on the prefetch thread, beside the steps: not a part of the loop's time
+            inside = []
         self.result = {
             "step_ms_median": statistics.median(steps),
             "step_ms_mean": statistics.fmean(steps),
@@ -501,6 +509,7 @@ def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path, prefe
         time_chunks=True,
         sync_from=w + t + sum(prof["profile_steps"]),
         sync_steps=extra and prof["sync_steps"],
+        harvest_overlaps=prefetch,
     )
     folders = train_saes(cfg, [timer])
     metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
@@ -508,8 +517,9 @@ def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path, prefe
     r = timer.result
     spc = prof["chunk_steps"]
     harvest_ms = r["harvest_ms_per_chunk"] or 0.0
-    # with prefetch the harvests ran beside the steps: the loop's whole time a step (any wait for a chunk in it);
-    # without, in the loop: the steps' time, and a chunk's harvest shared by its steps
+    # with prefetch the harvests ran beside the steps: the loop's whole time a step (any wait for a chunk in it,
+    # so then the training's rate is the stream's); without, in the loop: the steps' time, and a chunk's harvest
+    # shared by its steps
     stream_ms = r["window_ms_per_step"] if prefetch else r["loop_ms_per_step"] + harvest_ms / spc
     tokens_per_s = b / (stream_ms / 1e3)
     floor = floor_fields(b, [(m["d_in"], m["d_sae"]) for m in metrics], timer.n_params, flops, bandwidth)

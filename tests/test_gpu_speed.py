@@ -106,6 +106,7 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
         assert s["steps_per_chunk"] == prof["chunk_steps"]
         if s["prefetch"]:  # the harvests ran beside the steps: the loop's whole time a step
             stream_ms = s["window_ms_per_step"]
+            assert s["loop_ms_per_step"] == s["window_ms_per_step"], s
         else:  # the loop's time a step and each chunk's harvest shared by its steps
             stream_ms = s["loop_ms_per_step"] + s["harvest_ms_per_chunk"] / s["steps_per_chunk"]
         assert 0 < s["tokens_per_s"] < math.inf and close(s["tokens_per_s"], s["batch"] / (stream_ms / 1e3)), s

@@ -86,3 +86,27 @@ def test_states_are_written_behind_the_training_whole_and_as_they_were(monkeypat
     torch.testing.assert_close(state["state_dict"]["saes.0.W_dec"], at_save[20], rtol=0, atol=0)
     assert not torch.equal(at_save[20], module.saes[0].W_dec.detach())  # four more steps moved it
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_save_waits_for_the_previous_write(monkeypatch, tmp_path):
+    """Bug caught: snapshots queueing behind a slow disk (each a copy of the whole state on its device) when saves
+    come faster than writes finish."""
+    import time
+
+    import torch
+
+    written, inner = [], training.AtomicCheckpointIO.save_checkpoint
+
+    def slow(self, checkpoint, path, storage_options=None):
+        time.sleep(0.3)
+        inner(self, checkpoint, path, storage_options)
+        written.append(int(checkpoint["step"]))
+
+    monkeypatch.setattr(training.AtomicCheckpointIO, "save_checkpoint", slow)
+    io = training.OneSaveAtATime(training.AtomicCheckpointIO())
+    io.save_checkpoint({"step": torch.tensor(1)}, tmp_path / "a.ckpt")
+    assert written == []  # behind the caller
+    io.save_checkpoint({"step": torch.tensor(2)}, tmp_path / "a.ckpt")
+    assert written == [1]  # the first write finished before the second snapshot was taken
+    io.teardown()
+    assert written == [1, 2] and int(torch.load(tmp_path / "a.ckpt", weights_only=True)["step"]) == 2

@@ -258,8 +258,37 @@ def test_training_with_prefetch_resumes_to_the_run_without_it(micro, tmp_path):
     with pytest.raises(Crash):
         fit(micro, ["resid.0"], tmp_path / "r", [CrashAt(13)], overrides=["sae.prefetch=true"])
     resumed = fit(micro, ["resid.0"], tmp_path / "r", overrides=["sae.prefetch=true"])
-    assert resumed.stream.prefetch and resumed.stream._pool is None  # closed after training
+    # closed after training: no thread, and no chunk kept (Lightning keeps the loader through evaluation)
+    assert resumed.stream.prefetch and resumed.stream._pool is None and resumed.stream._chunk is None
     same(resumed.saes[0], ref.saes[0])
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_a_run_makes_no_chunk_past_its_last_step(micro, tmp_path, prefetch):
+    # catches: the stream still yielding after the last step (Lightning's loader fetches one batch ahead, so a
+    # run ending on a chunk boundary harvested a whole chunk it never used), or a prefetch past the end
+    cfg = compose(["sae.batch_size=256", "sae.expansion=2", "sae.k=4", f"sae.prefetch={str(prefetch).lower()}"])
+    module = SAEModule(make_specs(cfg.sae, {"resid.0": 32}), cfg.sae, 24)  # 6 chunks of 4 steps
+    src = source(micro, ["resid.0"])
+    made = _made_where(src)
+    train_module(module, cfg.trainer, tmp_path, src)
+    assert sorted(c for c, _ in made) == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_prefetch_on_a_gpu_gives_the_plain_streams_batches(micro):
+    # catches (on a GPU): a chunk read before its stream's event, a device without an index, memory freed early
+    model, tokens = micro
+    model.to("cuda")
+    try:
+        plain = StreamBatches(source(micro, ["resid.0"]), 256, seed=0)
+        ahead = StreamBatches(source(micro, ["resid.0"]).to(torch.device("cuda")), 256, seed=0, prefetch=True)
+        plain.source.to(torch.device("cuda"))
+        for step in range(20):
+            torch.testing.assert_close(ahead.batch(step)["resid.0"], plain.batch(step)["resid.0"], rtol=0, atol=0)
+        ahead.close()
+    finally:
+        model.to("cpu")
 
 
 def test_prefetch_settings_and_their_memory(micro):
@@ -311,3 +340,8 @@ def test_harvest_autocast_runs_the_forward_in_the_fast_dtype(micro, monkeypatch)
     assert harvest_autocast("auto", OnGPU("float16")) is torch.float16
     assert harvest_autocast("auto", OnGPU("float32")) is torch.bfloat16
     assert harvest_autocast("auto", OnGPU("float16", torch.bfloat16)) is None  # already 16-bit
+    # none: the model's own dtype also where the caller runs under autocast (fresh rows, made inside Lightning's
+    # bf16-mixed training step)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = source(micro, ["mlp.1"]).chunk(1)["mlp.1"]
+    assert torch.equal(inside, plain)

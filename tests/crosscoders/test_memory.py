@@ -49,6 +49,12 @@ def test_plan_equals_the_measured_tensors_of_a_crosscoder_its_adam_state_and_its
     assert plan["weights"] == _bytes([*cc.parameters(), *cc.buffers()])
     assert plan["grads"] == _bytes(p.grad for p in cc.parameters())
     assert len(states) == 8 and plan["adam"] == _bytes(states)
+    # what Lightning's AsyncCheckpointIO copies at a save: the module's state and the optimizer's moments
+    from lightning.pytorch.plugins.io.async_plugin import _clone_tensor
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    snap = apply_to_collection({"m": module.state_dict(), "o": states}, torch.Tensor, _clone_tensor)
+    assert plan["save_snapshot"] == _bytes([*snap["m"].values(), *snap["o"]])
     assert plan["joined"] == _bytes([joined])
     assert plan["model_chunk"] == _bytes([sources[0].chunk(0)["s"]])
 
@@ -67,6 +73,7 @@ def test_plan_of_two_sites_by_hand():
         "weights": 2696 + 408,
         "grads": 2696,
         "adam": 2 * 2696,
+        "save_snapshot": 2696 + 408 - 4 * 3 * (4 + 6) + 2 * 2696,  # the block means are not saved
         "autocast": (2 * 12 * 8 + 2 * 18 * 12) * 2,
         "batch": 4 * 4 * (3 * 10 + max(3 * 12 + 3 * 8, 3 * 18 + 3 * 12)),  # inputs + the larger site's work
     }
@@ -318,7 +325,8 @@ def test_stage_decides_together_or_one_after_another_from_the_memory_limit(test_
     both = sum(probe.plans[0].values())
     model_bytes = sum(p.numel() * p.element_size() for m in models for p in (*m.parameters(), *m.buffers()))
     assert probe.plans[0]["models"] == model_bytes  # the K models, measured
-    one = both - sum(probe.plans[0][k] for k in ("weights", "grads", "adam", "model_chunk", "joined")) // 2
+    per_site = ("weights", "grads", "adam", "save_snapshot", "model_chunk", "joined")
+    one = both - sum(probe.plans[0][k] for k in per_site) // 2
     for limit, groups in ((both, [["resid.0", "resid.1"]]), (one, [["resid.0"], ["resid.1"]])):
         cfg = _stage_cfg(test_run.run_dir, f"crosscoder.memory_limit={limit / 2**30!r}")
         assert plan_training(cfg, 2048, 3, dims, models, "cpu").groups == groups

@@ -3,7 +3,6 @@ where the model is."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -76,7 +75,11 @@ def harvest(
     with torch.no_grad():
         for w in batches:
             x = torch.from_numpy(np.ascontiguousarray(w, dtype=np.int64)).to(device, non_blocking=True)
-            fast = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+            # without ``autocast``, in the model's own dtype also where the caller runs under autocast (a resampling
+            # criterion's fresh rows are made inside Lightning's bf16-mixed training step)
+            fast = (
+                torch.autocast(device.type, dtype=autocast) if autocast else torch.autocast(device.type, enabled=False)
+            )
             with fast:
                 acts = run_with_cache(model, x, sites)
             keep = ~torch.isin(x, excl).flatten() if len(excl) else None

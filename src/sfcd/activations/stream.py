@@ -1,9 +1,9 @@
 """Streaming activations in bounded memory: chunks of token windows -> every needed site in one forward pass on
 the device of the work -> a shuffled chunk buffer -> the batches of optimizer steps.
 
-Memory is one chunk per site (``chunk_rows x d``, the buffer size ``sae.buffer_tokens``), whatever the number of
-training tokens. Everything is a function of the step, so a resumed run sees the batches an uninterrupted one
-sees, and many SAEs trained from one stream see the batches each would see alone:
+Memory is one chunk per site (``chunk_rows x d``, the buffer size ``sae.buffer_tokens``; two with prefetch),
+whatever the number of training tokens. Everything is a function of the step, so a resumed run sees the batches
+an uninterrupted one sees, and many SAEs trained from one stream see the batches each would see alone:
 
 - step ``s`` reads chunk ``c = s // steps_per_chunk``, rows ``perm_c[j*B:(j+1)*B]`` (``j = s % steps_per_chunk``)
   with ``perm_c`` a permutation seeded by (seed, c): the shuffle within the buffer;
@@ -345,6 +345,7 @@ class StreamBatches(IterableDataset):
         self._chunk: tuple[int, dict[str, torch.Tensor], torch.Tensor] | None = None
         self._next: tuple[int, Future] | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._side: torch.cuda.Stream | None = None  # the prefetch's CUDA stream: one for every chunk it makes
 
     def rows(self, step: int) -> torch.Tensor:
         c, j = divmod(step, self.steps_per_chunk)
@@ -374,7 +375,12 @@ class StreamBatches(IterableDataset):
         if self.prefetch and (self.stop is None or (c + 1) * self.steps_per_chunk < self.stop):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sfcd-prefetch")
-            self._next = (c + 1, self._pool.submit(_made_aside, self.source, c + 1))
+            device = torch.device(self.source.device)
+            if device.type == "cuda" and self._side is None:
+                # one stream for every chunk (the allocator reuses a freed chunk's memory on the stream it was
+                # made on), on the source's GPU (a device named without an index: the current one)
+                self._side = torch.cuda.Stream(device if device.index is not None else torch.cuda.current_device())
+            self._next = (c + 1, self._pool.submit(_made_aside, self.source, c + 1, self._side))
         return data
 
     def _drop_next(self) -> None:
@@ -385,32 +391,38 @@ class StreamBatches(IterableDataset):
             self._next = None
 
     def close(self) -> None:
-        """Wait for a prefetch in flight (so nothing else runs the model after this) and stop the thread."""
+        """Wait for a prefetch in flight (so nothing else runs the model after this), stop the thread, and free
+        the chunk (Lightning keeps the data loader, and so this stream, after training: the chunk would stay
+        on the device through evaluation)."""
         self._drop_next()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self._chunk = None
+        self.source.take_first(0)  # chunk 0 kept for training and not taken (a run resumed past it)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         r = self.rows(step)
         return {name: a[r].float() for name, a in self._chunk[1].items()}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of steps ``start`` to ``stop - 1`` (endless without ``stop``): a loader that fetches one
+        batch ahead (Lightning's) would otherwise make a chunk past the last step."""
         step = self.start
-        while True:
+        while self.stop is None or step < self.stop:
             yield self.batch(step)
             step += 1
 
 
-def _made_aside(source: ChunkSource, c: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
-    """Chunk ``c`` made on a prefetching thread: on a CUDA device on a stream of its own, so the harvest's kernels
-    run beside the training's, with the event that marks them done."""
-    device = torch.device(source.device)
-    if device.type != "cuda":
+def _made_aside(
+    source: ChunkSource, c: int, stream: torch.cuda.Stream | None
+) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    """Chunk ``c`` made on a prefetching thread; on a GPU on ``stream``, so the harvest's kernels run beside the
+    training's, with the event that marks them done."""
+    if stream is None:
         with source.lock:
             return source.chunk(c), None
-    torch.cuda.set_device(device)
-    stream = torch.cuda.Stream(device)
+    torch.cuda.set_device(stream.device)
     with torch.cuda.stream(stream), source.lock:
         data = source.chunk(c)
     done = torch.cuda.Event()

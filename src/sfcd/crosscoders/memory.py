@@ -13,6 +13,8 @@ Training holds, per group of sites trained together (``dims``: each site's per-c
   with the module's buffers (input scale, block means, firing counters);
 - ``grads``: one per parameter (param dtype);
 - ``adam``: ``adam_states`` (2: first and second moments) per parameter (param dtype);
+- ``save_snapshot``: a training-state save's copy of the weights, buffers and Adam's moments, which Lightning's
+  ``AsyncCheckpointIO`` takes on their device and keeps until written (one save at a time);
 - ``autocast``: under bf16-mixed, autocast's half-precision copies of ``W_enc`` and ``W_dec`` (``W_dec``'s cached for
   the whole training step, every site's; ``W_enc``'s, cast from its transposed view, which autocast does not
   cache, lives through the encoder's matmul only: counted as kept, an upper bound);
@@ -73,6 +75,8 @@ def memory_plan(
         "weights": n_params * par + module_buffers,
         "grads": n_params * par,
         "adam": adam_states * n_params * par,
+        # (the block means are not part of the saved state: persistent=False)
+        "save_snapshot": (1 + adam_states) * n_params * par + module_buffers - sum(4 * K * d for d in dims),
         "autocast": 0
         if autocast_dtype is None
         else 2 * K * sum(d * m for d, m in zip(dims, d_sae, strict=True)) * itemsize(autocast_dtype),

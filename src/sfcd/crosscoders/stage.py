@@ -86,8 +86,11 @@ def crosscoder_steps(cfg: DictConfig) -> list[int]:
 
 
 def _loop_cfg(cfg: DictConfig) -> DictConfig:
-    """``sae.*`` with the training-loop keys of ``crosscoder.*``: what :class:`SAEModule` reads."""
-    return OmegaConf.merge(cfg.sae, {k: cfg.crosscoder[k] for k in _LOOP_KEYS}, {"init_from": None, "sweep": {}})
+    """``sae.*`` with the training-loop keys of ``crosscoder.*``: what :class:`SAEModule` reads. No prefetch: the
+    memory plan (:mod:`sfcd.crosscoders.memory`) counts one joined chunk, the largest part at large K."""
+    return OmegaConf.merge(
+        cfg.sae, {k: cfg.crosscoder[k] for k in _LOOP_KEYS}, {"init_from": None, "sweep": {}, "prefetch": False}
+    )
 
 
 def _sites_and_width(c: DictConfig, models: list, steps: list[int]) -> tuple[list[Site], dict[str, int]]:

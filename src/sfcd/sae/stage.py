@@ -77,7 +77,11 @@ def _file_source(cfg: DictConfig, total: int, device: torch.device):
             len(train),
             s.activations,
         )
-    source = ArraySource({"file": train}, buffer_rows(s, total), s.seed, device, s.buffer_dtype)
+    rows = buffer_rows(s, total)
+    check_buffer_fits(
+        rows, {"file": arr.shape[1]}, torch_dtype(s.buffer_dtype), device, 2 if prefetch_on(s.prefetch, device) else 1
+    )
+    source = ArraySource({"file": train}, rows, s.seed, device, s.buffer_dtype)
     evals = {"file": torch.from_numpy(np.array(arr[len(arr) - n_eval :], dtype=np.float32)).to(device)}
     return source, evals, arr.shape[1]
 
@@ -183,7 +187,7 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
             autocast=fast,
         )
     state_dir = out_root / state_dir_name(s)  # one per shard: concurrent shard jobs never share it
-    prepare_state_dir(state_dir, settings_of(todo, s, total))
+    prepare_state_dir(state_dir, settings_of(todo, s, total, meta_base.get("sfcd_harvest_autocast")))
     module = SAEModule(todo, s, total)
     train_module(module, cfg.trainer, state_dir, source, callbacks)
     if not module.trainer.is_global_zero:  # DDP's other ranks (trainer=ddp): rank 0 evaluates and writes

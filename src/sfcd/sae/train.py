@@ -521,12 +521,21 @@ def state_dir_name(sae_cfg: DictConfig) -> str:
     return ".train" if n == 1 else f".train-shard{int(sae_cfg.shard)}of{n}"
 
 
-def settings_of(specs: list[SAESpec], sae_cfg: DictConfig, total: int) -> dict:
-    """What the resumable state depends on. Not the shard: it only picks the specs, which are listed."""
+def settings_of(specs: list[SAESpec], sae_cfg: DictConfig, total: int, harvest_autocast: str | None = None) -> dict:
+    """What the resumable state depends on. Not the shard: it only picks the specs, which are listed; not when
+    states are saved, nor whether chunks are prefetched (neither changes what a state holds). The harvest's
+    autocast dtype as resolved for this device (``harvest_autocast``), not the setting: ``auto`` means another
+    dtype on another device, and so other activations."""
     sae = OmegaConf.to_container(sae_cfg, resolve=True)
-    for key in ("shard", "shards", "checkpoint_minutes"):  # (when states are saved changes nothing they hold)
+    for key in ("shard", "shards", "checkpoint_minutes", "prefetch", "harvest_autocast"):
         sae.pop(key, None)
-    return {"specs": [s.__dict__ for s in specs], "total_steps": total, "sae": sae, "layout": STATE_LAYOUT}
+    return {
+        "specs": [s.__dict__ for s in specs],
+        "total_steps": total,
+        "sae": sae,
+        "harvest_autocast": harvest_autocast,
+        "layout": STATE_LAYOUT,
+    }
 
 
 def prepare_state_dir(state_dir: Path, settings: dict) -> None:
