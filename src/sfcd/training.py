@@ -49,10 +49,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     the whole file first, a second 7.6 GB at the pythia preset's 19 sites.)"""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} writes local files and takes no storage_options")
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(checkpoint, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the previous state
         os.replace(tmp, path)
 
 
