@@ -1,0 +1,122 @@
+"""Host synchronisations of a training step, counted on the CPU: every op that would make the host wait for a GPU
+(a scalar read: ``item``/``tolist``/``int``/``bool`` of a tensor; ``nonzero``; boolean-mask indexing or writes;
+``masked_select``; ``bincount``; ``unique``; ``repeat_interleave`` without a size) is caught under a
+``TorchDispatchMode`` (``tolist``, which reads CPU memory without an op, by wrapping it), with the function that
+asked. A GPU step is only as fast as its host reads allow; this is their count without one."""
+
+import traceback
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sfcd.config import compose
+from sfcd.sae.train import SAEModule, make_specs, train_module
+
+aten = torch.ops.aten
+#: aten ops that read a GPU tensor back to the host (or size their output from its values)
+SYNCING = {
+    aten._local_scalar_dense.default,
+    aten.item.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.bincount.default,
+    aten._unique2.default,
+    aten.unique_consecutive.default,
+    aten.repeat_interleave.Tensor,
+}
+
+
+def asker() -> str:
+    """The innermost sfcd function on the stack."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if "/sfcd/" in frame.filename:
+            return frame.name
+    return "?"
+
+
+class Reads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.found: list[tuple[str, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indexing = func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default)
+        masked = indexing and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if func in SYNCING or masked:
+            self.found.append((func.__name__, asker()))
+        return func(*args, **(kwargs or {}))
+
+
+class CountReads(L.Callback):
+    """The host reads of every training step (``per_step``), from batch start to batch end."""
+
+    def __init__(self, monkeypatch):
+        self.per_step: list[list[tuple[str, str]]] = []
+        self.monkeypatch = monkeypatch
+
+    def on_train_batch_start(self, *args):
+        self.mode = Reads()
+        self.mode.__enter__()
+        tolist, found = torch.Tensor.tolist, self.mode.found
+
+        def counted(t):
+            found.append(("tolist", asker()))
+            return tolist(t)
+
+        self.monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def on_train_batch_end(self, *args):
+        self.monkeypatch.undo()
+        self.mode.__exit__(None, None, None)
+        self.per_step.append(self.mode.found)
+
+
+class Dead(L.Callback):
+    """The first latents of every SAE counted dead at every step (AuxK runs)."""
+
+    @torch.no_grad()
+    def on_train_batch_start(self, trainer, module, *args):
+        for sae in module.saes:
+            sae.tokens_since_fired[:16] = 10**12
+
+
+def steps_reads(arch: str, monkeypatch, dead: bool = False) -> list[list[tuple[str, str]]]:
+    cfg = compose(
+        [f"sae.architecture={arch}", "sae.batch_size=256", "sae.d_sae=256", "sae.k=8", "sae.checkpoint_every=0"]
+    )
+    acts = np.random.default_rng(0).standard_normal((2048, 32), dtype=np.float32)
+    module = SAEModule(make_specs(cfg.sae, {"a": 32, "b": 32}), cfg.sae, 12)
+    reads = CountReads(monkeypatch)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train_module(module, cfg.trainer, Path(tmp), {"a": acts, "b": acts}, [*([Dead()] if dead else []), reads])
+    return reads.per_step
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_a_step_reads_the_device_once_for_every_sae_together(arch, monkeypatch):
+    # catches: a host read per SAE in the step (AuxK's dead set read at every step, a check read per SAE, an
+    # isfinite inside an if, mask indexing, a bincount), which on a GPU stalls the step once per SAE
+    per_step = steps_reads(arch, monkeypatch)
+    for step, found in enumerate(per_step):
+        expected = [("tolist", "training_step")]  # the NaN/inf checks of both SAEs, one read
+        if step == 9:  # log_every_n_steps = 10: every SAE's MSE and L0, one read
+            expected.append(("tolist", "training_step"))
+        if step == 0 and "topk" in arch:  # AuxK's first look at the silence counts, one per SAE
+            expected = [("tolist", "dead_latents")] * 2 + expected
+        assert sorted(found) == sorted(expected), (step, found)
+
+
+def test_the_count_sees_auxks_reads_while_latents_are_dead(monkeypatch):
+    # the positive control: with dead latents AuxK reads their set and counts at every step, so a counter that
+    # saw nothing would fail here
+    per_step = steps_reads("topk", monkeypatch, dead=True)
+    for found in per_step[1:]:
+        askers = [a for _, a in found]  # per SAE: the counts, the dead set, its positive count
+        assert askers.count("dead_latents") == 4 and askers.count("aux_loss") == 2, found
+        assert found.count(("nonzero.default", "dead_latents")) == 2
