@@ -58,6 +58,12 @@ def _special_ids(tokenizer, exclude: bool) -> set[int]:
     return set(tokenizer.all_special_ids) if exclude else set()
 
 
+def _check_buffer(s: DictConfig, rows: int, dims: dict[str, int], device: torch.device) -> None:
+    """The stream's buffer against the device's free memory: ``sae.buffer_dtype`` values, two chunks with
+    ``sae.prefetch``."""
+    check_buffer_fits(rows, dims, torch_dtype(s.buffer_dtype), device, 2 if prefetch_on(s.prefetch, device) else 1)
+
+
 def _file_source(cfg: DictConfig, total: int, device: torch.device):
     """A plain activation file: the last ``eval_tokens`` rows (at most a tenth) held out, the rest streamed."""
     s = cfg.sae
@@ -78,9 +84,7 @@ def _file_source(cfg: DictConfig, total: int, device: torch.device):
             s.activations,
         )
     rows = buffer_rows(s, total)
-    check_buffer_fits(
-        rows, {"file": arr.shape[1]}, torch_dtype(s.buffer_dtype), device, 2 if prefetch_on(s.prefetch, device) else 1
-    )
+    _check_buffer(s, rows, {"file": arr.shape[1]}, device)
     source = ArraySource({"file": train}, rows, s.seed, device, s.buffer_dtype)
     evals = {"file": torch.from_numpy(np.array(arr[len(arr) - n_eval :], dtype=np.float32)).to(device)}
     return source, evals, arr.shape[1]
@@ -170,7 +174,7 @@ def train_saes(cfg: DictConfig, callbacks: list | None = None) -> list[Path]:
     if model is not None:
         need_sites = [x for x in sites if x.name in need]
         dims = {x.name: site_dim(model, x) for x in need_sites}
-        check_buffer_fits(rows, dims, torch_dtype(s.buffer_dtype), device, 2 if prefetch_on(s.prefetch, device) else 1)
+        _check_buffer(s, rows, dims, device)
         source = HarvestSource(
             model,
             read_tokens(run.tokens("train")),
