@@ -5,16 +5,16 @@ autograd of the dense formula, and the reused pre-activation buffer."""
 import pytest
 import torch
 
-from sfcd.sae.sparse_ops import ActiveLatents, encoder_pre, gather_pre, top_k_indices
+from sfcd.sae.sparse_ops import ActiveLatents, encoder_pre, gather_pre, top_k
 
 
 @pytest.mark.parametrize(
     "case", ["gaussian", "ties", "negative", "one_group_holds_all", "fallback_width", "fallback_shape"]
 )
-def test_top_k_indices_keep_the_k_largest_values(case):
+def test_top_k_keeps_the_k_largest_values(case):
     """Bugs caught: candidates offset wrongly within their group (contiguous instead of strided members), the
     group maximum over the wrong axis, fewer than k groups searched, the second top-k's indices returned without
-    mapping back to latents."""
+    mapping back to latents (member and slot swapped), values out of step with their indices."""
     g = torch.Generator().manual_seed(0)
     B, m, k = 64, 1024, 16
     if case == "gaussian":
@@ -30,10 +30,11 @@ def test_top_k_indices_keep_the_k_largest_values(case):
         pre, k = torch.randn(B, 96, generator=g), 16
     else:  # m not a multiple of the group size
         pre = torch.randn(B, 1001, generator=g)
-    idx = top_k_indices(pre, k)
+    vals, idx = top_k(pre, k)
     assert idx.shape == (B, k)
     assert all(len(set(row.tolist())) == k for row in idx), "a latent kept twice"
-    got = pre.gather(1, idx).sort(1, descending=True).values
+    assert torch.equal(vals, pre.gather(1, idx)), "the values are not those of the indices"
+    got = vals.sort(1, descending=True).values
     want = pre.sort(1, descending=True).values[:, :k]
     assert torch.equal(got, want)
 
@@ -54,8 +55,9 @@ def test_per_latent_sum_equals_the_dense_product():
 
 @pytest.mark.parametrize("sampled", [True, False])
 def test_per_pair_dot_both_ways(sampled):
-    """g[b] . W[idx[b, s]], by the sampled matmul (the CPU's) and by gathered rows (elsewhere). Bug caught: the
-    gathered rows' chunking dropping or shifting rows, the sampled matmul's values read in another order."""
+    """g[b] . W[idx[b, s]], by the sampled matmul over the pairs grouped by latent (the CPU's) and by gathered
+    rows (elsewhere). Bugs caught: the gathered rows' chunking dropping or shifting rows, the latent-grouped dots
+    put back in the wrong pair order (scattered by ``order``'s inverse, or left grouped)."""
     idx, _, g, W = _pairs()
     want = torch.einsum("bd,bkd->bk", g, W[idx])
     torch.testing.assert_close(ActiveLatents(idx, 96).per_pair_dot(g, W, sampled=sampled), want)

@@ -17,7 +17,7 @@ from sfcd.sae.sparse_ops import (
     encoder_pre,
     gather_pre,
     sparse_decode,
-    top_k_indices,
+    top_k,
 )
 from sfcd.sae.topk import TopKSAE, fired_latents
 
@@ -52,8 +52,7 @@ class BatchTopKSAE(TopKSAE):
             m = min(self.d_sae, int(self.hparams.get("candidate_mult", 4)) * self.k)
             # a row's candidates for the batch's top (unsorted: only the selection matters; on the CPU by groups)
             score = self.selection_score(pre)
-            idx = top_k_indices(score, m)
-            cand_vals = score.gather(1, idx)
+            cand_vals, idx = top_k(score, m)
             flat = cand_vals.flatten()
             world = _world()
             if world > 1:  # DDP: the global batch's top k * B, from every rank's candidates, as one process takes it

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sfcd.sae.base import SAE, mse
-from sfcd.sae.sparse_ops import ActiveLatents, dense_from_sparse, encoder_pre, gather_pre, sparse_decode, top_k_indices
+from sfcd.sae.sparse_ops import ActiveLatents, dense_from_sparse, encoder_pre, gather_pre, sparse_decode, top_k
 
 
 class TopKSAE(SAE):
@@ -27,9 +27,9 @@ class TopKSAE(SAE):
         vals, idx = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
 
-    def select(self, pre: torch.Tensor) -> torch.Tensor:
-        """Indices [B, k] of the kept latents (in no particular order)."""
-        return top_k_indices(pre, self.k)
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept latents' pre-activations and indices, both [B, k] (in no particular order)."""
+        return top_k(pre, self.k)
 
     def training_loss(
         self, x: torch.Tensor, progress: float, target: torch.Tensor | None = None
@@ -43,14 +43,14 @@ class TopKSAE(SAE):
             with torch.no_grad():
                 xc = x if b_in is None else x - b_in
                 pre = encoder_pre(xc, self.W_enc, self.b_enc)
-            active = ActiveLatents(self.select(pre), self.d_sae)
-            idx = active.idx
+            picked, idx = self.select(pre)
+            active = ActiveLatents(idx, self.d_sae, pre=picked)
             vals = torch.relu(gather_pre(x, self.W_enc, self.b_enc, active, pre, b_in, xc=xc))
             y_hat = sparse_decode(active, vals, self.W_dec) + self.b_dec
         else:
             xc = x if b_in is None else x - b_in
             pre = torch.addmm(self.b_enc, xc, self.W_enc)
-            idx = self.select(pre.detach())
+            idx = self.select(pre.detach())[1]
             vals = torch.relu(pre.gather(1, idx))
             y_hat = dense_from_sparse(idx, vals, self.d_sae) @ self.W_dec + self.b_dec
         y_hat = self.add_skip(x, y_hat)
@@ -86,7 +86,7 @@ class TopKSAE(SAE):
         k_eff = min(k_aux, n_dead, int((sub > 0).sum(1).max()))
         if k_eff == 0:
             return scale * e.pow(2).sum(-1).mean()
-        local = top_k_indices(sub, k_eff)  # among the dead latents
+        local = top_k(sub, k_eff)[1]  # among the dead latents
         b_in = self.b_dec if self.apply_b_dec_to_input else None
         if sparse and n_dead <= self.dense_aux_ratio * k_eff:
             # the dead latents' own columns, densely: [B, n_dead] pre-activations, the kept ones decoded (their
