@@ -121,14 +121,14 @@ NAN_SCRIPT = textwrap.dedent(
         return out
     TopKSAE.training_loss = loss_nan_on_rank1_at_step3
 
-    _step = SAEModule.training_step
-    def step_noting_errors(self, *a):  # which ranks raised the error (spawn stops the others once one exits)
+    _check = SAEModule.check_finite
+    def check_noting_errors(self, *a):  # which ranks raised the error (spawn stops the others once one exits)
         try:
-            return _step(self, *a)
+            return _check(self, *a)
         except SfcdError:
             Path(sys.argv[1], f"raised{{torch.distributed.get_rank()}}").touch()
             raise
-    SAEModule.training_step = step_noting_errors
+    SAEModule.check_finite = check_noting_errors
 
     if __name__ == "__main__":
         torch.multiprocessing.set_sharing_strategy("file_system")
@@ -145,9 +145,10 @@ NAN_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_ddp_a_diverged_sae_on_one_rank_stops_every_rank(tmp_path):
-    """One rank's loss turns NaN at step 3: both ranks raise the error at that step (the check flags are reduced
-    with the fired latents) and the last saved state is step 2's. Bug caught: the check kept per rank, where rank
-    1 raises alone and rank 0 goes on into step 4 (to be stopped by the launcher, or wait in a collective)."""
+    """One rank's loss turns NaN at step 3: both ranks raise the error naming that step at the next read of the
+    checks (the save after step 4; the check flags are reduced with the fired latents) and the last saved state is
+    step 2's. Bug caught: the check kept per rank, where rank 1 raises alone and rank 0 goes on into the save's
+    collective (to be stopped by the launcher, or wait there)."""
     import torch
 
     script = tmp_path / "ddp_nan.py"

@@ -62,15 +62,29 @@ def test_resume_continues_the_same_run(arrays, tmp_path):
     assert_same(params(resumed.saes[0]), params(ref.saes[0]))
 
 
-def test_nan_stops_naming_step_and_site_and_keeps_the_last_state(arrays, tmp_path):
+@pytest.mark.parametrize("every", [5, 4])
+def test_nan_stops_naming_step_and_site_and_keeps_the_last_state(arrays, tmp_path, every):
+    """NaN rows in the batches of steps 7 and 8. The checks are read at the logging step 9 (saves every 5: the
+    state of step 5 kept) or at the save after step 7 (every 4: the save refused, step 4's kept). Bugs caught: a
+    later bad step reported instead of the first, a state saved after the bad step (NaN weights on disk)."""
     bad = {"x": arrays["x"].copy()}
-    rows = StreamBatches(ArraySource(bad, 8192, seed=0), 256, seed=0).rows(7).numpy()  # one chunk = the file
-    bad["x"][rows[0]] = np.nan
-    with pytest.raises(SfcdError, match=r"site x at training step 7.*last good training state is kept"):
-        fit(["sae.architecture=relu"], {"x": 32}, bad, tmp_path)
+    stream = StreamBatches(ArraySource(bad, 8192, seed=0), 256, seed=0)  # one chunk = the file
+    for step in (7, 8):
+        bad["x"][stream.rows(step).numpy()[0]] = np.nan
+    with pytest.raises(SfcdError, match=r"site x at training step 7;.*last good training state is kept"):
+        fit(["sae.architecture=relu", f"sae.checkpoint_every={every}"], {"x": 32}, bad, tmp_path)
     state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == 5
+    assert state["global_step"] == every
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_nan_at_the_last_step_stops_before_the_saes_are_returned(arrays, tmp_path):
+    """Step 31 of 32, after the last logging step (29) and the last save (30). Bug caught: the checks not read at
+    the run's end, so SAEs with NaN weights go on to evaluation and export."""
+    bad = {"x": arrays["x"].copy()}
+    bad["x"][StreamBatches(ArraySource(bad, 8192, seed=0), 256, seed=0).rows(31).numpy()[0]] = np.nan
+    with pytest.raises(SfcdError, match=r"site x at training step 31;"):
+        fit(["sae.architecture=topk"], {"x": 32}, bad, tmp_path)
 
 
 def test_unknown_architecture_and_sweep_key():

@@ -225,6 +225,7 @@ class SAEModule(L.LightningModule):
         # one CPU generator per SAE (draws do not depend on the device, nor on which other SAEs train beside it:
         # a site-parallel shard resamples as the job training every site does); saved with the training state
         self._gens = [torch.Generator().manual_seed(sae_cfg.seed) for _ in specs]
+        self._first_bad: torch.Tensor | None = None  # see _note_bad
 
     @property
     def _g(self) -> torch.Generator:
@@ -232,6 +233,7 @@ class SAEModule(L.LightningModule):
         return self._gens[0]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # no state after a bad step is saved (every rank raises: the flags are reduced)
         checkpoint["sfcd_resample_generators"] = [g.get_state() for g in self._gens]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -349,20 +351,10 @@ class SAEModule(L.LightningModule):
             torch.distributed.all_reduce(flat)
             *fired, bad = flat.split([f.numel() for f in fired] + [bad.numel()])
             fired, bad = [f > 0 for f in fired], (bad > 0).view(-1, 2)
-        # a bad batch or a diverged SAE stops the run, on every rank at once, before any parameter moves
-        for spec, (x_bad, loss_bad) in zip(self.specs, bad.tolist(), strict=True):
-            if x_bad:
-                raise SfcdError(
-                    f"NaN or inf in the activations of site {spec.input_site}"
-                    + (f" or {spec.site}" if spec.in_site else "")
-                    + f" at training step {step}; "
-                    "stopped, the last good training state is kept (check the model or the file)"
-                )
-            if loss_bad:
-                raise SfcdError(
-                    f"SAE {spec.name} diverged (a non-finite loss) at training step {step}; "
-                    "stopped, the last good training state is kept: lower sae.lr"
-                )
+        # a bad batch or a diverged SAE stops the run, on every rank at once (the flags are reduced), before any
+        # state after it is saved: each check's first bad step kept on the device and read where the host reads
+        # anyway (the logging interval, a save, the run's end), not once a step
+        self._note_bad(bad, step)
         if world > 1:
             for h in pending:
                 h.wait()
@@ -384,17 +376,57 @@ class SAEModule(L.LightningModule):
         sched.step()
         for sae in self.saes:
             sae.after_step()
-        if (step + 1) % self.trainer.log_every_n_steps == 0:
-            # every SAE's MSE and L0 read back once, at the logging interval, and logged as numbers: logged
-            # tensors would be read back (a host sync) by the progress bar at every step
-            values = torch.stack([torch.stack([o["mse"], o["l0"]]) for o in outs]).tolist()
+        log_now = (step + 1) % self.trainer.log_every_n_steps == 0
+        if log_now or step + 1 >= self.total_steps:
+            # the checks' flags read (raising for a bad step) at the run's end, and at the logging interval with
+            # every SAE's MSE and L0, in one read; logged as numbers: logged tensors would be read back (a host
+            # sync) by the progress bar at every step
+            values = self.check_finite(torch.stack([torch.stack([o["mse"], o["l0"]]) for o in outs]))
             for i, (spec, (mse_v, l0_v)) in enumerate(zip(self.specs, values, strict=True)):
-                self.log(f"{spec.key}/mse", mse_v, prog_bar=i == 0)
-                self.log(f"{spec.key}/l0", l0_v, prog_bar=i == 0)
+                if log_now:
+                    self.log(f"{spec.key}/mse", mse_v, prog_bar=i == 0)
+                    self.log(f"{spec.key}/l0", l0_v, prog_bar=i == 0)
         if resample:
             if world > 1:  # every rank resamples from the global batch, in one process's row order
                 resample = [(spec, sae, *self._gather(batch[ROWS], x, per)) for spec, sae, x, per in resample]
             self._resample(opt, resample, step)
+
+    @torch.no_grad()
+    def _note_bad(self, bad: torch.Tensor, step: int) -> None:
+        """Keep, on the device, the first step at which each SAE's input (column 0) or loss (column 1) was
+        not finite (-1: none yet), from this step's flags ``bad`` [SAEs, 2]."""
+        first = self._first_bad
+        if first is None or first.device != bad.device or first.shape != bad.shape:
+            first = self._first_bad = torch.full(bad.shape, -1, dtype=torch.long, device=bad.device)
+        first.copy_(torch.where(bad & (first < 0), step, first))
+
+    def check_finite(self, values: torch.Tensor | None = None) -> list[list[float]]:
+        """Read the checks' flags (one host read, with ``values`` [n, m] if given, whose rows it returns as
+        lists) and raise for the earliest bad step: NaN or inf in a site's activations, or an SAE's non-finite
+        loss."""
+        first = self._first_bad
+        if first is None:
+            return [] if values is None else values.tolist()
+        parts = [first.flatten().double()] + ([] if values is None else [values.flatten().double()])
+        flat = torch.cat(parts).tolist()
+        firsts, rest = flat[: first.numel()], flat[first.numel() :]
+        bad = [(int(s), i // 2, i % 2) for i, s in enumerate(firsts) if s >= 0]
+        if bad:
+            step, i, loss = min(bad)  # the earliest step; at one step, an input before a loss
+            spec = self.specs[i]
+            if not loss:
+                raise SfcdError(
+                    f"NaN or inf in the activations of site {spec.input_site}"
+                    + (f" or {spec.site}" if spec.in_site else "")
+                    + f" at training step {step}; "
+                    "stopped, the last good training state is kept (check the model or the file)"
+                )
+            raise SfcdError(
+                f"SAE {spec.name} diverged (a non-finite loss) at training step {step}; "
+                "stopped, the last good training state is kept: lower sae.lr"
+            )
+        width = 0 if values is None else values.shape[1]
+        return [rest[i : i + width] for i in range(0, len(rest), width)] if width else []
 
     @torch.no_grad()
     def _gather(self, rows: torch.Tensor, *parts: torch.Tensor) -> list[torch.Tensor]:
