@@ -26,13 +26,14 @@ SCRIPT = textwrap.dedent(
     import json, lightning as L
     from sfcd.sae.train import SAEModule, make_specs, train_module
 
+    import sfcd.sae.train
     NORMS = []  # every SAE's gradient norm as the clip sees it (after the reduction), step after step
-    _clip = torch.nn.utils.clip_grad_norm_
-    def clip(params, max_norm, *a, **k):
-        norm = _clip(params, max_norm, *a, **k)
-        NORMS.append(norm.item())
-        return norm
-    torch.nn.utils.clip_grad_norm_ = clip  # at the top level: the spawned ranks import this file and patch too
+    _clip = sfcd.sae.train.clip_grad_norms_
+    def clip(groups, max_norm):
+        for group in groups:
+            NORMS.append(torch.stack([p.grad.norm() for p in group if p.grad is not None]).norm().item())
+        return _clip(groups, max_norm)
+    sfcd.sae.train.clip_grad_norms_ = clip  # at the top level: the spawned ranks import this file and patch too
 
     class SaveNorms(L.Callback):
         def __init__(self, out):

@@ -31,7 +31,7 @@ from sfcd.io import read_json, write_json
 from sfcd.sae.base import SAE, geometric_median
 from sfcd.sae.registry import sae_class
 from sfcd.sae.sparse_ops import release_workspace
-from sfcd.training import SaveEvery, make_trainer
+from sfcd.training import SaveEvery, clip_grad_norms_, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,7 @@ class SAEModule(L.LightningModule):
         # a site-parallel shard resamples as the job training every site does); saved with the training state
         self._gens = [torch.Generator().manual_seed(sae_cfg.seed) for _ in specs]
         self._first_bad: torch.Tensor | None = None  # see _note_bad
+        self._grad_clip = float(sae_cfg.grad_clip)  # read at every step: a float, not an OmegaConf lookup
 
     @property
     def _g(self) -> torch.Generator:
@@ -275,10 +276,9 @@ class SAEModule(L.LightningModule):
         # per-op kernels (bench_sae.py); elsewhere torch's default
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
         opt = torch.optim.Adam(groups, betas=tuple(self.cfg.betas), fused=fused or None)
-        c = self.cfg
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, self.total_steps, c.warmup_frac, c.decay_frac)
-        )
+        total, warmup, decay = self.total_steps, float(self.cfg.warmup_frac), float(self.cfg.decay_frac)
+        # called for every parameter group at every step: floats, not OmegaConf lookups
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, decay))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def train_dataloader(self) -> DataLoader:
@@ -358,16 +358,13 @@ class SAEModule(L.LightningModule):
         if world > 1:
             for h in pending:
                 h.wait()
-            for sae in self.saes:
-                for p in sae.parameters():
-                    if p.grad is not None:
-                        p.grad.div_(world)
+            torch._foreach_div_([p.grad for p in self.saes.parameters() if p.grad is not None], world)
+        if self._grad_clip > 0:  # each SAE's own clip, all in one pass
+            clip_grad_norms_([list(sae.parameters()) for sae in self.saes], self._grad_clip)
         resample = []
         for i, (spec, sae, out) in enumerate(zip(self.specs, self.saes, outs, strict=True)):
             x = batch[spec.input_site]
             sae.record_firing(fired[i], len(x) * world)
-            if self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip)
             sae.before_step()
             every = sae.resample_period()
             if every and (step + 1) % every == 0 and "per_token_mse" in out:
