@@ -15,7 +15,10 @@ SAE settings (``experiment=pythia``: k 32, lr, AuxK after 10M silent tokens) and
     through the real path (``SAEModule`` + ``train_module``) on cached random activations;
 (b) the 19 sites of a Pythia-70m-shaped model (random weights, ``random_checkpoint``) trained from one activation
     stream by the real ``sae`` stage (``train_saes``), TopK at d_sae 32,768, k 32: the stream's tokens/s (batch
-    rows a second, each row feeding every site's SAE), and the projected time of a 50M-token checkpoint.
+    rows a second, each row feeding every site's SAE), and the projected time of a 50M-token checkpoint;
+(c) the harvest alone at every site in float32, bfloat16 and float16 autocast;
+(d) ``host_ms_per_step_sites19``: 19 TopK SAEs at tiny shapes (``bench_sae.host_overhead``), so the step is the
+    host's Python, Lightning and kernel-launch work, which the GPU's kernels cannot hide: the floor of (b)'s step.
 
 Step times come from a Lightning callback that records CUDA events at ``on_train_batch_start`` and
 ``on_train_batch_end`` (read only when training ends: the measurement adds no host synchronisation; on the CPU,
@@ -54,6 +57,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -622,6 +626,19 @@ def harvest_figure(prof: dict, device, work: Path) -> dict:
     )
 
 
+def host_figure(tr: list[str], device: torch.device) -> dict:
+    """(d) The host's own time a step, 19 TopK SAEs at tiny shapes on this trainer (``bench_sae.host_overhead``):
+    on a GPU the Python, Lightning and kernel-launch work a step that the GPU's work cannot hide, so the floor of
+    the all-sites run's step whatever its kernels cost; its Python calls a step beside it."""
+    spec = importlib.util.spec_from_file_location("bench_sae", Path(__file__).with_name("bench_sae.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from sfcd.config import compose
+
+    precision = str(compose(tr).trainer.precision)
+    return {**bench.host_overhead(19, trainer=tuple(tr)), "device": device.type, "precision": precision}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -658,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             emit(sites_figure(prof, tr, device, work, out, prefetch=True), sink)
             emit(sites_figure(prof, tr, device, work, out, prefetch=False), sink)
             emit(harvest_figure(prof, device, work), sink)
+            emit(host_figure(tr, device), sink)
         return 0
     finally:
         if args.work is None:

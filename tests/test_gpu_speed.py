@@ -65,6 +65,7 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
         "all_sites_stream",
         "all_sites_stream_no_prefetch",
         "harvest_dtypes",
+        "host_ms_per_step_sites19",
     ]
     prof = mod.PROFILES["small"]
 
@@ -122,6 +123,13 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
         assert close(h[f"{dtype}_speedup"], h[f"{dtype}_tokens_per_s"] / h["float32_tokens_per_s"], 3e-3), h
         # autocast ran (its activations are not float32's) and stayed near them (8 or 11 bits of mantissa)
         assert 1e-5 < h[f"{dtype}_worst_site_rel_error"] < 0.05, h
+
+    host = printed[7]  # 19 SAEs on the trainer's device and precision; one logging step in ten weighed in
+    assert (host["device"], host["precision"]) == ("cpu", "bf16-mixed")
+    assert 0 < host["step_ms"] <= host["logging_step_ms"], host
+    assert close(host["value"], 0.9 * host["step_ms"] + 0.1 * host["logging_step_ms"], 1e-2), host
+    assert close(host["per_sae_ms"], host["value"] / 19, 1e-2), host
+    assert 0 < host["python_calls_step"] < host["python_calls_logging_step"], host
 
     for name in ("topk", "all_sites"):
         trace = json.loads((out / f"trace_{name}.json").read_text())
