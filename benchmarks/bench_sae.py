@@ -211,17 +211,19 @@ def checkpoint_stall(d_in: int = 512, d_sae: int = 32768, reps: int = 3) -> dict
     }
 
 
-def host_overhead(sites: int = 19, steps: int = 61, trainer: tuple[str, ...] = ("trainer.precision=32-true",)) -> dict:
+def host_overhead(sites: int = 19, steps: int = 73, trainer: tuple[str, ...] = ("trainer.precision=32-true",)) -> dict:
     """The host's own time per training step: ``sites`` TopK SAEs from one stream at shapes so small (d_in 16,
     d_sae 64, batch 64, k 4) that the arithmetic is nothing and the step is the Python, Lightning and op-dispatch
     work around it (the loop's too). On a GPU the host queues the kernels while the GPU runs them, so a step takes
     at least this long whatever the GPU does: at 19 sites it is the floor the all-sites run cannot go below (the
     GPU machine's host is faster or slower than this one by its single-core speed). One logging step in ten
     included, as in training (``log_every_n_steps`` = 10): from one batch's start to the next's, the median over
-    steps 10 to 60 without logging and the median of the logging ones, weighed 9 to 1; and the Python calls of one
-    step of each kind, a count that does not move with the machine's load. ``trainer``: overrides of the trainer
-    (``benchmarks/gpu_speed.py`` runs it on a GPU, where it is the host and kernel-launch cost a step)."""
-    acts = np.random.default_rng(0).standard_normal((64 * 4, 16), dtype=np.float32)
+    steps 10 to 59 without logging and the median of the logging ones (19 to 59), weighed 9 to 1; and the Python
+    calls of one step of each kind (65, and the logging step 69, after the timed ones), a count that does not move
+    with the machine's load. One stream chunk holds all 73 steps' rows, so no step makes a chunk. ``trainer``:
+    overrides of the trainer (``benchmarks/gpu_speed.py`` runs it on a GPU, where it is the host and
+    kernel-launch cost a step)."""
+    acts = np.random.default_rng(0).standard_normal((64 * steps, 16), dtype=np.float32)
     names = [f"s{i}" for i in range(sites)]
     from sfcd.config import compose
     from sfcd.sae.train import SAEModule, make_specs, train_module
@@ -234,11 +236,11 @@ def host_overhead(sites: int = 19, steps: int = 61, trainer: tuple[str, ...] = (
     class Starts(L.Callback):
         """The whole loop's time a step, batch start to batch start (this thread's CPU time: the machine's other
         load moved the wall time by +-25% run to run); and the Python function calls (a count that does not
-        move run to run) of step 20 and of the logging step 29."""
+        move run to run) of steps 65 and 69."""
 
         def __init__(self):
             self.starts: list[float] = []
-            self.calls = {20: 0, 29: 0}
+            self.calls = {65: 0, 69: 0}
 
         def on_train_batch_start(self, trainer, module, batch, i):
             sys.setprofile(None)
@@ -252,9 +254,12 @@ def host_overhead(sites: int = 19, steps: int = 61, trainer: tuple[str, ...] = (
                 sys.setprofile(count)
 
     starts = Starts()
-    with tempfile.TemporaryDirectory() as tmp:
-        train_module(module, cfg.trainer, Path(tmp), dict.fromkeys(names, acts), [starts])
-    gaps = np.diff(starts.starts)  # gaps[i]: step i's time
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            train_module(module, cfg.trainer, Path(tmp), dict.fromkeys(names, acts), [starts])
+    finally:
+        sys.setprofile(None)
+    gaps = np.diff(starts.starts)[:60]  # gaps[i]: step i's time, up to step 59
     logging = np.arange(len(gaps)) % 10 == 9
     plain, logged = float(np.median(gaps[10:][~logging[10:]])), float(np.median(gaps[10:][logging[10:]]))
     return {
@@ -263,8 +268,8 @@ def host_overhead(sites: int = 19, steps: int = 61, trainer: tuple[str, ...] = (
         "per_sae_ms": round(1e3 * (0.9 * plain + 0.1 * logged) / sites, 3),
         "step_ms": round(1e3 * plain, 2),
         "logging_step_ms": round(1e3 * logged, 2),
-        "python_calls_step": starts.calls[20],
-        "python_calls_logging_step": starts.calls[29],
+        "python_calls_step": starts.calls[65],
+        "python_calls_logging_step": starts.calls[69],
         "shape": "d_in 16, d_sae 64, batch 64, k 4",
     }
 

@@ -31,7 +31,7 @@ def clip_grad_norms_(groups: list[list[torch.nn.Parameter]], max_norm: float) ->
     which = _GROUP_OF.get(counts)
     if which is None:  # made once per layout: a tensor from host memory is a copy the host waits for
         which = _GROUP_OF[counts] = torch.tensor([i for i, gs in enumerate(grads) for _ in gs], device=device)
-    norms = torch.stack([n.to(device) for n in torch._foreach_norm(flat)])
+    norms = torch.stack(torch._foreach_norm(flat))  # every SAE on one device, as they train
     totals = torch.zeros(len(groups), dtype=norms.dtype, device=device).index_add_(0, which, norms.square()).sqrt()
     for gs, coef in zip(grads, (max_norm / (totals + 1e-6)).clamp(max=1.0).unbind(), strict=True):
         if gs:

@@ -147,9 +147,9 @@ NAN_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_ddp_a_diverged_sae_on_one_rank_stops_every_rank(tmp_path):
     """One rank's loss turns NaN at step 3: both ranks raise the error naming that step at the next read of the
-    checks (the save after step 4; the check flags are reduced with the fired latents) and the last saved state is
-    step 2's. Bug caught: the check kept per rank, where rank 1 raises alone and rank 0 goes on into the save's
-    collective (to be stopped by the launcher, or wait there)."""
+    checks (the save at global step 4, after step 3; the check flags are reduced with the fired latents) and the
+    last saved state is step 2's. Bug caught: the check kept per rank, where rank 1 raises alone and rank 0 goes
+    on into the save's collective (to be stopped by the launcher, or wait there)."""
     import torch
 
     script = tmp_path / "ddp_nan.py"

@@ -87,6 +87,32 @@ def test_nan_at_the_last_step_stops_before_the_saes_are_returned(arrays, tmp_pat
         fit(["sae.architecture=topk"], {"x": 32}, bad, tmp_path)
 
 
+class Overflow(L.Callback):
+    """A row of 1e20s (finite) in step 7's batch, whose squared error overflows to inf, and half the latents
+    dead (silent for long, and held below zero in this step so that it cannot fire them)."""
+
+    @torch.no_grad()
+    def on_train_batch_start(self, trainer, module, batch, i):
+        if i == 7:
+            batch["x"][0] = 1e20
+            module.saes[0].tokens_since_fired[::2] = 10**12
+            module.saes[0].b_enc[::2] = -1e30
+
+
+def test_an_overflow_at_a_resampling_step_stops_with_the_checks_error(arrays, tmp_path):
+    """Step 7 ends in a resampling pass (every 8 steps) and its loss is inf, so the draw's weights (loss^2 over
+    their sum) would be NaN. Bug caught: the checks read only after resampling, where torch.multinomial's error
+    stops the run instead of the one naming the step and the SAE."""
+    with pytest.raises(SfcdError, match=r"SAE x diverged \(a non-finite loss\) at training step 7;"):
+        fit(
+            ["sae.architecture=relu", "sae.resample_every=8"],
+            {"x": 32},
+            arrays,
+            tmp_path,
+            [Overflow()],
+        )
+
+
 def test_unknown_architecture_and_sweep_key():
     with pytest.raises(ConfigError, match="unknown SAE architecture 'gated'"):
         make_specs(compose(["sae.architecture=gated"]).sae, {"x": 4})

@@ -334,7 +334,7 @@ class SAEModule(L.LightningModule):
                 else:
                     out = sae.training_loss(x * sae.scale, progress)
                     x_ok = torch.isfinite(x).all()
-                # kept on the device, read once for every SAE below (one host sync a step, not two per SAE)
+                # kept on the device (_note_bad) and read at intervals, not at every step
                 checks.append(torch.stack([x_ok, torch.isfinite(out["loss"])]))
                 self.manual_backward(out["loss"])
                 if world > 1:  # the same parameters get gradients on every rank: the graph does not depend on data
@@ -353,7 +353,7 @@ class SAEModule(L.LightningModule):
             fired, bad = [f > 0 for f in fired], (bad > 0).view(-1, 2)
         # a bad batch or a diverged SAE stops the run, on every rank at once (the flags are reduced), before any
         # state after it is saved: each check's first bad step kept on the device and read where the host reads
-        # anyway (the logging interval, a save, the run's end), not once a step
+        # anyway (the logging interval, a save, a resampling pass, the run's end), not once a step
         self._note_bad(bad, step)
         if world > 1:
             for h in pending:
@@ -384,6 +384,9 @@ class SAEModule(L.LightningModule):
                     self.log(f"{spec.key}/mse", mse_v, prog_bar=i == 0)
                     self.log(f"{spec.key}/l0", l0_v, prog_bar=i == 0)
         if resample:
+            # before resampling from the batch: an inf in it would make the draw's weights NaN (torch.multinomial's
+            # error, not the check's); resampling reads the device anyway
+            self.check_finite()
             if world > 1:  # every rank resamples from the global batch, in one process's row order
                 resample = [(spec, sae, *self._gather(batch[ROWS], x, per)) for spec, sae, x, per in resample]
             self._resample(opt, resample, step)
@@ -409,7 +412,7 @@ class SAEModule(L.LightningModule):
         firsts, rest = flat[: first.numel()], flat[first.numel() :]
         bad = [(int(s), i // 2, i % 2) for i, s in enumerate(firsts) if s >= 0]
         if bad:
-            step, i, loss = min(bad)  # the earliest step; at one step, an input before a loss
+            step, i, loss = min(bad)  # the earliest step; at one step, the first SAE's (its input before its loss)
             spec = self.specs[i]
             if not loss:
                 raise SfcdError(
