@@ -379,10 +379,9 @@ class SAEModule(L.LightningModule):
             # every SAE's MSE and L0, in one read; logged as numbers: logged tensors would be read back (a host
             # sync) by the progress bar at every step
             values = self.check_finite(torch.stack([torch.stack([o["mse"], o["l0"]]) for o in outs]))
-            for i, (spec, (mse_v, l0_v)) in enumerate(zip(self.specs, values, strict=True)):
-                if log_now:
-                    self.log(f"{spec.key}/mse", mse_v, prog_bar=i == 0)
-                    self.log(f"{spec.key}/l0", l0_v, prog_bar=i == 0)
+            for i, (spec, (mse_v, l0_v)) in enumerate(zip(self.specs, values, strict=True) if log_now else ()):
+                self.log(f"{spec.key}/mse", mse_v, prog_bar=i == 0)
+                self.log(f"{spec.key}/l0", l0_v, prog_bar=i == 0)
         if resample:
             # before resampling from the batch: an inf in it would make the draw's weights NaN (torch.multinomial's
             # error, not the check's); resampling reads the device anyway
