@@ -78,11 +78,13 @@ def test_nan_stops_naming_step_and_site_and_keeps_the_last_state(arrays, tmp_pat
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
 
-def test_nan_at_the_last_step_stops_before_the_saes_are_returned(arrays, tmp_path):
-    """Step 31 of 32, after the last logging step (29) and the last save (30). Bug caught: the checks not read at
-    the run's end, so SAEs with NaN weights go on to evaluation and export."""
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nan_at_the_last_step_stops_before_the_saes_are_returned(arrays, tmp_path, value):
+    """Step 31 of 32, after the last logging step (29) and the last save (30); one entry of one row NaN, +inf or
+    -inf. Bugs caught: the checks not read at the run's end, so SAEs with NaN weights go on to evaluation and
+    export; an input check blind to one of the three (then named a diverged SAE, from its loss, not the site)."""
     bad = {"x": arrays["x"].copy()}
-    bad["x"][StreamBatches(ArraySource(bad, 8192, seed=0), 256, seed=0).rows(31).numpy()[0]] = np.nan
+    bad["x"][StreamBatches(ArraySource(bad, 8192, seed=0), 256, seed=0).rows(31).numpy()[0], 5] = value
     with pytest.raises(SfcdError, match=r"site x at training step 31;"):
         fit(["sae.architecture=topk"], {"x": 32}, bad, tmp_path)
 

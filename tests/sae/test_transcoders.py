@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sfcd.config import compose
+from sfcd.errors import SfcdError
 from sfcd.models.sites import Site, hooks, parse_site, reaches, run_with_cache
 from sfcd.sae import evaluate as E
 from sfcd.sae.io import load_sae, load_transcoder, save_sae, save_transcoder
@@ -170,6 +171,17 @@ def test_transcoder_beside_saes_equals_it_alone(tmp_path):
     a, b = both.saes[2].state_dict(), alone.saes[0].state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [np.nan, -np.inf])
+def test_a_bad_target_stops_the_run_naming_the_transcoders_sites(tmp_path, value):
+    """One entry of every 7th row of the transcoder's target (the MLP output) NaN or -inf, its input clean: the
+    run stops naming both sites, at step 0. Bug caught: only the input checked, so the bad target is reported as
+    the transcoder diverging (a non-finite loss)."""
+    arrays, *_ = _planted_mlp(n=4096)
+    arrays["mlp.0"][::7, 3] = value
+    with pytest.raises(SfcdError, match=r"activations of site mlp_in.0 or mlp.0 at training step 0;"):
+        _fit(arrays, tmp_path, steps=4)
 
 
 def test_transcoder_stage_writes_sparsify_files_and_scores_the_splice(own_run):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sfcd.sae.base import mse
+from sfcd.sae.base import extremes, mse
 from sfcd.sae.sparse_ops import (
     ActiveLatents,
     dense_from_sparse,
@@ -79,7 +79,7 @@ class BatchTopKSAE(TopKSAE):
             momentum = self.hparams.get("threshold_momentum", 0.99)
             moved = torch.where(self.threshold == 0, smallest, momentum * self.threshold + (1 - momentum) * smallest)
             # a batch with NaN or inf leaves the threshold alone (the step then stops on the check in training)
-            ok = torch.isfinite(smallest) & torch.isfinite(x).all()
+            ok = torch.cat([smallest.reshape(1).float(), extremes(x).float()]).isfinite().all()
             self.threshold.copy_(torch.where(ok, moved, self.threshold))
         rec = mse(x_hat, x)
         fired = fired_latents(idx, vals, self.d_sae)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from sfcd.activations.stream import ArraySource, ChunkSource, StreamBatches, prefetch_on
 from sfcd.errors import ConfigError, SfcdError
 from sfcd.io import read_json, write_json
-from sfcd.sae.base import SAE, geometric_median
+from sfcd.sae.base import SAE, extremes, geometric_median
 from sfcd.sae.registry import sae_class
 from sfcd.sae.sparse_ops import release_workspace
 from sfcd.training import SaveEvery, clip_grad_norms_, make_trainer
@@ -330,12 +330,13 @@ class SAEModule(L.LightningModule):
                 if sae.is_transcoder:
                     y = batch[spec.site]
                     out = sae.training_loss(x * sae.scale, progress, target=y * sae.out_scale)
-                    x_ok = torch.isfinite(x).all() & torch.isfinite(y).all()
+                    ext = extremes(x, y)
                 else:
                     out = sae.training_loss(x * sae.scale, progress)
-                    x_ok = torch.isfinite(x).all()
-                # kept on the device (_note_bad) and read at intervals, not at every step
-                checks.append(torch.stack([x_ok, torch.isfinite(out["loss"])]))
+                    ext = extremes(x)
+                # the input's extremes and the loss, finite or not: tested for all SAEs at once after the loop, kept
+                # on the device (_note_bad) and read at intervals, not at every step
+                checks.append(torch.cat([ext.float(), out["loss"].detach().reshape(1).float()]))
                 self.manual_backward(out["loss"])
                 if world > 1:  # the same parameters get gradients on every rank: the graph does not depend on data
                     pending += [
@@ -345,7 +346,8 @@ class SAEModule(L.LightningModule):
                     ]
                 outs.append({k: v.detach() for k, v in out.items() if k in ("fired", "mse", "l0", "per_token_mse")})
                 del out
-        fired, bad = [o["fired"] for o in outs], ~torch.stack(checks)  # bad: [SAEs, (input, loss)]
+        fin = torch.stack(checks).isfinite()  # [SAEs, (smallest input, largest input, loss)]
+        fired, bad = [o["fired"] for o in outs], ~torch.stack([fin[:, 0] & fin[:, 1], fin[:, 2]], 1)  # (input, loss)
         if world > 1:  # which latents fired on any rank, and any rank's bad input or loss: one reduction
             flat = torch.cat([f.to(torch.int32) for f in fired] + [bad.flatten().to(torch.int32)])
             torch.distributed.all_reduce(flat)
