@@ -45,6 +45,39 @@ def matmul_rate(b: int, d: int, m: int, reps: int = 5, encoder_only: bool = Fals
     return reps * len(products) * 2 * b * d * m / (time.perf_counter() - t)
 
 
+def machine(b: int, d: int, m: int) -> dict:
+    """What the fractions depend on besides the code: the CPU, its threads, its fp32 rate for the encoder's matmul
+    and its memory bandwidth (a copy of 256 MB, past the caches). A TopK step's sparse kernels and top-k run at
+    the speed of memory, its limit at the matmul's, so the same code reads a lower fraction on a machine whose
+    matmul is faster for its memory (``gflops_per_gbps``)."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else ():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    src, dst = torch.ones(2**26), torch.empty(2**26)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    gbps = 2 * src.numel() * 4 / min(times) / 1e9  # read and write
+    gflops = matmul_rate(b, d, m, reps=3, encoder_only=True) / 1e9
+    return {
+        "figure": "machine",
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "encoder_matmul_gflops": round(gflops, 1),
+        "copy_gbps": round(gbps, 1),
+        "gflops_per_gbps": round(gflops / gbps, 2),
+    }
+
+
 class StepTimer(L.Callback):
     """Each step's time; with ``probe`` (a function returning a rate), ``probe()`` run before each step, outside
     its time, and its rates kept in ``rates``."""
@@ -290,6 +323,7 @@ def main() -> None:
     # a dense SAE step is five matmuls of 2*B*D*M FLOPs (encoder, decoder, and the grads of W_enc, f, W_dec);
     # the matmul rate is measured just before and after each architecture's run, and the two averaged
     flops_per_token = 5 * 2 * a.d_in * a.d_sae
+    print(json.dumps(machine(a.batch, a.d_in, a.d_sae)))
     rates = {}
     for arch in ("relu", "jumprelu", "topk", "batchtopk"):
         before = matmul_rate(a.batch, a.d_in, a.d_sae)
