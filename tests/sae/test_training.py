@@ -53,6 +53,38 @@ def test_many_saes_in_one_stream_equal_each_alone(arch, arrays, tmp_path):
     assert not torch.allclose(many.saes[2].W_dec, alone.saes[0].W_dec)  # a different lr is a different SAE
 
 
+class Dead(L.Callback):
+    """The first 16 latents of every SAE silent for long at every step: AuxK on in these short runs."""
+
+    @torch.no_grad()
+    def on_train_batch_start(self, trainer, module, batch, i):
+        for sae in module.saes:
+            sae.tokens_since_fired[:16] = 10**12
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+def test_one_backward_pass_for_all_saes_where_their_graphs_are_small(arch, arrays, tmp_path, monkeypatch):
+    """Three SAEs (two sites, one at two lrs), AuxK at work (16 latents of each counted dead). TopK's sparse path
+    takes one backward pass a step for all three and trains bit for bit what one pass per SAE trains; a dense step
+    (ReLU: [B, d_sae] tensors in its graph) keeps one pass per SAE. Bugs caught: the joint loss weighted (a mean:
+    every gradient a third), a loss left out of it, dense graphs all alive at once (or the sparse ones not)."""
+    passes = []
+    real = SAEModule.manual_backward
+    monkeypatch.setattr(SAEModule, "manual_backward", lambda self, loss: passes.append(1) or real(self, loss))
+    cfg, sites = [f"sae.architecture={arch}", "+sae.sweep.lr=[0.001,0.003]"], {"x": 32, "y": 32}
+    joint = fit(cfg, sites, arrays, tmp_path / "j", [Dead()])
+    n_saes, steps = len(joint.saes), joint.total_steps
+    assert len(passes) == (steps if arch != "relu" else n_saes * steps)
+    if arch == "relu":
+        return
+    passes.clear()
+    monkeypatch.setattr(type(joint.saes[0]), "small_graph", property(lambda self: False))
+    each = fit(cfg, sites, arrays, tmp_path / "e", [Dead()])
+    assert len(passes) == n_saes * steps
+    for a, b in zip(joint.saes, each.saes, strict=True):
+        assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
 def test_resume_continues_the_same_run(arrays, tmp_path):
     ref = fit(["sae.architecture=topk"], {"x": 32}, arrays, tmp_path / "ref")
     with pytest.raises(Crash):
@@ -414,3 +446,55 @@ def test_every_saes_mse_and_l0_logged_as_numbers_at_the_logging_interval(arrays,
         assert [s for s, _ in logged] == [9, 19, 29], key
         assert all(v > 0 and v == v for _, v in logged), key
     assert all(float(r["x/l0"]) <= 4 for r in rows if r.get("x/l0"))  # k = 4
+
+
+def _largest_saved(sae, x, **kw) -> int:
+    """The most elements of any tensor a training step's graph keeps for its backward pass."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sae.training_loss(x, 0.5, **kw)["loss"]
+    return max(sizes)
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "relu",
+        "relu_reference",
+        "jumprelu",
+        "topk",
+        "batchtopk",
+        "crosscoder_batchtopk",
+        "crosscoder_l1",
+        "transcoder",
+        "topk_dense",
+    ],
+)
+def test_small_graph_is_true_of_the_graph(arch):
+    """``small_graph`` (which lets a step's SAEs share one backward pass, their graphs alive at once) against
+    what each architecture's graph keeps: nothing of [B, d_sae] (here 256 x 512, every [B, d] 256 x 32) where it
+    says True, something that large where it says False. Bug caught: a dense architecture (the L1 crosscoder, a
+    TopK SAE with ``sparse=False``) said small, so that 19 sites' [B, d_sae] activations would be alive at once."""
+    from sfcd.crosscoders.model import CROSSCODERS
+
+    torch.manual_seed(0)
+    B, d, m, kw = 256, 32, 512, {}
+    x = torch.randn(B, d)
+    if arch.startswith("crosscoder_"):
+        sae = CROSSCODERS[arch.removeprefix("crosscoder_")](d, m, seed=0, n_blocks=2, k=4)
+    else:
+        name = {"topk_dense": "topk"}.get(arch, arch)
+        cfg = compose([f"sae.architecture={name}", f"sae.d_sae={m}", "sae.k=4", f"sae.transcoder.d_sae={m}"])
+        if arch == "transcoder":
+            specs, kw = make_specs(cfg.sae, {}, {"mlp.0": d}), {"target": torch.randn(B, d)}
+        else:
+            specs = make_specs(cfg.sae, {"x": d})
+        sae = SAEModule(specs, cfg.sae, 10).saes[0]
+        sae.hparams["sparse"] = arch != "topk_dense"  # the dense reference computation (tests)
+    sae.tokens_since_fired[: m // 4] = 10**12  # AuxK on, where there is one
+    assert (_largest_saved(sae, x, **kw) < B * m) == sae.small_graph

@@ -119,6 +119,10 @@ class BatchTopKCrosscoder(Crosscoder):
 class L1Crosscoder(Crosscoder):
     architecture = "crosscoder_l1"
 
+    @property
+    def small_graph(self) -> bool:
+        return False  # a dense step: its graph keeps the [B, d_sae] activations
+
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
 

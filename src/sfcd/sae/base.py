@@ -31,6 +31,13 @@ class SAE(nn.Module):
     resample_criterion: ClassVar[str] = "silent"
     resample_resets_adam: ClassVar[bool] = True  # zero the resampled features' Adam moments
 
+    @property
+    def small_graph(self) -> bool:
+        """Whether a training step's graph keeps only [batch, d]-sized tensors (no [batch, d_sae] ones), so that
+        the graphs of all SAEs of a step may be alive at once and take one backward pass (``SAEModule``). A
+        subclass whose ``training_loss`` keeps [batch, d_sae] tensors says False."""
+        return False
+
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, **hparams: Any):
         super().__init__()
         self.d_in, self.d_sae, self.hparams = d_in, d_sae, hparams

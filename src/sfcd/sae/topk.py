@@ -20,6 +20,11 @@ class TopKSAE(SAE):
     dense_aux_ratio: int = 8
 
     @property
+    def small_graph(self) -> bool:
+        # the sparse path keeps [B, k] and [B, d] tensors; the dense reference keeps its [B, d_sae] pre-activations
+        return bool(self.hparams.get("sparse", True))
+
+    @property
     def k(self) -> int:
         return int(self.hparams["k"])
 

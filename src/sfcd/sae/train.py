@@ -308,8 +308,15 @@ class SAEModule(L.LightningModule):
         return self.trainer.world_size if ready and self._trainer is not None else 1
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Each SAE's forward and backward in turn (one SAE's graph alive at a time), then its clip, decoder
-        projection and one optimizer step for all.
+        """Each SAE's forward in turn, then the backward, each SAE's clip and decoder projection, and one
+        optimizer step for all.
+
+        Where every SAE's graph is small (:attr:`SAE.small_graph`: TopK's sparse path, whose graph keeps [B, d]-sized
+        tensors only), one backward pass over the sum of their losses (the same gradients: each loss reaches its
+        own parameters only), so that the host's work around a pass (Lightning's hooks, autograd's entry) is paid
+        once a step rather than once per SAE: on a GPU, where the host's work is the floor of an all-sites step
+        (``bench_sae.host_overhead``). Otherwise each SAE's backward right after its forward, so that one graph
+        with [B, d_sae] tensors is alive at a time.
 
         Under DDP each rank holds a slice of the global batch. DDP's own reducer expects every parameter's
         gradient from each backward pass, but here each backward reaches one SAE only, so it is switched off
@@ -322,7 +329,9 @@ class SAEModule(L.LightningModule):
         progress = step / max(1, self.total_steps)
         world = self._world()
         opt.zero_grad(set_to_none=True)
-        outs, pending, checks = [], [], []
+        outs, pending, checks, losses = [], [], [], []
+        # one pass for all (above); not under DDP, where each SAE's all-reduce overlaps the next SAE's compute
+        joint = world == 1 and all(sae.small_graph for sae in self.saes)
         no_sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)  # DDP's: no_sync
         with no_sync():
             for spec, sae in zip(self.specs, self.saes, strict=True):
@@ -337,7 +346,10 @@ class SAEModule(L.LightningModule):
                 # the input's extremes and the loss, finite or not: tested for all SAEs at once after the loop, kept
                 # on the device (_note_bad) and read at intervals, not at every step
                 checks.append(torch.cat([ext.float(), out["loss"].detach().reshape(1).float()]))
-                self.manual_backward(out["loss"])
+                if joint:
+                    losses.append(out["loss"])
+                else:
+                    self.manual_backward(out["loss"])
                 if world > 1:  # the same parameters get gradients on every rank: the graph does not depend on data
                     pending += [
                         torch.distributed.all_reduce(p.grad, async_op=True)
@@ -346,6 +358,8 @@ class SAEModule(L.LightningModule):
                     ]
                 outs.append({k: v.detach() for k, v in out.items() if k in ("fired", "mse", "l0", "per_token_mse")})
                 del out
+        if losses:
+            self.manual_backward(torch.stack(losses).sum())
         fin = torch.stack(checks).isfinite()  # [SAEs, (smallest input, largest input, loss)]
         fired, bad = [o["fired"] for o in outs], ~torch.stack([fin[:, 0] & fin[:, 1], fin[:, 2]], 1)  # (input, loss)
         if world > 1:  # which latents fired on any rank, and any rank's bad input or loss: one reduction
