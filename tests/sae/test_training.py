@@ -94,6 +94,30 @@ def test_resume_continues_the_same_run(arrays, tmp_path):
     assert_same(params(resumed.saes[0]), params(ref.saes[0]))
 
 
+def test_a_state_with_one_optimizer_group_per_sae_resumes_into_the_shared_groups(arrays, tmp_path, monkeypatch):
+    """Four SAEs, two lrs in a sweep (x@0.001, x@0.003, y@0.001, y@0.003: four runs of one) and the same four at
+    one lr (one group): a run that crashes at step 12 with one optimizer parameter group per SAE (the layout of
+    states saved before the groups were shared) resumes in today's layout and ends bit for bit where an unbroken
+    run ends. Bugs caught: the old state refused (Lightning: a different number of groups), the groups joined out
+    of order (Adam's moments given to another SAE's parameters), the scheduler's per-group lists left long."""
+    for cfg in (
+        ["sae.architecture=topk", "+sae.sweep.lr=[0.001,0.003]"],
+        ["sae.architecture=topk", "+sae.sweep.seed=[0,1]"],
+    ):
+        name = "seed" if "seed" in cfg[1] else "lr"
+        ref = fit(cfg, {"x": 32, "y": 32}, arrays, tmp_path / f"{name}_ref")
+        with monkeypatch.context() as m:
+            m.setattr(SAEModule, "_lr_runs", lambda self: [1] * len(self.specs))
+            with pytest.raises(Crash):
+                fit(cfg, {"x": 32, "y": 32}, arrays, tmp_path / name, [CrashAt(12)])
+        state = torch.load(tmp_path / name / "last.ckpt", map_location="cpu", weights_only=True)
+        assert len(state["optimizer_states"][0]["param_groups"]) == 4
+        resumed = fit(cfg, {"x": 32, "y": 32}, arrays, tmp_path / name)
+        assert len(resumed.optimizers().param_groups) == (4 if name == "lr" else 1)
+        for a, b in zip(resumed.saes, ref.saes, strict=True):
+            assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
 @pytest.mark.parametrize("every", [5, 4])
 def test_nan_stops_naming_step_and_site_and_keeps_the_last_state(arrays, tmp_path, every):
     """NaN rows in the batches of steps 7 and 8. The checks are read at the logging step 9 (saves every 5: the

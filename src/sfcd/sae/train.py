@@ -80,6 +80,26 @@ class SAESpec:
         return sae_class(self.architecture)(self.d_in, self.d_sae, seed=self.seed, **self.hparams)
 
 
+def merge_param_groups(checkpoint: dict, runs: list[int]) -> None:
+    """A training state saved with one optimizer parameter group per SAE (before they were grouped by runs of
+    equal lr, :meth:`SAEModule._lr_runs`), rewritten in place to the groups ``runs`` describes: each run's groups
+    joined in order (the parameters keep their indices, so their Adam moments stay theirs) and the LR scheduler's
+    per-group lists cut to one entry per group. A state already in that layout is left as it is."""
+    opts, scheds = checkpoint.get("optimizer_states") or [], checkpoint.get("lr_schedulers") or []
+    if len(opts) != 1 or len(opts[0]["param_groups"]) != sum(runs) or len(runs) == sum(runs):
+        return
+    old, merged, i = opts[0]["param_groups"], [], 0
+    for n in runs:
+        merged.append({**old[i], "params": [p for g in old[i : i + n] for p in g["params"]]})
+        i += n
+    opts[0]["param_groups"] = merged
+    firsts = [sum(runs[:j]) for j in range(len(runs))]
+    for sched in scheds:
+        for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+            if isinstance(sched.get(key), list) and len(sched[key]) == sum(runs):
+                sched[key] = [sched[key][j] for j in firsts]
+
+
 def make_specs(
     sae_cfg: DictConfig, site_dims: dict[str, int], transcoder_dims: dict[str, int] | None = None
 ) -> list[SAESpec]:
@@ -240,6 +260,7 @@ class SAEModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         for g, state in zip(self._gens, checkpoint.get("sfcd_resample_generators", []), strict=False):
             g.set_state(state)
+        merge_param_groups(checkpoint, self._lr_runs())
 
     @torch.no_grad()
     def initialise(self, data: ChunkSource | dict[str, np.ndarray]) -> None:
@@ -268,10 +289,23 @@ class SAEModule(L.LightningModule):
             if start:
                 warm_start(sae, Path(start) / spec.name)
 
+    def _lr_runs(self) -> list[int]:
+        """How many consecutive SAEs share each parameter group: one group per run of SAEs with the same lr (one
+        group for all, unless a sweep varies the lr), each SAE's parameters in their order, so a step's Adam is
+        one call (one fused kernel) per group rather than per SAE."""
+        runs: list[int] = []
+        for i, spec in enumerate(self.specs):
+            if i and spec.lr == self.specs[i - 1].lr:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        return runs
+
     def configure_optimizers(self):
-        groups = [
-            {"params": list(sae.parameters()), "lr": spec.lr} for spec, sae in zip(self.specs, self.saes, strict=True)
-        ]
+        groups, saes = [], iter(zip(self.specs, self.saes, strict=True))
+        for n in self._lr_runs():
+            members = [next(saes) for _ in range(n)]
+            groups.append({"params": [p for _, sae in members for p in sae.parameters()], "lr": members[0][0].lr})
         # fused: one kernel for every parameter's update (CPU and CUDA), several times faster than the loop of
         # per-op kernels (bench_sae.py); elsewhere torch's default
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
