@@ -53,6 +53,12 @@ class Crosscoder(BatchTopKSAE):
         self.register_buffer("block_mean", torch.full((d_in,), float("nan")), persistent=False)
 
     @property
+    def small_graph(self) -> bool:
+        # one backward pass per crosscoder: the stage's memory plan (crosscoders/memory.py) counts one site's
+        # working tensors of a step at a time; the L1 crosscoder's graph keeps its [B, d_sae] activations besides
+        return False
+
+    @property
     def n_blocks(self) -> int:
         return int(self.hparams["n_blocks"])
 
@@ -118,10 +124,6 @@ class BatchTopKCrosscoder(Crosscoder):
 
 class L1Crosscoder(Crosscoder):
     architecture = "crosscoder_l1"
-
-    @property
-    def small_graph(self) -> bool:
-        return False  # a dense step: its graph keeps the [B, d_sae] activations
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)

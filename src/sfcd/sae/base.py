@@ -33,9 +33,10 @@ class SAE(nn.Module):
 
     @property
     def small_graph(self) -> bool:
-        """Whether a training step's graph keeps only [batch, d]-sized tensors (no [batch, d_sae] ones), so that
-        the graphs of all SAEs of a step may be alive at once and take one backward pass (``SAEModule``). A
-        subclass whose ``training_loss`` keeps [batch, d_sae] tensors says False."""
+        """Whether a training step's graph keeps no [batch, d_sae] tensor (TopK's sparse path: [batch, d] and
+        [batch, k]-sized ones, and, while latents are dead, AuxK's [batch, n_dead] columns, n_dead <= 8 k_aux), so
+        that the graphs of all SAEs of a step may be alive at once and take one backward pass (``SAEModule``).
+        A subclass whose ``training_loss`` keeps [batch, d_sae] tensors says False."""
         return False
 
     def __init__(self, d_in: int, d_sae: int, seed: int = 0, **hparams: Any):

@@ -21,7 +21,8 @@ class TopKSAE(SAE):
 
     @property
     def small_graph(self) -> bool:
-        # the sparse path keeps [B, k] and [B, d] tensors; the dense reference keeps its [B, d_sae] pre-activations
+        # the sparse path keeps [B, k], [B, d] and AuxK's [B, n_dead] tensors; the dense reference its [B, d_sae]
+        # pre-activations
         return bool(self.hparams.get("sparse", True))
 
     @property

@@ -345,8 +345,8 @@ class SAEModule(L.LightningModule):
         """Each SAE's forward in turn, then the backward, each SAE's clip and decoder projection, and one
         optimizer step for all.
 
-        Where every SAE's graph is small (:attr:`SAE.small_graph`: TopK's sparse path, whose graph keeps [B, d]-sized
-        tensors only), one backward pass over the sum of their losses (the same gradients: each loss reaches its
+        Where every SAE's graph is small (:attr:`SAE.small_graph`: TopK's sparse path, whose graph keeps no
+        [B, d_sae] tensor), one backward pass over the sum of their losses (the same gradients: each loss reaches its
         own parameters only), so that the host's work around a pass (Lightning's hooks, autograd's entry) is paid
         once a step rather than once per SAE: on a GPU, where the host's work is the floor of an all-sites step
         (``bench_sae.host_overhead``). Otherwise each SAE's backward right after its forward, so that one graph
@@ -392,8 +392,8 @@ class SAEModule(L.LightningModule):
                     ]
                 outs.append({k: v.detach() for k, v in out.items() if k in ("fired", "mse", "l0", "per_token_mse")})
                 del out
-        if losses:
-            self.manual_backward(torch.stack(losses).sum())
+            if losses:  # inside no_sync: under a DDP strategy with one process, DDP's reducer stays off too
+                self.manual_backward(torch.stack(losses).sum())
         fin = torch.stack(checks).isfinite()  # [SAEs, (smallest input, largest input, loss)]
         fired, bad = [o["fired"] for o in outs], ~torch.stack([fin[:, 0] & fin[:, 1], fin[:, 2]], 1)  # (input, loss)
         if world > 1:  # which latents fired on any rank, and any rank's bad input or loss: one reduction
