@@ -101,14 +101,15 @@ def test_a_state_with_one_optimizer_group_per_sae_resumes_into_the_shared_groups
     saved before the groups were shared) resumes in today's layout and ends bit for bit where an unbroken run
     ends. Bugs caught: the old state refused (Lightning: a different number of groups), the groups joined out of
     order (Adam's moments given to another SAE's parameters), the scheduler's per-group lists left long or cut to
-    the wrong groups' lrs."""
+    the wrong groups' lrs, a group given another run's lr."""
     layouts = {
-        "lr_seed": (["+sae.sweep.lr=[0.001,0.003]", "+sae.sweep.seed=[0,1]"], {"x": 32}, 2),
-        "seed": (["+sae.sweep.seed=[0,1]"], {"x": 32, "y": 32}, 1),
+        "lr_seed": (["+sae.sweep.lr=[0.001,0.003]", "+sae.sweep.seed=[0,1]"], {"x": 32}, [0.001, 0.003]),
+        "seed": (["+sae.sweep.seed=[0,1]", "sae.lr=0.002"], {"x": 32, "y": 32}, [0.002]),
     }
-    for name, (sweep, sites, groups) in layouts.items():
+    for name, (sweep, sites, lrs) in layouts.items():
         cfg = ["sae.architecture=topk", *sweep]
         ref = fit(cfg, sites, arrays, tmp_path / f"{name}_ref")
+        assert [g["initial_lr"] for g in ref.optimizers().param_groups] == lrs  # each group at its SAEs' lr
         with monkeypatch.context() as m:
             m.setattr(SAEModule, "_lr_runs", lambda self: [1] * len(self.specs))
             with pytest.raises(Crash):
@@ -116,7 +117,7 @@ def test_a_state_with_one_optimizer_group_per_sae_resumes_into_the_shared_groups
         state = torch.load(tmp_path / name / "last.ckpt", map_location="cpu", weights_only=True)
         assert len(state["optimizer_states"][0]["param_groups"]) == 4
         resumed = fit(cfg, sites, arrays, tmp_path / name)
-        assert len(resumed.optimizers().param_groups) == groups
+        assert len(resumed.optimizers().param_groups) == len(lrs)
         for a, b in zip(resumed.saes, ref.saes, strict=True):
             assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 

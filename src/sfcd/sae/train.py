@@ -302,10 +302,11 @@ class SAEModule(L.LightningModule):
         return runs
 
     def configure_optimizers(self):
-        groups, saes = [], iter(zip(self.specs, self.saes, strict=True))
+        groups, start = [], 0
         for n in self._lr_runs():
-            members = [next(saes) for _ in range(n)]
-            groups.append({"params": [p for _, sae in members for p in sae.parameters()], "lr": members[0][0].lr})
+            params = [p for sae in self.saes[start : start + n] for p in sae.parameters()]
+            groups.append({"params": params, "lr": self.specs[start].lr})
+            start += n
         # fused: one kernel for every parameter's update (CPU and CUDA), several times faster than the loop of
         # per-op kernels (bench_sae.py); elsewhere torch's default
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
