@@ -105,6 +105,7 @@ class TrainerConfig:
     strategy: str = "auto"  # Lightning strategy: auto | ddp | ...
     precision: str = "32-true"  # Lightning precision: 32-true | bf16-mixed | ...
     threads: int = 0  # torch CPU threads (0: torch's default)
+    log_every_n_steps: int = 10  # Lightning's logging interval: each SAE's MSE and L0 read from the device and logged
 
 
 @dataclass

@@ -109,6 +109,9 @@ def make_trainer(trainer_cfg: DictConfig, max_steps: int, log_dir: Path, callbac
     the last write, so a run that ends or fails leaves its last state whole. On a GPU the writer's copy of the
     snapshot to the host runs on the default stream, between the training's kernels (not yet measured on a
     GPU)."""
+    log_every = int(trainer_cfg.get("log_every_n_steps", 10))
+    if log_every < 1:
+        raise ConfigError(f"trainer.log_every_n_steps must be at least 1 (steps between logged metrics): {log_every}")
     loggers = [L.pytorch.loggers.CSVLogger(str(log_dir), name="lightning_logs", version=0)]
     try:
         import tensorboard  # noqa: F401
@@ -126,7 +129,7 @@ def make_trainer(trainer_cfg: DictConfig, max_steps: int, log_dir: Path, callbac
         logger=loggers,
         enable_checkpointing=False,
         enable_model_summary=False,
-        log_every_n_steps=10,
+        log_every_n_steps=log_every,
         num_sanity_val_steps=0,
         plugins=[OneSaveAtATime(AtomicCheckpointIO())],
         **kwargs,

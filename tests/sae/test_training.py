@@ -447,33 +447,56 @@ def test_warm_start_reproduces_the_saved_sae(arrays, tmp_path):
         assert not torch.allclose(cold.saes[0].W_dec, module.saes[0].W_dec)
 
 
-def test_every_saes_mse_and_l0_logged_as_numbers_at_the_logging_interval(arrays, tmp_path, monkeypatch):
-    """32 steps, Lightning's interval 10: each SAE's MSE and L0 logged at steps 10, 20 and 30 only, as Python
-    numbers, and written to the CSV log there; L0 at most k. Bugs caught: logging every step or logging tensors
-    (either one reads every SAE's values back to the host at every step, on a GPU a sync each), never logging,
-    another quantity under the L0's name."""
+@pytest.mark.parametrize("every", [None, 16])
+def test_every_saes_mse_and_l0_logged_as_numbers_at_the_logging_interval(arrays, tmp_path, monkeypatch, every):
+    """32 steps, Lightning's interval 10 (``trainer.log_every_n_steps``'s default; or 16 as set): each SAE's MSE
+    and L0 written to the loggers at steps 10, 20 and 30 only (16 and 32),
+    as Python numbers, in the CSV log there, and the first SAE's on the progress bar (``self.log``); L0 at most k.
+    Bugs caught: logging every step or logging tensors (either one reads every SAE's values back to the host at
+    every step, on a GPU a sync each), never logging, another quantity under the L0's name, every SAE's metrics
+    through ``self.log`` again (Lightning's ~1,900 Python calls a metric), the interval's setting ignored."""
     import csv
 
-    calls = []
-    log = SAEModule.log
+    from lightning.pytorch.loggers import CSVLogger
+
+    calls, written = [], []
+    log, log_metrics = SAEModule.log, CSVLogger.log_metrics
 
     def spy(self, name, value, *a, **k):
         calls.append((self.global_step, name, type(value)))
         return log(self, name, value, *a, **k)
 
+    def spy_logger(self, metrics, step=None):
+        written.append((step, {name: type(v) for name, v in metrics.items()}))
+        return log_metrics(self, metrics, step)
+
     monkeypatch.setattr(SAEModule, "log", spy)
-    fit(["sae.architecture=topk"], {"x": 32, "y": 32}, arrays, tmp_path)
+    monkeypatch.setattr(CSVLogger, "log_metrics", spy_logger)
+    fit(
+        ["sae.architecture=topk", *([f"trainer.log_every_n_steps={every}"] if every else [])],
+        {"x": 32, "y": 32},
+        arrays,
+        tmp_path,
+    )
     # global_step counts optimizer steps: the log call of step 10 runs after its optimizer step (global_step 10)
-    assert sorted({s for s, _, _ in calls}) == [10, 20, 30]
-    assert {n for _, n, _ in calls} == {"x/mse", "x/l0", "y/mse", "y/l0"}
+    at = [16, 32] if every else [10, 20, 30]
+    assert sorted({s for s, _, _ in calls}) == at
+    assert {n for _, n, _ in calls} == {"x/mse", "x/l0"}  # the progress bar's
     assert {t for _, _, t in calls} == {float}
+    assert [s for s, _ in written] == [s - 1 for s in at]  # the step's index, as Lightning's connector wrote it
+    assert all(types == dict.fromkeys(("x/mse", "x/l0", "y/mse", "y/l0"), float) for _, types in written)
     with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     for key in ("x/mse", "x/l0", "y/mse", "y/l0"):
         logged = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
-        assert [s for s, _ in logged] == [9, 19, 29], key
+        assert [s for s, _ in logged] == [s - 1 for s in at], key
         assert all(v > 0 and v == v for _, v in logged), key
     assert all(float(r["x/l0"]) <= 4 for r in rows if r.get("x/l0"))  # k = 4
+
+
+def test_a_logging_interval_below_one_is_refused_naming_the_setting(arrays, tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.log_every_n_steps must be at least 1 .*: 0"):
+        fit(["trainer.log_every_n_steps=0"], {"x": 32}, arrays, tmp_path)
 
 
 def _largest_saved(sae, x, **kw) -> int:

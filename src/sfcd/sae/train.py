@@ -240,6 +240,9 @@ class SAEModule(L.LightningModule):
     def __init__(self, specs: list[SAESpec], sae_cfg: DictConfig, total_steps: int, source: ChunkSource | None = None):
         super().__init__()
         self.specs, self.cfg, self.total_steps, self.source = specs, sae_cfg, total_steps, source
+        keys = [s.key for s in specs]
+        if len(set(keys)) < len(keys):  # their logs and densities are keyed by it
+            raise ValueError(f"SAEs trained together need distinct keys, got {keys}")
         self.saes = nn.ModuleList(s.build() for s in specs)
         self.automatic_optimization = False
         # one CPU generator per SAE (draws do not depend on the device, nor on which other SAEs train beside it:
@@ -427,12 +430,10 @@ class SAEModule(L.LightningModule):
         log_now = (step + 1) % self.trainer.log_every_n_steps == 0
         if log_now or step + 1 >= self.total_steps:
             # the checks' flags read (raising for a bad step) at the run's end, and at the logging interval with
-            # every SAE's MSE and L0, in one read; logged as numbers: logged tensors would be read back (a host
-            # sync) by the progress bar at every step
+            # every SAE's MSE and L0, in one read
             values = self.check_finite(torch.stack([torch.stack([o["mse"], o["l0"]]) for o in outs]))
-            for i, (spec, (mse_v, l0_v)) in enumerate(zip(self.specs, values, strict=True) if log_now else ()):
-                self.log(f"{spec.key}/mse", mse_v, prog_bar=i == 0)
-                self.log(f"{spec.key}/l0", l0_v, prog_bar=i == 0)
+            if log_now:
+                self._log_metrics(step, values)
         if resample:
             # before resampling from the batch: an inf in it would make the draw's weights NaN (torch.multinomial's
             # error, not the check's); resampling reads the device anyway
@@ -440,6 +441,25 @@ class SAEModule(L.LightningModule):
             if world > 1:  # every rank resamples from the global batch, in one process's row order
                 resample = [(spec, sae, *self._gather(batch[ROWS], x, per)) for spec, sae, x, per in resample]
             self._resample(opt, resample, step)
+
+    def _log_metrics(self, step: int, values: list[list[float]]) -> None:
+        """Every SAE's MSE and L0 (``values``, one [mse, l0] per SAE, read from the device) to the loggers (CSV,
+        TensorBoard) at ``step``, and the first SAE's on the progress bar.
+
+        As numbers (logged tensors would be read back, a host sync, by the progress bar at every step), and to the
+        loggers directly (``Logger.log_metrics``, as Lightning's own logger connector writes them), not through
+        ``self.log``: Lightning's ``self.log`` costs about 1,900 Python calls a metric (its result collection
+        moves each metric's whole state to the value's device on every call), 75,000 a logging step at 19 sites,
+        six times a plain step's host work (``bench_sae.host_overhead``). So ``trainer.logged_metrics`` and
+        ``callback_metrics`` hold only the progress bar's two."""
+        metrics = {}
+        for spec, (mse_v, l0_v) in zip(self.specs, values, strict=True):
+            metrics[f"{spec.key}/mse"], metrics[f"{spec.key}/l0"] = mse_v, l0_v
+        for name in list(metrics)[:2]:
+            self.log(name, metrics[name], prog_bar=True, logger=False)  # written with the rest below
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
+            logger.save()
 
     @torch.no_grad()
     def _note_bad(self, bad: torch.Tensor, step: int) -> None:
