@@ -126,7 +126,8 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
 
     host = printed[7]  # 19 SAEs on the trainer's device and precision; one logging step in ten weighed in
     assert (host["device"], host["precision"]) == ("cpu", "bf16-mixed")
-    assert 0 < host["step_ms"] <= host["logging_step_ms"], host
+    # times in either order (a logging step's extra work is small beside this machine's noise); its extra calls not
+    assert host["step_ms"] > 0 and host["logging_step_ms"] > 0, host
     assert close(host["value"], 0.9 * host["step_ms"] + 0.1 * host["logging_step_ms"], 1e-2), host
     assert close(host["per_sae_ms"], host["value"] / 19, 1e-2), host
     assert 0 < host["python_calls_step"] < host["python_calls_logging_step"], host
@@ -166,3 +167,30 @@ def test_host_syncs_are_counted_per_step_by_place():
     got = timer.sync_counts()
     assert got == {"host_syncs_per_step": 2.0, "sync_sites": {"topk.py:86": 3, "train.py:351": 1}}
     assert mod.StepTimer(torch.device("cpu"), 1, 1, sync_steps=2).sync_counts()["host_syncs_per_step"] is None
+
+
+def test_gpu_speed_compile_rows_train_through_the_compiled_loss(tmp_path):
+    """``--compile``'s rows: the SAE trained through ``torch.compile``'d losses (dynamo compiled graphs in that
+    run, under the trainer's bf16 autocast) and marked so. Bug caught: the flag not reaching the training (eager
+    rows under the compiled rows' name)."""
+    import numpy as np
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    mod = load_script()
+    prof = mod.PROFILES["small"]
+    acts = np.random.default_rng(0).standard_normal((prof["rows"], prof["d_in"]), dtype=np.float32)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        row = mod.arch_figure("relu", acts, prof, mod.trainer_overrides("cpu"), torch.device("cpu"), tmp_path, tmp_path)
+        graphs = counters["stats"]["unique_graphs"]
+        assert row["compile"] is False and graphs == 0
+        row = mod.arch_figure(
+            "relu", acts, prof, mod.trainer_overrides("cpu"), torch.device("cpu"), tmp_path, tmp_path, compile=True
+        )
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert row["compile"] is True and graphs >= 1 and row["precision"] == "bf16-mixed"
+    assert 0 < row["tokens_per_s"] < math.inf
