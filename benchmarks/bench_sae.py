@@ -8,7 +8,9 @@ is the machine's and not its page faults) and ``sites19_fraction_of_limit`` (19 
 k 32 as the pythia preset, from one stream through the real loop). Their limit is measured in the run itself: one
 encoder-shaped matmul before every step (outside the step's time), the median over the timed steps, so the
 machine's rate is read under the same load as the steps (read before and after the run instead, it moved the
-fraction by +-0.1 on this machine). SAELens's TopK training step at the same shape beside sfcd's. Also:
+fraction by +-0.1 on this machine). SAELens's TopK training step at the same shape beside sfcd's.
+``compile_speedup``: ReLU and TopK with ``sae.compile=true`` (``torch.compile``'d losses) over eager, alternating
+runs. Also:
 harvesting every site of the demo-sized model vs a bare forward pass over the same tokens, and the stall of one
 training-state save, written in the step (``AtomicCheckpointIO``) and behind it (Lightning's
 ``AsyncCheckpointIO`` over it, what sfcd's trainers use).
@@ -122,6 +124,7 @@ def sae_rate(
     sites: int = 1,
     dead: int = 0,
     limit: bool = False,
+    overrides: tuple[str, ...] = (),
 ):
     """Stream tokens/s (batch rows per second) of ``sites`` same-shape SAEs trained side by side from one stream
     through the real loop (each row feeds every SAE); ``dead`` latents of each dead throughout (AuxK on). With
@@ -137,6 +140,7 @@ def sae_rate(
             f"sae.k={k}",
             "sae.checkpoint_every=0",
             "trainer.precision=32-true",
+            *overrides,
         ]
     )
     names = [f"s{i}" for i in range(sites)]
@@ -205,6 +209,38 @@ def harvest_vs_forward(n_tokens: int = 65536) -> dict:
         "bare_forward_s": round(bare, 3),
         "ratio": round(h / bare, 3),
     }
+
+
+def joint_pass_graph(d_in: int = 512, d_sae: int = 32768, batch: int = 4096, k: int = 32) -> dict:
+    """What one TopK SAE's graph keeps for its backward at the pythia preset's shape, in MiB (the tensors saved by
+    its autograd nodes, besides its parameters and its scaled input, each storage once; not the kept latents'
+    [batch, k] indices, held by its sparse kernels' contexts: 1 MiB more), float32 and under bf16
+    autocast, with no dead latents and with 256 (k_aux) and 2,048 dead (8 x k_aux, the most AuxK takes over their
+    dense columns). Where all SAEs take one backward pass together (``SAE.small_graph``), each SAE's graph is kept
+    until that pass: this times the sites, plus one scaled input ([batch, d_in]) each, is what the joint pass adds
+    over one pass per SAE."""
+    from sfcd.sae.topk import TopKSAE
+
+    x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(0))
+    sae = TopKSAE(d_in, d_sae, seed=0, k=k, dead_tokens=10)
+    skip = {p.untyped_storage().data_ptr() for p in sae.parameters()} | {x.untyped_storage().data_ptr()}
+    out = {"figure": "joint_pass_graph_mib_per_sae", "d_in": d_in, "d_sae": d_sae, "batch": batch, "k": k}
+    for dead in (0, d_in // 2, 8 * (d_in // 2)):
+        sae.tokens_since_fired.zero_()
+        sae.tokens_since_fired[:dead] = 1000
+        for name, bf16 in (("fp32", False), ("bf16", True)):
+            saved: dict[int, int] = {}
+
+            def pack(t, saved=saved):
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), hooks:
+                loss = sae.training_loss(x, 0.5)["loss"]
+            del loss
+            out[f"{name}_dead{dead}"] = round(sum(n for p, n in saved.items() if p not in skip) / 2**20, 1)
+    return out
 
 
 def checkpoint_stall(d_in: int = 512, d_sae: int = 32768, reps: int = 3) -> dict:
@@ -353,6 +389,26 @@ def main() -> None:
             }
         )
     )
+    # torch.compile'd losses (sae.compile) against eager, alternating (this machine's times move +-20% within
+    # minutes); the compile itself is in the warm-up steps, left out
+    for arch in ("relu", "topk"):
+        eager, compiled = [], []
+        for _ in range(2):
+            eager.append(sae_rate(arch, acts, a.d_in, a.d_sae, a.batch, a.steps, a.k))
+            compiled.append(
+                sae_rate(arch, acts, a.d_in, a.d_sae, a.batch, a.steps, a.k, overrides=("sae.compile=true",))
+            )
+        print(
+            json.dumps(
+                {
+                    "figure": "compile_speedup",
+                    "architecture": arch,
+                    "ratio": round(sum(compiled) / sum(eager), 3),
+                    "eager_tokens_per_s": [round(r) for r in eager],
+                    "compiled_tokens_per_s": [round(r) for r in compiled],
+                }
+            )
+        )
     # a TopK step's only dense product is the encoder's, 2 * d_in * d_sae FLOPs per token: its time at the
     # machine's own fp32 rate for that matmul (measured before every step of this run) is the step's limit
     topk, enc_topk = sae_rate("topk", acts, a.d_in, a.d_sae, a.batch, a.steps, a.k, limit=True)
@@ -416,6 +472,7 @@ def main() -> None:
         )
     )
     print(json.dumps(host_overhead(n)))
+    print(json.dumps(joint_pass_graph()))
     print(json.dumps(harvest_vs_forward()))
     print(json.dumps(checkpoint_stall()))
 

@@ -5,6 +5,7 @@ Run it before and after every speed change, whenever a GPU is available, and kee
 
     python benchmarks/gpu_speed.py                          # cuda, the full profile (under 5 minutes on an H100/H200)
     python benchmarks/gpu_speed.py --out DIR                # figures, traces and kernel tables in DIR
+    python benchmarks/gpu_speed.py --out DIR --compile      # (a) also with torch.compile'd losses (minutes more)
     python benchmarks/gpu_speed.py --device cpu --profile small   # tiny shapes: what the tests run here
 
 What it measures, on the trainer the pythia preset uses (``trainer=gpu``: one GPU, bf16-mixed) with the preset's
@@ -12,7 +13,9 @@ SAE settings (``experiment=pythia``: k 32, lr, AuxK after 10M silent tokens) and
 (``sae.checkpoint_every=0``):
 
 (a) one SAE per architecture (relu, jumprelu, topk, batchtopk), d_in 512, d_sae 32,768, batch 4,096, trained
-    through the real path (``SAEModule`` + ``train_module``) on cached random activations;
+    through the real path (``SAEModule`` + ``train_module``) on cached random activations; with ``--compile``,
+    each also with ``sae.compile=true`` (``torch.compile``'d losses: on this project's CPU ReLU 1.3x faster, TopK
+    0.8x, ``bench_sae.py``'s ``compile_speedup``), its row marked ``"compile": true``;
 (b) the 19 sites of a Pythia-70m-shaped model (random weights, ``random_checkpoint``) trained from one activation
     stream by the real ``sae`` stage (``train_saes``), TopK at d_sae 32,768, k 32: the stream's tokens/s (batch
     rows a second, each row feeding every site's SAE), and the projected time of a 50M-token checkpoint;
@@ -362,8 +365,11 @@ def rounded(row: dict) -> dict:
     }
 
 
-def arch_figure(arch: str, acts: np.ndarray, prof: dict, tr: list[str], device, work: Path, out: Path) -> dict:
-    """(a) one SAE of ``arch`` through SAEModule + train_module on cached activations."""
+def arch_figure(
+    arch: str, acts: np.ndarray, prof: dict, tr: list[str], device, work: Path, out: Path, compile: bool = False
+) -> dict:
+    """(a) one SAE of ``arch`` through SAEModule + train_module on cached activations; ``compile``: its loss
+    through ``torch.compile`` (``sae.compile``; the compiles fall in the warm-up steps)."""
     from sfcd.config import compose
     from sfcd.sae.train import SAEModule, make_specs, train_module
 
@@ -377,18 +383,19 @@ def arch_figure(arch: str, acts: np.ndarray, prof: dict, tr: list[str], device, 
             f"sae.d_sae={d_sae}",
             f"sae.batch_size={b}",
             "sae.checkpoint_every=0",
+            f"sae.compile={compile}",
         ]
     )
     flops, bandwidth = device_rates(device, b, d_in, d_sae, prof)
     w, t = prof["warmup"], prof["timed"]
-    profiler = make_profiler(device, w + t, prof, arch, out) if arch == "topk" else None
+    profiler = make_profiler(device, w + t, prof, arch, out) if arch == "topk" and not compile else None
     extra = (sum(prof["profile_steps"]) + prof["sync_steps"]) if profiler else 0  # profiled, then syncs counted
     total = w + t + extra
     timer = StepTimer(
         device, w, t, profiler, sync_from=w + t + sum(prof["profile_steps"]), sync_steps=extra and prof["sync_steps"]
     )
     module = SAEModule(make_specs(cfg.sae, {"x": d_in}), cfg.sae, total)
-    state = work / f"sae-{arch}"
+    state = work / f"sae-{arch}{'-compiled' if compile else ''}"
     state.mkdir(parents=True)
     train_module(module, cfg.trainer, state, {"x": acts}, [timer])
     r = timer.result
@@ -399,6 +406,7 @@ def arch_figure(arch: str, acts: np.ndarray, prof: dict, tr: list[str], device, 
         {
             "figure": "sae_step",
             "architecture": arch,
+            "compile": compile,
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "precision": str(cfg.trainer.precision),
@@ -645,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default=None, choices=sorted(PROFILES), help="default: full on cuda, small on cpu")
     ap.add_argument("--out", default="gpu_speed_out", help="figures, traces, kernel tables (default: %(default)s)")
     ap.add_argument("--work", default=None, help="keep the runs (SAEs, model, corpus) here (default: a temp folder)")
+    ap.add_argument("--compile", action="store_true", help="also (a) with sae.compile=true, after each eager run")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sfcd.config import compose
@@ -671,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
             acts = np.random.default_rng(0).standard_normal((prof["rows"], prof["d_in"]), dtype=np.float32)
             for arch in ARCHS:
                 emit(arch_figure(arch, acts, prof, tr, device, work, out), sink)
+                if args.compile:
+                    emit(arch_figure(arch, acts, prof, tr, device, work, out, compile=True), sink)
             del acts
             emit(sites_figure(prof, tr, device, work, out, prefetch=True), sink)
             emit(sites_figure(prof, tr, device, work, out, prefetch=False), sink)

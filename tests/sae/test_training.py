@@ -53,6 +53,28 @@ def test_many_saes_in_one_stream_equal_each_alone(arch, arrays, tmp_path):
     assert not torch.allclose(many.saes[2].W_dec, alone.saes[0].W_dec)  # a different lr is a different SAE
 
 
+def test_a_compiled_loss_trains_what_the_eager_one_trains(arrays, tmp_path):
+    """``sae.compile=true``: ReLU SAEs at two sites of one shape train through ``torch.compile``'d losses and end
+    where the eager ones do, to float32 rounding (fused kernels sum in another order). Bugs caught: the setting
+    ignored (dynamo compiles nothing), one SAE's compiled loss used for another (the other's parameters never
+    trained). The two SAEs share their graphs (two: the first step's ``progress == 0`` and the rest): a compile
+    per SAE would send the 19 sites' SAEs past dynamo's recompile limit (8) back to eager, silently."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        comp = fit(["sae.architecture=relu", "sae.compile=true"], {"x": 32, "y": 32}, arrays, tmp_path / "c")
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    eager = fit(["sae.architecture=relu"], {"x": 32, "y": 32}, arrays, tmp_path / "e")
+    for a, b in zip(comp.saes, eager.saes, strict=True):
+        assert_same(params(a), params(b))
+    assert 1 <= graphs <= 2, graphs
+
+
 class Dead(L.Callback):
     """The first 16 latents of every SAE silent for long at every step: AuxK on in these short runs."""
 

@@ -87,9 +87,12 @@ def crosscoder_steps(cfg: DictConfig) -> list[int]:
 
 def _loop_cfg(cfg: DictConfig) -> DictConfig:
     """``sae.*`` with the training-loop keys of ``crosscoder.*``: what :class:`SAEModule` reads. No prefetch: the
-    memory plan (:mod:`sfcd.crosscoders.memory`) counts one joined chunk, the largest part at large K."""
+    memory plan (:mod:`sfcd.crosscoders.memory`) counts one joined chunk, the largest part at large K. Eager
+    losses (``sae.compile`` is measured for SAEs only)."""
     return OmegaConf.merge(
-        cfg.sae, {k: cfg.crosscoder[k] for k in _LOOP_KEYS}, {"init_from": None, "sweep": {}, "prefetch": False}
+        cfg.sae,
+        {k: cfg.crosscoder[k] for k in _LOOP_KEYS},
+        {"init_from": None, "sweep": {}, "prefetch": False, "compile": False},
     )
 
 

@@ -250,6 +250,7 @@ class SAEModule(L.LightningModule):
         self._gens = [torch.Generator().manual_seed(sae_cfg.seed) for _ in specs]
         self._first_bad: torch.Tensor | None = None  # see _note_bad
         self._grad_clip = float(sae_cfg.grad_clip)  # read at every step: a float, not an OmegaConf lookup
+        self._compile, self._fns = bool(sae_cfg.get("compile", False)), None  # see _loss_fns
 
     @property
     def _g(self) -> torch.Generator:
@@ -372,14 +373,14 @@ class SAEModule(L.LightningModule):
         joint = world == 1 and all(sae.small_graph for sae in self.saes)
         no_sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)  # DDP's: no_sync
         with no_sync():
-            for spec, sae in zip(self.specs, self.saes, strict=True):
+            for spec, sae, loss_fn in zip(self.specs, self.saes, self._loss_fns(), strict=True):
                 x = batch[spec.input_site]
                 if sae.is_transcoder:
                     y = batch[spec.site]
-                    out = sae.training_loss(x * sae.scale, progress, target=y * sae.out_scale)
+                    out = loss_fn(x * sae.scale, progress, target=y * sae.out_scale)
                     ext = extremes(x, y)
                 else:
-                    out = sae.training_loss(x * sae.scale, progress)
+                    out = loss_fn(x * sae.scale, progress)
                     ext = extremes(x)
                 # the input's extremes and the loss, finite or not: tested for all SAEs at once after the loop, kept
                 # on the device (_note_bad) and read at intervals, not at every step
@@ -441,6 +442,15 @@ class SAEModule(L.LightningModule):
             if world > 1:  # every rank resamples from the global batch, in one process's row order
                 resample = [(spec, sae, *self._gather(batch[ROWS], x, per)) for spec, sae, x, per in resample]
             self._resample(opt, resample, step)
+
+    def _loss_fns(self) -> list:
+        """Each SAE's ``training_loss``, through ``torch.compile`` with ``sae.compile`` (built on first use, in the
+        process that trains: ddp_spawn's ranks pickle the module before it). SAEs of one class and shape share
+        the compiled code (parameters are its inputs); dynamo specialises a float argument on its first value, so
+        the first step (``progress == 0``) and the steps after it are two compiles."""
+        if self._fns is None:
+            self._fns = [torch.compile(sae.training_loss) if self._compile else sae.training_loss for sae in self.saes]
+        return self._fns
 
     def _log_metrics(self, step: int, values: list[list[float]]) -> None:
         """Every SAE's MSE and L0 (``values``, one [mse, l0] per SAE, read from the device) to the loggers (CSV,
@@ -625,11 +635,12 @@ def state_dir_name(sae_cfg: DictConfig) -> str:
 
 def settings_of(specs: list[SAESpec], sae_cfg: DictConfig, total: int, harvest_autocast: str | None = None) -> dict:
     """What the resumable state depends on. Not the shard: it only picks the specs, which are listed; not when
-    states are saved, nor whether chunks are prefetched (neither changes what a state holds). The harvest's
+    states are saved, whether chunks are prefetched, nor whether the loss is compiled (none changes what a state
+    holds). The harvest's
     autocast dtype as resolved for this device (``harvest_autocast``), not the setting: ``auto`` means another
     dtype on another device, and so other activations."""
     sae = OmegaConf.to_container(sae_cfg, resolve=True)
-    for key in ("shard", "shards", "checkpoint_minutes", "prefetch", "harvest_autocast"):
+    for key in ("shard", "shards", "checkpoint_minutes", "prefetch", "harvest_autocast", "compile"):
         sae.pop(key, None)
     return {
         "specs": [s.__dict__ for s in specs],
