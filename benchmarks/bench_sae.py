@@ -9,8 +9,7 @@ k 32 as the pythia preset, from one stream through the real loop). Their limit i
 encoder-shaped matmul before every step (outside the step's time), the median over the timed steps, so the
 machine's rate is read under the same load as the steps (read before and after the run instead, it moved the
 fraction by +-0.1 on this machine). SAELens's TopK training step at the same shape beside sfcd's.
-``compile_speedup``: ReLU and TopK with ``sae.compile=true`` (``torch.compile``'d losses) over eager, alternating
-runs. Also:
+``compile_speedup``: ReLU with ``sae.compile=true`` (``torch.compile``'d losses) over eager, alternating runs. Also:
 harvesting every site of the demo-sized model vs a bare forward pass over the same tokens, and the stall of one
 training-state save, written in the step (``AtomicCheckpointIO``) and behind it (Lightning's
 ``AsyncCheckpointIO`` over it, what sfcd's trainers use).
@@ -389,9 +388,9 @@ def main() -> None:
             }
         )
     )
-    # torch.compile'd losses (sae.compile) against eager, alternating (this machine's times move +-20% within
-    # minutes); the compile itself is in the warm-up steps, left out
-    for arch in ("relu", "topk"):
+    # torch.compile'd losses (sae.compile: ReLU's, SAE.compiles) against eager, alternating (this machine's times
+    # move +-20% within minutes); the compile itself is in the warm-up steps, left out
+    for arch in ("relu",):
         eager, compiled = [], []
         for _ in range(2):
             eager.append(sae_rate(arch, acts, a.d_in, a.d_sae, a.batch, a.steps, a.k))

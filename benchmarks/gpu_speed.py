@@ -14,8 +14,9 @@ SAE settings (``experiment=pythia``: k 32, lr, AuxK after 10M silent tokens) and
 
 (a) one SAE per architecture (relu, jumprelu, topk, batchtopk), d_in 512, d_sae 32,768, batch 4,096, trained
     through the real path (``SAEModule`` + ``train_module``) on cached random activations; with ``--compile``,
-    each also with ``sae.compile=true`` (``torch.compile``'d losses: on this project's CPU ReLU 1.3x faster, TopK
-    0.8x, ``bench_sae.py``'s ``compile_speedup``), its row marked ``"compile": true``;
+    the architectures whose loss compiles (``SAE.compiles``: ReLU) also with ``sae.compile=true``
+    (``torch.compile``'d losses: 1.32x on this project's CPU, ``bench_sae.py``'s ``compile_speedup``), the row
+    marked ``"compile": true``;
 (b) the 19 sites of a Pythia-70m-shaped model (random weights, ``random_checkpoint``) trained from one activation
     stream by the real ``sae`` stage (``train_saes``), TopK at d_sae 32,768, k 32: the stream's tokens/s (batch
     rows a second, each row feeding every site's SAE), and the projected time of a 50M-token checkpoint;
@@ -653,12 +654,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default=None, choices=sorted(PROFILES), help="default: full on cuda, small on cpu")
     ap.add_argument("--out", default="gpu_speed_out", help="figures, traces, kernel tables (default: %(default)s)")
     ap.add_argument("--work", default=None, help="keep the runs (SAEs, model, corpus) here (default: a temp folder)")
-    ap.add_argument("--compile", action="store_true", help="also (a) with sae.compile=true, after each eager run")
+    ap.add_argument("--compile", action="store_true", help="also (a) with sae.compile=true (ReLU: SAE.compiles)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sfcd.config import compose
     from sfcd.devices import work_device
     from sfcd.errors import ConfigError
+    from sfcd.sae.registry import sae_class
 
     tr = trainer_overrides(args.device)
     try:
@@ -680,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
             acts = np.random.default_rng(0).standard_normal((prof["rows"], prof["d_in"]), dtype=np.float32)
             for arch in ARCHS:
                 emit(arch_figure(arch, acts, prof, tr, device, work, out), sink)
-                if args.compile:
+                if args.compile and sae_class(arch).compiles:
                     emit(arch_figure(arch, acts, prof, tr, device, work, out, compile=True), sink)
             del acts
             emit(sites_figure(prof, tr, device, work, out, prefetch=True), sink)

@@ -146,9 +146,9 @@ class SAEConfig:
     warmup_frac: float = 0.02  # linear lr warmup, fraction of steps
     decay_frac: float = 0.2  # linear lr decay to 0 over this last fraction of steps
     grad_clip: float = 1.0  # per-SAE gradient norm clip
-    # torch.compile each SAE's training loss (forward and backward; the first steps compile). Measured on the CPU
-    # (bench_sae.py, compile_speedup): ReLU faster; TopK, BatchTopK, JumpReLU slower (their own autograd functions
-    # and sparse kernels break the graph). Results equal the eager ones to float32 rounding, not bit for bit
+    # torch.compile each ReLU SAE's training loss (forward and backward; the first two steps compile): 1.32x on the
+    # CPU (bench_sae.py, compile_speedup). Other architectures train eager (SAE.compiles: TopK's host-side choices
+    # recompile, JumpReLU measured slower). Results equal the eager ones to float32 rounding, not bit for bit
     compile: bool = False
     batch_size: int = 4096  # activations per step
     n_tokens: int = 1_000_000  # training activations per site (memory does not grow with it; files repeat epochs)

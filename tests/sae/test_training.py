@@ -53,26 +53,45 @@ def test_many_saes_in_one_stream_equal_each_alone(arch, arrays, tmp_path):
     assert not torch.allclose(many.saes[2].W_dec, alone.saes[0].W_dec)  # a different lr is a different SAE
 
 
-def test_a_compiled_loss_trains_what_the_eager_one_trains(arrays, tmp_path):
-    """``sae.compile=true``: ReLU SAEs at two sites of one shape train through ``torch.compile``'d losses and end
-    where the eager ones do, to float32 rounding (fused kernels sum in another order). Bugs caught: the setting
-    ignored (dynamo compiles nothing), one SAE's compiled loss used for another (the other's parameters never
-    trained). The two SAEs share their graphs (two: the first step's ``progress == 0`` and the rest): a compile
-    per SAE would send the 19 sites' SAEs past dynamo's recompile limit (8) back to eager, silently."""
+def test_a_compiled_loss_trains_what_the_eager_one_trains(arrays, tmp_path, monkeypatch, caplog):
+    """``sae.compile=true``: ReLU SAEs at two sites, each in two ``l1_coeff`` values (4 SAEs, 2 hyperparameter
+    groups), train through ``torch.compile``'d losses and end where the eager ones do, to float32 rounding (fused
+    kernels sum in another order). Dynamo's recompile limit set to 2 here, as the default 8 is to a sweep of 4+
+    values: each group needs two versions (``progress == 0``, then the rest), the sites share them. Bugs caught:
+    the setting ignored (nothing compiled), one SAE's compiled loss used for another (the other's parameters
+    never trained), the limit left as it is (the second group runs eager: 2 graphs, not 4), a copy of the module
+    sharing the compiled losses of these SAEs (it would train the originals). TopK's loss is not compiled (its
+    class does not say ``compiles``): it trains eager, with a warning naming it."""
+    import copy
+
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    sweep = ["sae.architecture=relu", "+sae.sweep.l1_coeff=[5.0,7.0]"]
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     torch._dynamo.reset()
     counters.clear()
     try:
-        comp = fit(["sae.architecture=relu", "sae.compile=true"], {"x": 32, "y": 32}, arrays, tmp_path / "c")
+        comp = fit([*sweep, "sae.compile=true"], {"x": 32, "y": 32}, arrays, tmp_path / "c")
         graphs = counters["stats"]["unique_graphs"]
+        counters.clear()
+        fit(["sae.architecture=topk", "sae.compile=true"], {"x": 32}, arrays, tmp_path / "t")
+        topk_graphs = counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
-    eager = fit(["sae.architecture=relu"], {"x": 32, "y": 32}, arrays, tmp_path / "e")
+    eager = fit(sweep, {"x": 32, "y": 32}, arrays, tmp_path / "e")
+    assert [s.name for s in comp.specs] == ["x@l1_coeff=5.0", "x@l1_coeff=7.0", "y@l1_coeff=5.0", "y@l1_coeff=7.0"]
     for a, b in zip(comp.saes, eager.saes, strict=True):
         assert_same(params(a), params(b))
-    assert 1 <= graphs <= 2, graphs
+    assert graphs == 4
+    assert topk_graphs == 0 and "sae.compile: topk train eager" in caplog.text
+    assert copy.deepcopy(comp)._fns is None and comp._fns is not None
+
+
+def test_a_sweep_value_listed_twice_is_refused_naming_it(arrays, tmp_path):
+    """Two SAEs of one name would write one folder and log under one key: refused before training."""
+    with pytest.raises(ConfigError, match=r"both named \['x@lr=0.001'\]: a value listed twice in sae.sweep"):
+        fit(["+sae.sweep.lr=[0.001,0.001]"], {"x": 32}, arrays, tmp_path)
 
 
 class Dead(L.Callback):

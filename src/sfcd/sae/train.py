@@ -241,8 +241,12 @@ class SAEModule(L.LightningModule):
         super().__init__()
         self.specs, self.cfg, self.total_steps, self.source = specs, sae_cfg, total_steps, source
         keys = [s.key for s in specs]
-        if len(set(keys)) < len(keys):  # their logs and densities are keyed by it
-            raise ValueError(f"SAEs trained together need distinct keys, got {keys}")
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:  # their logs, densities and output folders are keyed by it
+            raise ConfigError(
+                f"two SAEs trained together are both named {twice}: a value listed twice in sae.sweep (or a site "
+                "twice); list each once"
+            )
         self.saes = nn.ModuleList(s.build() for s in specs)
         self.automatic_optimization = False
         # one CPU generator per SAE (draws do not depend on the device, nor on which other SAEs train beside it:
@@ -444,13 +448,39 @@ class SAEModule(L.LightningModule):
             self._resample(opt, resample, step)
 
     def _loss_fns(self) -> list:
-        """Each SAE's ``training_loss``, through ``torch.compile`` with ``sae.compile`` (built on first use, in the
-        process that trains: ddp_spawn's ranks pickle the module before it). SAEs of one class and shape share
-        the compiled code (parameters are its inputs); dynamo specialises a float argument on its first value, so
-        the first step (``progress == 0``) and the steps after it are two compiles."""
+        """Each SAE's ``training_loss``; with ``sae.compile``, through ``torch.compile`` where its class
+        :attr:`~sfcd.sae.base.SAE.compiles` (ReLU; the others train eager, with a warning). Built on first use, in
+        the process that trains (ddp_spawn's ranks pickle the module before it; a copy drops them,
+        ``__getstate__``).
+
+        SAEs of one class, shape and hyperparameters share compiled code (parameters are its inputs; dynamo
+        specialises on the hyperparameters, and on a float argument's first value: the first step, ``progress ==
+        0``, and the steps after it are two compiles). Dynamo keeps ``recompile_limit`` (8) versions of a function
+        and runs the rest eager, silently, so the limit is raised to hold two per such group (a sweep of ten
+        ``l1_coeff`` values would otherwise train six of its SAEs eager)."""
         if self._fns is None:
-            self._fns = [torch.compile(sae.training_loss) if self._compile else sae.training_loss for sae in self.saes]
+            fast = [self._compile and sae.compiles for sae in self.saes]
+            if any(fast):
+                groups = {
+                    (type(sae), sae.d_in, sae.d_sae, repr(sorted(sae.hparams.items())))
+                    for sae, f in zip(self.saes, fast, strict=True)
+                    if f
+                }
+                config = torch._dynamo.config
+                config.recompile_limit = max(config.recompile_limit, 2 * len(groups) + 2)
+            slow = sorted({sae.architecture for sae, f in zip(self.saes, fast, strict=True) if self._compile and not f})
+            if slow:
+                log.warning("sae.compile: %s train eager (their compiled losses were measured slower)", ", ".join(slow))
+            self._fns = [
+                torch.compile(sae.training_loss) if f else sae.training_loss
+                for sae, f in zip(self.saes, fast, strict=True)
+            ]
         return self._fns
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_fns"] = None  # compiled bound methods of these SAEs: a copy builds its own
+        return state
 
     def _log_metrics(self, step: int, values: list[list[float]]) -> None:
         """Every SAE's MSE and L0 (``values``, one [mse, l0] per SAE, read from the device) to the loggers (CSV,
@@ -460,8 +490,8 @@ class SAEModule(L.LightningModule):
         loggers directly (``Logger.log_metrics``, as Lightning's own logger connector writes them), not through
         ``self.log``: Lightning's ``self.log`` costs about 1,900 Python calls a metric (its result collection
         moves each metric's whole state to the value's device on every call), 75,000 a logging step at 19 sites,
-        six times a plain step's host work (``bench_sae.host_overhead``). So ``trainer.logged_metrics`` and
-        ``callback_metrics`` hold only the progress bar's two."""
+        six times a plain step's host work (``bench_sae.host_overhead``). So ``trainer.callback_metrics`` and
+        ``progress_bar_metrics`` hold only the progress bar's two, and ``logged_metrics`` none."""
         metrics = {}
         for spec, (mse_v, l0_v) in zip(self.specs, values, strict=True):
             metrics[f"{spec.key}/mse"], metrics[f"{spec.key}/l0"] = mse_v, l0_v
