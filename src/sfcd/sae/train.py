@@ -470,7 +470,7 @@ class SAEModule(L.LightningModule):
                 config.recompile_limit = max(config.recompile_limit, 2 * len(groups) + 2)
             slow = sorted({sae.architecture for sae, f in zip(self.saes, fast, strict=True) if self._compile and not f})
             if slow:
-                log.warning("sae.compile: %s train eager (their compiled losses were measured slower)", ", ".join(slow))
+                log.warning("sae.compile: %s train eager (SAE.compiles: slower, or recompiling)", ", ".join(slow))
             self._fns = [
                 torch.compile(sae.training_loss) if f else sae.training_loss
                 for sae, f in zip(self.saes, fast, strict=True)
@@ -666,9 +666,8 @@ def state_dir_name(sae_cfg: DictConfig) -> str:
 def settings_of(specs: list[SAESpec], sae_cfg: DictConfig, total: int, harvest_autocast: str | None = None) -> dict:
     """What the resumable state depends on. Not the shard: it only picks the specs, which are listed; not when
     states are saved, whether chunks are prefetched, nor whether the loss is compiled (none changes what a state
-    holds). The harvest's
-    autocast dtype as resolved for this device (``harvest_autocast``), not the setting: ``auto`` means another
-    dtype on another device, and so other activations."""
+    holds). The harvest's autocast dtype as resolved for this device (``harvest_autocast``), not the setting:
+    ``auto`` means another dtype on another device, and so other activations."""
     sae = OmegaConf.to_container(sae_cfg, resolve=True)
     for key in ("shard", "shards", "checkpoint_minutes", "prefetch", "harvest_autocast", "compile"):
         sae.pop(key, None)
