@@ -53,7 +53,7 @@ def test_many_saes_in_one_stream_equal_each_alone(arch, arrays, tmp_path):
     assert not torch.allclose(many.saes[2].W_dec, alone.saes[0].W_dec)  # a different lr is a different SAE
 
 
-def test_a_compiled_loss_trains_what_the_eager_one_trains(arrays, tmp_path, monkeypatch, caplog):
+def test_a_compiled_loss_trains_what_the_eager_one_trains(arrays, tmp_path, caplog):
     """``sae.compile=true``: ReLU SAEs at two sites, each in two ``l1_coeff`` values (4 SAEs, 2 hyperparameter
     groups), train through ``torch.compile``'d losses and end where the eager ones do, to float32 rounding (fused
     kernels sum in another order). Dynamo's recompile limit set to 2 here, as the default 8 is to a sweep of 4+
@@ -68,17 +68,21 @@ def test_a_compiled_loss_trains_what_the_eager_one_trains(arrays, tmp_path, monk
     from torch._dynamo.utils import counters
 
     sweep = ["sae.architecture=relu", "+sae.sweep.l1_coeff=[5.0,7.0]"]
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    limit = torch._dynamo.config.recompile_limit
     torch._dynamo.reset()
     counters.clear()
-    try:
-        comp = fit([*sweep, "sae.compile=true"], {"x": 32, "y": 32}, arrays, tmp_path / "c")
-        graphs = counters["stats"]["unique_graphs"]
-        counters.clear()
-        fit(["sae.architecture=topk", "sae.compile=true"], {"x": 32}, arrays, tmp_path / "t")
-        topk_graphs = counters["stats"]["unique_graphs"]
-    finally:
-        torch._dynamo.reset()
+    # dynamo's own patch, not monkeypatch: its undo deletes what was not in the module's __dict__ (dynamo's
+    # settings are not), and a deleted dynamo setting is hidden for the rest of the process
+    with torch._dynamo.config.patch(recompile_limit=2):
+        try:
+            comp = fit([*sweep, "sae.compile=true"], {"x": 32, "y": 32}, arrays, tmp_path / "c")
+            graphs = counters["stats"]["unique_graphs"]
+            counters.clear()
+            fit(["sae.architecture=topk", "sae.compile=true"], {"x": 32}, arrays, tmp_path / "t")
+            topk_graphs = counters["stats"]["unique_graphs"]
+        finally:
+            torch._dynamo.reset()
+    assert torch._dynamo.config.recompile_limit == limit  # as it was before the test
     eager = fit(sweep, {"x": 32, "y": 32}, arrays, tmp_path / "e")
     assert [s.name for s in comp.specs] == ["x@l1_coeff=5.0", "x@l1_coeff=7.0", "y@l1_coeff=5.0", "y@l1_coeff=7.0"]
     for a, b in zip(comp.saes, eager.saes, strict=True):
