@@ -43,8 +43,9 @@ Step times come from a Lightning callback that records CUDA events at ``on_train
   in the full profile (the targets are for its shapes);
 - ``peak_memory_gib``: ``torch.cuda.max_memory_allocated`` over the training (null on the CPU).
 - ``host_syncs_per_step`` and ``sync_sites`` (TopK and the all-sites run, on a GPU): host synchronisations a step,
-  counted by CUDA's sync debug mode over a few steps after the profiled ones, and the five places (file:line)
-  that made most (null on the CPU).
+  counted by CUDA's sync debug mode over a few steps after the profiled ones, each from its batch's start to the
+  next one's (what Lightning and the callbacks do after a step counts with it: the progress bar reads the logged
+  values at every step), and the five places (file:line) that made most (null on the CPU).
 
 A ``torch.profiler`` trace of a few steady-state steps (after the timed ones, so profiling does not touch the
 figures) of the TopK run and of the all-sites run: ``trace_<name>.json`` (chrome://tracing, Perfetto) and
@@ -213,8 +214,9 @@ class StepTimer(L.Callback):
     """Marks at each training batch's start and end, read when training ends; optionally steps a profiler and
     times the stream's chunk harvests (the source's ``chunk``, wrapped here; with ``harvest_overlaps``, made on the
     prefetch thread, they are not taken out of the loop's time). With ``sync_steps``, the host
-    synchronisations of that many steps from step ``sync_from`` on are counted (CUDA's sync debug mode warns at
-    each; after the timed and profiled steps, since the warnings cost time) with where they come from."""
+    synchronisations of that many steps from step ``sync_from`` on are counted, each from its batch's start to the
+    next batch's (CUDA's sync debug mode warns at each; after the timed and profiled steps, since the warnings cost
+    time) with where they come from."""
 
     def __init__(
         self,
@@ -262,6 +264,10 @@ class StepTimer(L.Callback):
             self.profiler.start()
 
     def on_train_batch_start(self, *args):
+        # the counted steps whole: from a batch's start to the next one's, so what runs after a step (the progress
+        # bar's reads of the logged values, the other callbacks, the loop's own work) is counted with it
+        if self._syncs is not None and len(self.starts) == self.sync_from + self.sync_steps:
+            self._stop_counting()
         if self.sync_steps and len(self.starts) == self.sync_from and self.device.type == "cuda":
             self._syncs = warnings.catch_warnings(record=True)
             self.sync_records = self._syncs.__enter__()
@@ -269,16 +275,19 @@ class StepTimer(L.Callback):
             torch.cuda.set_sync_debug_mode("warn")
         self.starts.append(self.clock.mark())
 
+    def _stop_counting(self) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+        self._syncs.__exit__(None, None, None)
+        self._syncs = None
+
     def on_train_batch_end(self, *args):
         self.ends.append(self.clock.mark())
-        if self._syncs is not None and len(self.ends) == self.sync_from + self.sync_steps:
-            torch.cuda.set_sync_debug_mode(0)
-            self._syncs.__exit__(None, None, None)
-            self._syncs = None
         if self.profiler is not None:
             self.profiler.step()
 
     def on_train_end(self, trainer, pl_module):
+        if self._syncs is not None:  # no step after the counted ones (the runs here have one)
+            self._stop_counting()
         if self.profiler is not None:
             self.profiler.stop()
         w, t = self.warmup, self.timed
@@ -390,10 +399,16 @@ def arch_figure(
     flops, bandwidth = device_rates(device, b, d_in, d_sae, prof)
     w, t = prof["warmup"], prof["timed"]
     profiler = make_profiler(device, w + t, prof, arch, out) if arch == "topk" and not compile else None
-    extra = (sum(prof["profile_steps"]) + prof["sync_steps"]) if profiler else 0  # profiled, then syncs counted
+    # profiled, then syncs counted, then one step whose start ends the count
+    extra = (sum(prof["profile_steps"]) + prof["sync_steps"] + 1) if profiler else 0
     total = w + t + extra
     timer = StepTimer(
-        device, w, t, profiler, sync_from=w + t + sum(prof["profile_steps"]), sync_steps=extra and prof["sync_steps"]
+        device,
+        w,
+        t,
+        profiler,
+        sync_from=w + t + sum(prof["profile_steps"]),
+        sync_steps=prof["sync_steps"] if extra else 0,
     )
     module = SAEModule(make_specs(cfg.sae, {"x": d_in}), cfg.sae, total)
     state = work / f"sae-{arch}{'-compiled' if compile else ''}"
@@ -489,7 +504,8 @@ def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path, prefe
     seq_len = min(128, shape.max_position)
     w, t = prof["site_warmup"], prof["site_timed"]
     profiler = make_profiler(device, w + t, prof, name, out) if prefetch else None
-    extra = (sum(prof["profile_steps"]) + prof["sync_steps"]) if profiler else 0  # profiled, then syncs counted
+    # profiled, then syncs counted, then one step whose start ends the count
+    extra = (sum(prof["profile_steps"]) + prof["sync_steps"] + 1) if profiler else 0
     total = w + t + extra
     cfg = compose(
         [
@@ -521,7 +537,7 @@ def sites_figure(prof: dict, tr: list[str], device, work: Path, out: Path, prefe
         profiler,
         time_chunks=True,
         sync_from=w + t + sum(prof["profile_steps"]),
-        sync_steps=extra and prof["sync_steps"],
+        sync_steps=prof["sync_steps"] if extra else 0,
         harvest_overlaps=prefetch,
     )
     folders = train_saes(cfg, [timer])

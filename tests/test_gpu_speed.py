@@ -87,7 +87,7 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
         check_floor(r, [(d_in, d_sae)], n_params)
         assert r["peak_memory_gib"] is None and r["meets_target"] is None  # CPU: no CUDA memory; small: no target
     assert archs["topk"]["target_tokens_per_s"] == 1.5e6 and archs["topk"]["steps"] == sum(
-        (prof["warmup"], prof["timed"], *prof["profile_steps"], prof["sync_steps"])
+        (prof["warmup"], prof["timed"], *prof["profile_steps"], prof["sync_steps"], 1)
     )
     assert all(r["host_syncs_per_step"] is None for r in printed[:6])  # counted on a GPU only
 
@@ -167,6 +167,30 @@ def test_host_syncs_are_counted_per_step_by_place():
     got = timer.sync_counts()
     assert got == {"host_syncs_per_step": 2.0, "sync_sites": {"topk.py:86": 3, "train.py:351": 1}}
     assert mod.StepTimer(torch.device("cpu"), 1, 1, sync_steps=2).sync_counts()["host_syncs_per_step"] is None
+
+
+def test_host_syncs_are_counted_over_whole_steps(monkeypatch):
+    # catches: the count closed at the last counted step's batch end, before the progress bar and the loop's own
+    # work after it (the bar read the logged values at every step: a sync a step that the count did not see), or
+    # opened late or closed early. The sync warnings are made here, at the hooks' places (the mode needs a GPU)
+    import warnings
+
+    mod = load_script()
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    timer = mod.StepTimer(torch.device("cuda"), 1, 1, sync_from=2, sync_steps=2)
+    timer.clock = mod.Clock(False)
+
+    def sync(where):
+        warnings.warn(f"called a synchronizing CUDA operation ({where})", UserWarning, stacklevel=1)
+
+    for step in range(5):
+        timer.on_train_batch_start()
+        sync(f"step {step}")
+        timer.on_train_batch_end()
+        sync(f"after step {step}")  # the progress bar's read, in a later callback's on_train_batch_end
+    seen = [str(w.message).split("(")[1].rstrip(")") for w in timer.sync_records]
+    assert seen == ["step 2", "after step 2", "step 3", "after step 3"]
+    assert timer.sync_counts()["host_syncs_per_step"] == 2.0
 
 
 def test_gpu_speed_compile_rows_train_through_the_compiled_loss(tmp_path):

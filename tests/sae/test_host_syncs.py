@@ -122,3 +122,23 @@ def test_the_count_sees_auxks_reads_while_latents_are_dead(monkeypatch):
         askers = [a for _, a in found]  # per SAE: the counts, the dead set, its positive count
         assert askers.count("dead_latents") == 4 and askers.count("aux_loss") == 2, found
         assert found.count(("nonzero.default", "dead_latents")) == 2
+
+
+class DeviceElsewhere(L.Callback):
+    """From the first step on, the module reports a device whose tensors cannot be read back: ``meta``. A tensor
+    Lightning makes on the module's device (``self.log`` of a number does) then stands for one on a GPU, whose
+    every read is a host sync: here it raises instead of syncing."""
+
+    def on_train_start(self, trainer, module):
+        module._device = torch.device("meta")
+
+
+def test_the_progress_bar_never_reads_a_device_tensor(tmp_path):
+    # catches: the progress bar's values logged as numbers or device tensors: Lightning keeps the last logged value
+    # and its bar reads it (.item()) at every step after the first logging step, a host sync per step on a GPU
+    cfg = compose(["sae.architecture=relu", "sae.batch_size=256", "sae.d_sae=64", "sae.checkpoint_every=0"])
+    acts = np.random.default_rng(0).standard_normal((1024, 16), dtype=np.float32)
+    module = SAEModule(make_specs(cfg.sae, {"a": 16}), cfg.sae, 13)
+    trainer = train_module(module, cfg.trainer, tmp_path, {"a": acts}, [DeviceElsewhere()]).trainer
+    bar = trainer.progress_bar_metrics  # what the bar showed: the values of the last logging step (step 10)
+    assert bar["a/mse"] > 0 and bar["a/l0"] > 0 and trainer.global_step == 13

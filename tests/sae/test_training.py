@@ -496,10 +496,12 @@ def test_warm_start_reproduces_the_saved_sae(arrays, tmp_path):
 def test_every_saes_mse_and_l0_logged_as_numbers_at_the_logging_interval(arrays, tmp_path, monkeypatch, every):
     """32 steps, Lightning's interval 10 (``trainer.log_every_n_steps``'s default; or 16 as set): each SAE's MSE
     and L0 written to the loggers at steps 10, 20 and 30 only (16 and 32),
-    as Python numbers, in the CSV log there, and the first SAE's on the progress bar (``self.log``); L0 at most k.
+    as Python numbers, in the CSV log there, and the first SAE's on the progress bar (``self.log``, the same
+    numbers as host tensors: test_host_syncs checks the bar never reads a device tensor); L0 at most k.
     Bugs caught: logging every step or logging tensors (either one reads every SAE's values back to the host at
-    every step, on a GPU a sync each), never logging, another quantity under the L0's name, every SAE's metrics
-    through ``self.log`` again (Lightning's ~1,900 Python calls a metric), the interval's setting ignored."""
+    every step, on a GPU a sync each), never logging, another quantity under the L0's name or on the bar, every
+    SAE's metrics through ``self.log`` again (Lightning's ~1,900 Python calls a metric), the interval's setting
+    ignored."""
     import csv
 
     from lightning.pytorch.loggers import CSVLogger
@@ -508,11 +510,11 @@ def test_every_saes_mse_and_l0_logged_as_numbers_at_the_logging_interval(arrays,
     log, log_metrics = SAEModule.log, CSVLogger.log_metrics
 
     def spy(self, name, value, *a, **k):
-        calls.append((self.global_step, name, type(value)))
+        calls.append((self.global_step, name, (type(value), value.device.type, value.dim()), value.item()))
         return log(self, name, value, *a, **k)
 
     def spy_logger(self, metrics, step=None):
-        written.append((step, {name: type(v) for name, v in metrics.items()}))
+        written.append((step, {name: type(v) for name, v in metrics.items()}, dict(metrics)))
         return log_metrics(self, metrics, step)
 
     monkeypatch.setattr(SAEModule, "log", spy)
@@ -525,11 +527,13 @@ def test_every_saes_mse_and_l0_logged_as_numbers_at_the_logging_interval(arrays,
     )
     # global_step counts optimizer steps: the log call of step 10 runs after its optimizer step (global_step 10)
     at = [16, 32] if every else [10, 20, 30]
-    assert sorted({s for s, _, _ in calls}) == at
-    assert {n for _, n, _ in calls} == {"x/mse", "x/l0"}  # the progress bar's
-    assert {t for _, _, t in calls} == {float}
-    assert [s for s, _ in written] == [s - 1 for s in at]  # the step's index, as Lightning's connector wrote it
-    assert all(types == dict.fromkeys(("x/mse", "x/l0", "y/mse", "y/l0"), float) for _, types in written)
+    assert sorted({s for s, *_ in calls}) == at
+    assert {n for _, n, *_ in calls} == {"x/mse", "x/l0"}  # the progress bar's
+    assert {t for _, _, t, _ in calls} == {(torch.Tensor, "cpu", 0)}
+    assert [s for s, *_ in written] == [s - 1 for s in at]  # the step's index, as Lightning's connector wrote it
+    assert all(types == dict.fromkeys(("x/mse", "x/l0", "y/mse", "y/l0"), float) for _, types, _ in written)
+    # the bar's values are the loggers' numbers of the same step
+    assert all(v == pytest.approx(written[at.index(s)][2][n], rel=1e-6) for s, n, _, v in calls)
     with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     for key in ("x/mse", "x/l0", "y/mse", "y/l0"):

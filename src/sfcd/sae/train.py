@@ -486,7 +486,9 @@ class SAEModule(L.LightningModule):
         """Every SAE's MSE and L0 (``values``, one [mse, l0] per SAE, read from the device) to the loggers (CSV,
         TensorBoard) at ``step``, and the first SAE's on the progress bar.
 
-        As numbers (logged tensors would be read back, a host sync, by the progress bar at every step), and to the
+        The progress bar's two as host tensors: Lightning's result collection keeps the last logged value and the
+        bar reads it (``.item()``) at every step after, so a number, which ``self.log`` makes a tensor on the
+        module's device, or a device tensor, would be a host sync at every step on a GPU. The rest to the
         loggers directly (``Logger.log_metrics``, as Lightning's own logger connector writes them), not through
         ``self.log``: Lightning's ``self.log`` costs about 1,900 Python calls a metric (its result collection
         moves each metric's whole state to the value's device on every call), 75,000 a logging step at 19 sites,
@@ -496,7 +498,7 @@ class SAEModule(L.LightningModule):
         for spec, (mse_v, l0_v) in zip(self.specs, values, strict=True):
             metrics[f"{spec.key}/mse"], metrics[f"{spec.key}/l0"] = mse_v, l0_v
         for name in list(metrics)[:2]:
-            self.log(name, metrics[name], prog_bar=True, logger=False)  # written with the rest below
+            self.log(name, torch.tensor(metrics[name]), prog_bar=True, logger=False)  # logged with the rest below
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()
