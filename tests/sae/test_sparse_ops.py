@@ -5,7 +5,7 @@ autograd of the dense formula, and the reused pre-activation buffer."""
 import pytest
 import torch
 
-from sfcd.sae.sparse_ops import ActiveLatents, encoder_pre, gather_pre, top_k
+from sfcd.sae.sparse_ops import ActiveLatents, encoder_pre, gather_pre, kth_largest, top_k
 
 
 @pytest.mark.parametrize(
@@ -37,6 +37,17 @@ def test_top_k_keeps_the_k_largest_values(case):
     got = vals.sort(1, descending=True).values
     want = pre.sort(1, descending=True).values[:, :k]
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("by_topk", [False, True])
+def test_kth_largest_is_the_nth_of_a_descending_sort(by_topk):
+    """Both ways (kthvalue, on the CPU; topk's smallest, on a GPU), with ties and negatives, every n from 1 to the
+    length. Bugs caught: the n-th counted from the wrong end or off by one (kthvalue's k is from the smallest)."""
+    g = torch.Generator().manual_seed(0)
+    flat = torch.cat([torch.randn(200, generator=g), torch.randint(-3, 3, (56,), generator=g).float()])
+    want = flat.sort(descending=True).values
+    got = torch.stack([kth_largest(flat, n, by_topk=by_topk) for n in range(1, len(flat) + 1)])
+    assert got.shape == want.shape and torch.equal(got, want)
 
 
 def _pairs(B=48, m=96, k=5, d=12, seed=0):

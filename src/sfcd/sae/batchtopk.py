@@ -16,6 +16,7 @@ from sfcd.sae.sparse_ops import (
     dense_from_sparse,
     encoder_pre,
     gather_pre,
+    kth_largest,
     sparse_decode,
     top_k,
 )
@@ -60,7 +61,7 @@ class BatchTopKSAE(TopKSAE):
                 torch.distributed.all_gather(parts, flat.contiguous())
                 flat = torch.cat(parts)
             n_keep = min(self.k * x.shape[0] * world, flat.numel())
-            kth = flat.kthvalue(flat.numel() - n_keep + 1).values  # a selection, not a sort
+            kth = kth_largest(flat, n_keep)
             keep = (cand_vals >= kth) & (cand_vals > 0)
         sparse = self.hparams.get("sparse", True)
         if sparse:
