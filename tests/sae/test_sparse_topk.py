@@ -41,10 +41,13 @@ def written_out(arch: str, p: dict, x: torch.Tensor, dead: torch.Tensor, aux_coe
     }
 
 
+@pytest.mark.parametrize("aux_slots_read", [None, False])
 @pytest.mark.parametrize("aux_over_dead_columns", [False, True])
 @pytest.mark.parametrize("dead_bias", [0.0, -3.0])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_sparse_and_dense_paths_equal_the_written_out_loss(arch, dead_bias, aux_over_dead_columns, monkeypatch):
+def test_sparse_and_dense_paths_equal_the_written_out_loss(
+    arch, dead_bias, aux_over_dead_columns, aux_slots_read, monkeypatch
+):
     """Loss, MSE, AuxK, L0, the latents that fired, every gradient, and (BatchTopK) the inference threshold set
     to the smallest kept activation. Bugs caught: BatchTopK keeping k per batch instead of k x B, or a per-row
     top-k; b_dec not subtracted before the encoder; AuxK over live latents or unscaled; a wrong sparse backward.
@@ -52,10 +55,13 @@ def test_sparse_and_dense_paths_equal_the_written_out_loss(arch, dead_bias, aux_
     latents' bias at -3 most rows hold fewer positive dead latents than k_aux (AuxK then keeps fewer slots, as
     many as the row with the most): a slot count below some row's positives would drop its terms. AuxK both ways
     on the sparse path: its own sparse kernels, or dense over the dead latents' columns (a kept-slot mask
-    misplaced, or the dead columns of W_enc and W_dec taken in different orders, would show)."""
+    misplaced, or the dead columns of W_enc and W_dec taken in different orders, would show). AuxK's slots cut
+    to the rows' positives as read from the device (the CPU's default), or not read (elsewhere: k_aux slots, the
+    spare ones relu'd to 0; more slots than k_aux, or fewer than a row's positives, would show)."""
     from sfcd.sae.topk import TopKSAE
 
     monkeypatch.setattr(TopKSAE, "dense_aux_ratio", 10**6 if aux_over_dead_columns else 0)
+    monkeypatch.setattr(TopKSAE, "aux_slots_read", aux_slots_read)
     x = torch.randn(B, D_IN, generator=torch.Generator().manual_seed(0)) * 2
     g = torch.Generator().manual_seed(1)
     for sparse in (True, False):

@@ -139,12 +139,13 @@ class SAE(nn.Module):
         if known and quiet[2] >= 0:
             return tsf.new_empty(0)
         self.dead_reads += 1
-        n_dead, longest = torch.stack([(tsf > dead_tokens).sum(), tsf.max()]).tolist()
-        if n_dead == 0:
-            self._quiet = (tsf, tsf._version, dead_tokens - longest, dead_tokens)
-            return tsf.new_empty(0)
-        self._quiet = None
-        return (tsf > dead_tokens).nonzero().squeeze(1)
+        dead = (tsf > dead_tokens).nonzero().squeeze(1)  # one read a step while latents are dead
+        if len(dead):
+            self._quiet = None
+            return dead
+        # none: the longest silence says for how long none can die (a second read, only at such a look)
+        self._quiet = (tsf, tsf._version, dead_tokens - int(tsf.max()), dead_tokens)
+        return dead
 
     def resample_period(self) -> int:
         """Steps between resampling passes (0: never)."""

@@ -18,6 +18,10 @@ class TopKSAE(SAE):
     #: AuxK runs densely over the dead latents' columns when there are at most this many per kept slot: dense
     #: matmuls of B x n_dead x d run near the machine's matmul rate, the sparse kernels at a tenth of it or less
     dense_aux_ratio: int = 8
+    #: whether AuxK cuts its slots to the most positive dead latents any row has (one read of the device a step
+    #: while latents are dead): None, on the CPU, where a read is free and the slots cost time; elsewhere not, as a
+    #: read is a host sync and the spare slots keep latents at or below 0, which add nothing (relu)
+    aux_slots_read: bool | None = None
 
     @property
     def small_graph(self) -> bool:
@@ -89,7 +93,9 @@ class TopKSAE(SAE):
         # the top k_aux among the dead latents' pre-activations only; a kept latent at or below 0 adds nothing to
         # e_hat and gets no gradient (relu), so no row needs more slots than its count of positive dead latents
         sub = pre.detach().index_select(1, dead)
-        k_eff = min(k_aux, n_dead, int((sub > 0).sum(1).max()))
+        k_eff = min(k_aux, n_dead)
+        if x.device.type == "cpu" if self.aux_slots_read is None else self.aux_slots_read:
+            k_eff = min(k_eff, int((sub > 0).sum(1).max()))
         if k_eff == 0:
             return scale * e.pow(2).sum(-1).mean()
         local = top_k(sub, k_eff)[1]  # among the dead latents
