@@ -16,7 +16,9 @@ SAE settings (``experiment=pythia``: k 32, lr, AuxK after 10M silent tokens) and
     through the real path (``SAEModule`` + ``train_module``) on cached random activations; with ``--compile``,
     the architectures whose loss compiles (``SAE.compiles``: ReLU) also with ``sae.compile=true``
     (``torch.compile``'d losses: 1.32x on this project's CPU, ``bench_sae.py``'s ``compile_speedup``), the row
-    marked ``"compile": true``;
+    marked ``"compile": true``; then TopK again with an eighth of its latents counted dead at every step
+    (``"dead_latents"``; AuxK on, as in a long run once latents die, which random activations in a short run never
+    do; its trace ``trace_topk_dead.json``);
 (b) the 19 sites of a Pythia-70m-shaped model (random weights, ``random_checkpoint``) trained from one activation
     stream by the real ``sae`` stage (``train_saes``), TopK at d_sae 32,768, k 32: the stream's tokens/s (batch
     rows a second, each row feeding every site's SAE), and the projected time of a 50M-token checkpoint;
@@ -376,10 +378,20 @@ def rounded(row: dict) -> dict:
 
 
 def arch_figure(
-    arch: str, acts: np.ndarray, prof: dict, tr: list[str], device, work: Path, out: Path, compile: bool = False
+    arch: str,
+    acts: np.ndarray,
+    prof: dict,
+    tr: list[str],
+    device,
+    work: Path,
+    out: Path,
+    compile: bool = False,
+    dead: int = 0,
 ) -> dict:
     """(a) one SAE of ``arch`` through SAEModule + train_module on cached activations; ``compile``: its loss
-    through ``torch.compile`` (``sae.compile``; the compiles fall in the warm-up steps)."""
+    through ``torch.compile`` (``sae.compile``; the compiles fall in the warm-up steps); ``dead``: that many
+    latents counted dead at every step (``bench_sae.DeadLatents``: AuxK on, as in a long run once latents die;
+    random activations in a short run leave none dead), profiled as ``<arch>_dead``."""
     from sfcd.config import compose
     from sfcd.sae.train import SAEModule, make_specs, train_module
 
@@ -398,7 +410,8 @@ def arch_figure(
     )
     flops, bandwidth = device_rates(device, b, d_in, d_sae, prof)
     w, t = prof["warmup"], prof["timed"]
-    profiler = make_profiler(device, w + t, prof, arch, out) if arch == "topk" and not compile else None
+    name = f"{arch}{'-compiled' if compile else ''}{'_dead' if dead else ''}"
+    profiler = make_profiler(device, w + t, prof, name, out) if arch == "topk" and not compile else None
     # profiled, then syncs counted, then one step whose start ends the count
     extra = (sum(prof["profile_steps"]) + prof["sync_steps"] + 1) if profiler else 0
     total = w + t + extra
@@ -411,9 +424,9 @@ def arch_figure(
         sync_steps=prof["sync_steps"] if extra else 0,
     )
     module = SAEModule(make_specs(cfg.sae, {"x": d_in}), cfg.sae, total)
-    state = work / f"sae-{arch}{'-compiled' if compile else ''}"
+    state = work / f"sae-{name}"
     state.mkdir(parents=True)
-    train_module(module, cfg.trainer, state, {"x": acts}, [timer])
+    train_module(module, cfg.trainer, state, {"x": acts}, [timer, *([bench_sae().DeadLatents(dead)] if dead else [])])
     r = timer.result
     tokens_per_s = b / (r["loop_ms_per_step"] / 1e3)
     floor = floor_fields(b, [(d_in, d_sae)], timer.n_params, flops, bandwidth)
@@ -423,6 +436,7 @@ def arch_figure(
             "figure": "sae_step",
             "architecture": arch,
             "compile": compile,
+            "dead_latents": dead,
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "precision": str(cfg.trainer.precision),
@@ -655,13 +669,19 @@ def host_figure(tr: list[str], device: torch.device) -> dict:
     """(d) The host's own time a step, 19 TopK SAEs at tiny shapes on this trainer (``bench_sae.host_overhead``):
     on a GPU the Python, Lightning and kernel-launch work a step that the GPU's work cannot hide, so the floor of
     the all-sites run's step whatever its kernels cost; its Python calls a step beside it."""
-    spec = importlib.util.spec_from_file_location("bench_sae", Path(__file__).with_name("bench_sae.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     from sfcd.config import compose
 
     precision = str(compose(tr).trainer.precision)
-    return {**bench.host_overhead(19, trainer=tuple(tr)), "device": device.type, "precision": precision}
+    return {**bench_sae().host_overhead(19, trainer=tuple(tr)), "device": device.type, "precision": precision}
+
+
+@functools.cache
+def bench_sae():
+    """``benchmarks/bench_sae.py``, beside this script, as a module (its host figure, its dead-latents callback)."""
+    spec = importlib.util.spec_from_file_location("bench_sae", Path(__file__).with_name("bench_sae.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -700,6 +720,8 @@ def main(argv: list[str] | None = None) -> int:
                 emit(arch_figure(arch, acts, prof, tr, device, work, out), sink)
                 if args.compile and sae_class(arch).compiles:
                     emit(arch_figure(arch, acts, prof, tr, device, work, out, compile=True), sink)
+            # TopK with AuxK on: an eighth of the latents dead
+            emit(arch_figure("topk", acts, prof, tr, device, work, out, dead=prof["d_sae"] // 8), sink)
             del acts
             emit(sites_figure(prof, tr, device, work, out, prefetch=True), sink)
             emit(sites_figure(prof, tr, device, work, out, prefetch=False), sink)

@@ -61,7 +61,7 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
     printed = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     written = [json.loads(x) for x in (out / "figures.jsonl").read_text().splitlines()]
     assert printed == written
-    assert [r["figure"] for r in printed] == ["sae_step"] * 4 + [
+    assert [r["figure"] for r in printed] == ["sae_step"] * 5 + [
         "all_sites_stream",
         "all_sites_stream_no_prefetch",
         "harvest_dtypes",
@@ -70,7 +70,10 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
     prof = mod.PROFILES["small"]
 
     archs = {r["architecture"]: r for r in printed[:4]}
-    assert list(archs) == ARCHS
+    assert list(archs) == ARCHS and all(r["dead_latents"] == 0 for r in printed[:4])
+    dead = printed[4]  # TopK again, an eighth of its latents dead at every step: AuxK on
+    assert (dead["architecture"], dead["dead_latents"], dead["d_sae"]) == ("topk", prof["d_sae"] // 8, prof["d_sae"])
+    assert 0 < dead["tokens_per_s"] < math.inf and dead["steps"] == archs["topk"]["steps"], dead
     for arch, r in archs.items():
         d_in, d_sae, b = r["d_in"], r["d_sae"], r["batch"]
         assert (d_in, d_sae, b, r["n_saes"]) == (prof["d_in"], prof["d_sae"], prof["batch"], 1)
@@ -89,9 +92,9 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
     assert archs["topk"]["target_tokens_per_s"] == 1.5e6 and archs["topk"]["steps"] == sum(
         (prof["warmup"], prof["timed"], *prof["profile_steps"], prof["sync_steps"], 1)
     )
-    assert all(r["host_syncs_per_step"] is None for r in printed[:6])  # counted on a GPU only
+    assert all(r["host_syncs_per_step"] is None for r in printed[:7])  # counted on a GPU only
 
-    for s in printed[4:6]:
+    for s in printed[5:7]:
         # the micro model's sites: embed, and attn/mlp/resid of each of its 2 layers
         names = ["embed", *(f"{kind}.{layer}" for layer in range(2) for kind in ("attn", "mlp", "resid"))]
         assert s["sites"] == s["n_saes"] == len(names) == 7 and s["site_names"] == names
@@ -115,16 +118,16 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
         assert close(s["projected_minutes_per_checkpoint"], 50e6 / s["tokens_per_s"] / 60), s
         assert s["target_tokens_per_s"] == 85e3
         check_floor(s, [(32, prof["d_sae"])] * 7, 7 * (2 * 32 * prof["d_sae"] + prof["d_sae"] + 32))
-    assert [s["prefetch"] for s in printed[4:6]] == [True, False]
+    assert [s["prefetch"] for s in printed[5:7]] == [True, False]
 
-    h = printed[6]
+    h = printed[7]
     assert h["sites"] == 7 and h["tokens"] == prof["harvest_windows"] * h["seq_len"] and h["seq_len"] > 0
     for dtype in ("bfloat16", "float16"):
         assert close(h[f"{dtype}_speedup"], h[f"{dtype}_tokens_per_s"] / h["float32_tokens_per_s"], 3e-3), h
         # autocast ran (its activations are not float32's) and stayed near them (8 or 11 bits of mantissa)
         assert 1e-5 < h[f"{dtype}_worst_site_rel_error"] < 0.05, h
 
-    host = printed[7]  # 19 SAEs on the trainer's device and precision; one logging step in ten weighed in
+    host = printed[8]  # 19 SAEs on the trainer's device and precision; one logging step in ten weighed in
     assert (host["device"], host["precision"]) == ("cpu", "bf16-mixed")
     # times in either order (a logging step's extra work is small beside this machine's noise); its extra calls not
     assert host["step_ms"] > 0 and host["logging_step_ms"] > 0, host
@@ -132,11 +135,17 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
     assert close(host["per_sae_ms"], host["value"] / 19, 1e-2), host
     assert 0 < host["python_calls_step"] < host["python_calls_logging_step"], host
 
-    for name in ("topk", "all_sites"):
+    ops = {}
+    for name in ("topk", "topk_dead", "all_sites"):
         trace = json.loads((out / f"trace_{name}.json").read_text())
         assert len(trace["traceEvents"]) > 10, name
+        ops[name] = {e.get("name") for e in trace["traceEvents"]}
         table = (out / f"top_kernels_{name}.txt").read_text()
         assert "Self CPU" in table and len(table.splitlines()) > 10, name
+    # the profiled steps read the dead set and take AuxK's dead columns only where latents were dead: the dead
+    # count reached that run, and no other
+    for op in ("aten::nonzero", "aten::index_select"):
+        assert op in ops["topk_dead"] and op not in ops["topk"], op
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
