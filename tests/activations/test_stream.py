@@ -291,6 +291,21 @@ def test_prefetch_on_a_gpu_gives_the_plain_streams_batches(micro):
         model.to("cpu")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_chunks_permutation_reaches_the_gpu_without_a_host_sync():
+    # catches (on a GPU): the permutation copied from pageable memory (torch's copy then waits for the device's
+    # queue, which its sync debug mode reports), once per chunk inside training
+    from sfcd.activations.stream import to_device_async
+
+    perm = torch.randperm(1 << 18, generator=torch.Generator().manual_seed(0))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_gpu = to_device_async(perm, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), perm)
+
+
 def test_prefetch_settings_and_their_memory(micro):
     # catches: auto prefetching on the CPU (the harvest would take the SAE steps' cores), a typo accepted, and
     # a buffer check that counts one chunk where prefetch holds two

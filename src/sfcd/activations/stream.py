@@ -353,7 +353,7 @@ class StreamBatches(IterableDataset):
             self._chunk = None  # free the old chunk before the new one is made (or taken from the prefetch)
             data = self._load(c)
             perm = np.random.default_rng([self.seed, _SHUFFLE, c]).permutation(self.source.chunk_rows)
-            self._chunk = (c, data, torch.from_numpy(perm).to(self.source.device))
+            self._chunk = (c, data, to_device_async(torch.from_numpy(perm), self.source.device))
         rows = self._chunk[2][j * self.batch_size : (j + 1) * self.batch_size]
         return rows.tensor_split(self.world)[self.rank].sort().values
 
@@ -412,6 +412,16 @@ class StreamBatches(IterableDataset):
         while self.stop is None or step < self.stop:
             yield self.batch(step)
             step += 1
+
+
+def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` (on the host) on ``device``; to a GPU through pinned memory, asynchronously: a copy from pageable
+    memory first waits for the device's queue to drain (a host sync, here once a chunk). The pinned block is not
+    reused before the copy is done (torch's caching host allocator records the copy's event on it)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _made_aside(
