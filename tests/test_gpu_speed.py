@@ -144,7 +144,7 @@ def test_gpu_speed_small_profile_on_the_cpu(capsys, tmp_path):
         assert "Self CPU" in table and len(table.splitlines()) > 10, name
     # the profiled steps read the dead set and take AuxK's dead columns only where latents were dead: the dead
     # count reached that run, and no other
-    for op in ("aten::nonzero", "aten::index_select"):
+    for op in ("aten::nonzero_static", "aten::index_select"):
         assert op in ops["topk_dead"] and op not in ops["topk"], op
 
 

@@ -109,22 +109,72 @@ def test_a_step_reads_the_device_only_at_the_logging_interval(arch, monkeypatch)
         expected = []
         if step in (9, 11):  # log_every_n_steps = 10, and the run's last step: the checks' flags with every
             expected = [("tolist", "check_finite")]  # SAE's MSE and L0, one read
-        if step == 0 and "topk" in arch:  # AuxK's first look at the silence counts (none dead: their longest
-            # silence read too, so no other look is needed for a while), per SAE
-            look = [("nonzero.default", "dead_latents"), ("_local_scalar_dense.default", "dead_latents")]
-            expected = look * 2 + expected
+        if step == 0 and "topk" in arch:  # AuxK's first look at the silence counts, per SAE (none has looked
+            # before, so none is read ahead): the count of dead latents and the longest silence in one read (none
+            # dead: no other look is needed for a while)
+            expected = [("tolist", "read_dead_sets")] * 2 + expected
         assert sorted(found) == sorted(expected), (step, found)
 
 
 def test_the_count_sees_auxks_reads_while_latents_are_dead(monkeypatch):
-    # the positive control: with dead latents AuxK reads their set at every step (one read per SAE), and on the CPU
-    # the most positive dead latents a row has (AuxK's slots; not read elsewhere), so a counter that saw nothing
-    # would fail here. Catches also a second read of the dead set's size or of the counts while latents are dead
+    # the positive control: with dead latents AuxK's dead sets are read at every step, and on the CPU the most
+    # positive dead latents a row has (AuxK's slots, per SAE; not read elsewhere), so a counter that saw nothing
+    # would fail here. Catches also a read per SAE (the sets not read ahead, together, by the step) and a second
+    # read of a set's size (nonzero) while latents are dead
     per_step = steps_reads("topk", monkeypatch, dead=True)
     for found in per_step[1:]:
-        askers = [a for _, a in found]
-        assert askers.count("dead_latents") == 2 and askers.count("aux_loss") == 2, found
-        assert found.count(("nonzero.default", "dead_latents")) == 2
+        found = [f for f in found if f != ("tolist", "check_finite")]  # at the logging interval, as without AuxK
+        assert sorted(found) == sorted(
+            [("tolist", "read_dead_sets")] + [("_local_scalar_dense.default", "aux_loss")] * 2
+        )
+
+
+class Silences(L.Callback):
+    """At every step's start, new silence counts for every SAE (written in place, as ``record_firing`` does): half
+    of the latents dead at most steps, none at every third; the dead sets they make, by a plain ``nonzero``."""
+
+    def __init__(self):
+        self.expected: list[list[torch.Tensor]] = []
+        self.gen = torch.Generator().manual_seed(0)
+
+    @torch.no_grad()
+    def on_train_batch_start(self, trainer, module, *args):
+        sets = []
+        for sae in module.saes:
+            d = sae.hparams["dead_tokens"]
+            top = d if len(self.expected) % 3 == 2 else 2 * d
+            counts = torch.randint(0, top + 1, (sae.d_sae,), generator=self.gen)
+            sae.tokens_since_fired.copy_(counts)
+            sets.append((counts > d).nonzero().squeeze(1))
+        self.expected.append(sets)
+
+
+def test_the_dead_sets_read_ahead_are_those_of_the_steps_own_counts(monkeypatch, tmp_path):
+    # catches: a dead set read ahead (read_dead_sets) and used at a later step, after the counts changed (the
+    # counts' version not checked), or one SAE's set given to another
+    from sfcd.sae.base import SAE
+
+    seen: list[tuple[int, torch.Tensor]] = []
+    look = SAE.dead_latents
+
+    def spy(self, dead_tokens):
+        out = look(self, dead_tokens)
+        seen.append((id(self), out.clone()))
+        return out
+
+    monkeypatch.setattr(SAE, "dead_latents", spy)
+    over = ["sae.architecture=topk", "sae.batch_size=128", "sae.d_sae=128", "sae.k=4", "sae.dead_tokens=1000"]
+    cfg = compose([*over, "sae.checkpoint_every=0"])
+    acts = np.random.default_rng(0).standard_normal((1024, 16), dtype=np.float32)
+    module = SAEModule(make_specs(cfg.sae, {"a": 16, "b": 16, "c": 16}), cfg.sae, 9)
+    silences = Silences()
+    train_module(module, cfg.trainer, tmp_path, {n: acts for n in "abc"}, [silences])
+    assert len(seen) == 9 * 3 and len(silences.expected) == 9
+    for step, sets in enumerate(silences.expected):
+        for i, (sae, want) in enumerate(zip(module.saes, sets, strict=True)):
+            who, got = seen[3 * step + i]
+            assert who == id(sae) and torch.equal(got, want), (step, i)
+    assert sum(len(s) == 0 for sets in silences.expected for s in sets) == 9  # every third step: none dead
 
 
 class DeviceElsewhere(L.Callback):

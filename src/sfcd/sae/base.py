@@ -60,6 +60,8 @@ class SAE(nn.Module):
         #: how many times :meth:`dead_latents` read the silence counts back from the device (a host sync on a GPU)
         self.dead_reads = 0
         self._quiet: tuple | None = None  # (the counts, their version, tokens left, dead_tokens): none can be dead
+        self._dead: tuple | None = None  # (the counts, their version, dead_tokens, the dead set): the last read's
+        self._dead_tokens: int | None = None  # the last look's dead_tokens: read_dead_sets reads for it ahead
 
     @property
     def W_enc(self) -> torch.Tensor:
@@ -127,25 +129,32 @@ class SAE(nn.Module):
         self._quiet = (tsf, tsf._version, quiet[2] - n_tokens, quiet[3]) if untouched else None
 
     def dead_latents(self, dead_tokens: int) -> torch.Tensor:
-        """Indices of the latents silent for more than ``dead_tokens`` training tokens.
+        """Indices of the latents silent for more than ``dead_tokens`` training tokens (sorted).
 
         Read from the device (a host sync on a GPU) only when a latent may have died since the last read: a read
         that finds none also notes how many more tokens every latent can stay silent without dying
         (``dead_tokens`` minus the longest silence); while :meth:`record_firing` has counted no more than that,
         and nothing else wrote the counts (their tensor and its version are checked), none can be dead, and the
-        answer is known without a read. Exact: the same set as reading the counts at every step."""
-        tsf, quiet = self.tokens_since_fired, self._quiet
-        known = quiet is not None and quiet[0] is tsf and quiet[1] == tsf._version and quiet[3] == dead_tokens
-        if known and quiet[2] >= 0:
+        answer is known without a read. A read made ahead for the same counts (:func:`read_dead_sets`, once a
+        step for all of a module's SAEs) is used as is. Exact: the same set as reading the counts at every
+        step."""
+        self._dead_tokens = dead_tokens
+        known = self._known_dead(dead_tokens)
+        if known is None:
+            read_dead_sets([self])
+            known = self._known_dead(dead_tokens)
+        return known
+
+    def _known_dead(self, dead_tokens: int) -> torch.Tensor | None:
+        """The dead set where it is known without a read (none can be dead, or a read of these very counts),
+        else None."""
+        tsf, quiet, dead = self.tokens_since_fired, self._quiet, self._dead
+        none = quiet is not None and quiet[0] is tsf and quiet[1] == tsf._version and quiet[3] == dead_tokens
+        if none and quiet[2] >= 0:
             return tsf.new_empty(0)
-        self.dead_reads += 1
-        dead = (tsf > dead_tokens).nonzero().squeeze(1)  # one read a step while latents are dead
-        if len(dead):
-            self._quiet = None
-            return dead
-        # none: the longest silence says for how long none can die (a second read, only at such a look)
-        self._quiet = (tsf, tsf._version, dead_tokens - int(tsf.max()), dead_tokens)
-        return dead
+        if dead is not None and dead[0] is tsf and dead[1] == tsf._version and dead[2] == dead_tokens:
+            return dead[3]
+        return None
 
     def resample_period(self) -> int:
         """Steps between resampling passes (0: never)."""
@@ -214,6 +223,28 @@ def extremes(*ts: torch.Tensor) -> torch.Tensor:
         lo_t, hi_t = torch.aminmax(t)
         lo, hi = torch.minimum(lo, lo_t), torch.maximum(hi, hi_t)
     return torch.stack([lo, hi])
+
+
+@torch.no_grad()
+def read_dead_sets(saes) -> None:
+    """The dead sets of every SAE in ``saes`` that looked for its dead latents before (:meth:`SAE.dead_latents`, at
+    the ``dead_tokens`` of that look) and cannot answer without a read, all found with one host read: each SAE's
+    count of dead latents and longest silence, read together (``tolist``: one sync on a GPU, where a read per SAE
+    would drain the GPU's queue once per SAE), then each set taken by ``nonzero_static`` at that count (no sync).
+    The training step calls this before its SAEs' forwards; an SAE that never looks (no AuxK) is not read."""
+    todo = [s for s in saes if s._dead_tokens is not None and s._known_dead(s._dead_tokens) is None]
+    if not todo:
+        return
+    stats = torch.stack(
+        [torch.stack([(s.tokens_since_fired > s._dead_tokens).sum(), s.tokens_since_fired.max()]) for s in todo]
+    )
+    for sae, (n, longest) in zip(todo, stats.tolist(), strict=True):  # the one read
+        tsf, d = sae.tokens_since_fired, sae._dead_tokens
+        sae.dead_reads += 1
+        dead = torch.nonzero_static(tsf > d, size=n).squeeze(1) if n else tsf.new_empty(0)
+        # none dead: the longest silence says for how long none can die
+        sae._quiet = None if n else (tsf, tsf._version, d - longest, d)
+        sae._dead = (tsf, tsf._version, d, dead)
 
 
 def linear_warmup(progress: float, warmup: float) -> float:

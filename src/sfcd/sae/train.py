@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from sfcd.activations.stream import ArraySource, ChunkSource, StreamBatches, prefetch_on
 from sfcd.errors import ConfigError, SfcdError
 from sfcd.io import read_json, write_json
-from sfcd.sae.base import SAE, extremes, geometric_median
+from sfcd.sae.base import SAE, extremes, geometric_median, read_dead_sets
 from sfcd.sae.registry import sae_class
 from sfcd.sae.sparse_ops import release_workspace
 from sfcd.training import SaveEvery, clip_grad_norms_, make_trainer
@@ -376,6 +376,9 @@ class SAEModule(L.LightningModule):
         # one pass for all (above); not under DDP, where each SAE's all-reduce overlaps the next SAE's compute
         joint = world == 1 and all(sae.small_graph for sae in self.saes)
         no_sync = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)  # DDP's: no_sync
+        # AuxK's dead sets, where a latent may have died since the last look, in one host read for every SAE (on a
+        # GPU one sync a step, not one per SAE, each of which would drain the GPU's queue)
+        read_dead_sets(self.saes)
         with no_sync():
             for spec, sae, loss_fn in zip(self.specs, self.saes, self._loss_fns(), strict=True):
                 x = batch[spec.input_site]
