@@ -177,6 +177,37 @@ def test_the_dead_sets_read_ahead_are_those_of_the_steps_own_counts(monkeypatch,
     assert sum(len(s) == 0 for sets in silences.expected for s in sets) == 9  # every third step: none dead
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_the_dead_sets_of_several_saes_take_one_sync():
+    # catches (on a GPU): a sync per SAE (a nonzero, not nonzero_static at the count read), or a second read for
+    # the longest silence, each of which CUDA's sync debug mode reports
+    import warnings
+
+    from sfcd.sae.base import read_dead_sets
+    from sfcd.sae.registry import sae_class
+
+    saes = [sae_class("topk")(32, 256, seed=i, k=8).cuda() for i in range(3)]
+    for sae in saes:
+        sae.dead_latents(100)  # the first looks, each its own read
+    gen = torch.Generator().manual_seed(0)
+    counts = [torch.randint(0, 200, (256,), generator=gen) for _ in saes]
+    counts[1].clamp_(max=100)  # none dead at the second: its longest silence is read too
+    for sae, c in zip(saes, counts, strict=True):
+        sae.tokens_since_fired.copy_(c)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            read_dead_sets(saes)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    for sae, c in zip(saes, counts, strict=True):
+        assert torch.equal(sae.dead_latents(100).cpu(), (c > 100).nonzero().squeeze(1))
+    assert saes[1]._quiet is not None and saes[1]._quiet[2] == 100 - int(counts[1].max())
+
+
 class DeviceElsewhere(L.Callback):
     """From the first step on, the module reports a device whose tensors cannot be read back: ``meta``. A tensor
     Lightning makes on the module's device (``self.log`` of a number does) then stands for one on a GPU, whose

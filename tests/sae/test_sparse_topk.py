@@ -154,3 +154,22 @@ def test_dead_latents_are_read_from_the_device_only_when_one_may_have_died():
     # latent reads every time
     dead_steps = sum(1 for n in found if n)
     assert dead_steps + 3 <= sae.dead_reads < dead_steps + 0.2 * (steps - dead_steps), (sae.dead_reads, dead_steps)
+
+
+def test_a_copy_reads_its_own_dead_latents():
+    # catches: a copy (deepcopy, or a pickle as ddp_spawn makes) keeping the last read's dead set, keyed by the
+    # counts' version, which the copied tensor starts again from 0: as many writes to the copy's counts as the
+    # original had make the version match, and the stale set would be returned
+    import copy
+
+    sae = sae_class("topk")(D_IN, D_SAE, k=K, dead_tokens=100)
+    for _ in range(3):
+        sae.tokens_since_fired += 40  # three writes: 120 tokens, all dead
+    assert len(sae.dead_latents(100)) == D_SAE
+    twin = copy.deepcopy(sae)
+    with torch.no_grad():
+        twin.tokens_since_fired.zero_()
+        for _ in range(3 - twin.tokens_since_fired._version):
+            twin.tokens_since_fired.add_(0)
+    assert twin.tokens_since_fired._version == sae.tokens_since_fired._version  # what a stale read would match
+    assert len(twin.dead_latents(100)) == 0 and len(sae.dead_latents(100)) == D_SAE

@@ -63,6 +63,14 @@ class SAE(nn.Module):
         self._dead: tuple | None = None  # (the counts, their version, dead_tokens, the dead set): the last read's
         self._dead_tokens: int | None = None  # the last look's dead_tokens: read_dead_sets reads for it ahead
 
+    def __getstate__(self) -> dict:
+        """A copy or pickle forgets what the last reads of the silence counts found (:meth:`dead_latents`): they
+        are keyed by the counts' version, which a copied tensor starts again from 0, so a copy could match a stale
+        read; the copy reads again at its first look."""
+        state = super().__getstate__()
+        state["_quiet"] = state["_dead"] = None
+        return state
+
     @property
     def W_enc(self) -> torch.Tensor:
         """The encoder, [d_in, d_sae] (SAELens's orientation): a view of the stored ``W_enc_T``, so in-place writes
