@@ -514,7 +514,7 @@ def test_every_saes_mse_and_l0_logged_as_numbers_at_the_logging_interval(arrays,
         return log(self, name, value, *a, **k)
 
     def spy_logger(self, metrics, step=None):
-        written.append((step, {name: type(v) for name, v in metrics.items()}, dict(metrics)))
+        written.append((step, dict(metrics)))
         return log_metrics(self, metrics, step)
 
     monkeypatch.setattr(SAEModule, "log", spy)
@@ -531,9 +531,10 @@ def test_every_saes_mse_and_l0_logged_as_numbers_at_the_logging_interval(arrays,
     assert {n for _, n, *_ in calls} == {"x/mse", "x/l0"}  # the progress bar's
     assert {t for _, _, t, _ in calls} == {(torch.Tensor, "cpu", 0)}
     assert [s for s, *_ in written] == [s - 1 for s in at]  # the step's index, as Lightning's connector wrote it
-    assert all(types == dict.fromkeys(("x/mse", "x/l0", "y/mse", "y/l0"), float) for _, types, _ in written)
+    types = dict.fromkeys(("x/mse", "x/l0", "y/mse", "y/l0"), float)
+    assert all({n: type(v) for n, v in metrics.items()} == types for _, metrics in written)
     # the bar's values are the loggers' numbers of the same step
-    assert all(v == pytest.approx(written[at.index(s)][2][n], rel=1e-6) for s, n, _, v in calls)
+    assert all(v == pytest.approx(written[at.index(s)][1][n], rel=1e-6) for s, n, _, v in calls)
     with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     for key in ("x/mse", "x/l0", "y/mse", "y/l0"):

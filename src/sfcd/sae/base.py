@@ -243,13 +243,12 @@ def read_dead_sets(saes) -> None:
     todo = [s for s in saes if s._dead_tokens is not None and s._known_dead(s._dead_tokens) is None]
     if not todo:
         return
-    stats = torch.stack(
-        [torch.stack([(s.tokens_since_fired > s._dead_tokens).sum(), s.tokens_since_fired.max()]) for s in todo]
-    )
-    for sae, (n, longest) in zip(todo, stats.tolist(), strict=True):  # the one read
+    masks = [s.tokens_since_fired > s._dead_tokens for s in todo]
+    stats = torch.stack([torch.stack([m.sum(), s.tokens_since_fired.max()]) for s, m in zip(todo, masks, strict=True)])
+    for sae, mask, (n, longest) in zip(todo, masks, stats.tolist(), strict=True):  # the one read
         tsf, d = sae.tokens_since_fired, sae._dead_tokens
         sae.dead_reads += 1
-        dead = torch.nonzero_static(tsf > d, size=n).squeeze(1) if n else tsf.new_empty(0)
+        dead = torch.nonzero_static(mask, size=n).squeeze(1) if n else tsf.new_empty(0)
         # none dead: the longest silence says for how long none can die
         sae._quiet = None if n else (tsf, tsf._version, d - longest, d)
         sae._dead = (tsf, tsf._version, d, dead)
